@@ -1,0 +1,153 @@
+"""The closed-form driver: TTFT, TPOT, throughput and memory of one scenario.
+
+Model of a closed loop with ``batch_size`` requests in flight (the measured benchmarks' setup),
+in its simplest form: the batch's prompts are prefilled in chunks of ``max_num_batched_tokens``
+tokens per attention-DP group, then the batch decodes together. TTFT of a request is the end of
+the prefill chunk holding its last prompt token, averaged over requests; TPOT is one decode step
+at the mean context length ``input_len + output_len / 2``. Throughput counts a full cycle (all
+prefills, then ``output_len - 1`` decode steps) for ``batch_size`` requests.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+
+from .memory import MemoryBreakdown, memory_per_gpu
+from .routing import sample_loads
+from .spec.scenario import Scenario
+from .step import Batch, Step, build_step
+
+
+Chunk = tuple[Batch, int]  # a prefill step and how many requests finish with it
+
+
+def prefill_plan(sc: Scenario) -> list[tuple[list[Chunk], int]]:
+    """The prefill steps of one attention-DP group, in order, as (chunk sequence, repeats).
+
+    Short prompts are packed whole into chunks of ``max_num_batched_tokens``; a prompt longer
+    than that is split into consecutive chunks of one request each (chunked prefill)."""
+    wl, d = sc.workload, sc.deployment
+    seqs = math.ceil(wl.batch_size / d.attention_dp)
+    isl, budget = wl.input_len, sc.max_num_batched_tokens
+    if isl <= budget:
+        per_chunk = min(seqs, budget // isl)
+        full, rest = divmod(seqs, per_chunk)
+        plan = [([(Batch("prefill", per_chunk, isl, 0.0), per_chunk)], full)]
+        if rest:
+            plan.append(([(Batch("prefill", rest, isl, 0.0), rest)], 1))
+        return plan
+    n_full, last = divmod(isl, budget)
+    chunks = [(Batch("prefill", 1, budget, float(j * budget)), 0) for j in range(n_full)]
+    if last:
+        chunks.append((Batch("prefill", 1, last, float(n_full * budget)), 0))
+    chunks[-1] = (chunks[-1][0], 1)
+    return [(chunks, seqs)]
+
+
+@dataclass(frozen=True)
+class Prediction:
+    scenario: Scenario
+    ttft_ms: float
+    tpot_ms: float
+    throughput_output_tok_per_s: float
+    memory: MemoryBreakdown
+    prefill_step: Step
+    decode_step: Step
+    prefill_total_ms: float
+    samples: int
+    ttft_ms_p50: float
+    ttft_ms_p95: float
+    tpot_ms_p50: float
+    tpot_ms_p95: float
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def throughput_output_tok_per_s_per_gpu(self) -> float:
+        return self.throughput_output_tok_per_s / self.scenario.num_gpus
+
+
+def _draw(sc: Scenario, tokens: int, rng: Optional[np.random.Generator]) -> Optional[np.ndarray]:
+    m = sc.model
+    if m.moe is None or rng is None:
+        return None
+    t_global = tokens * sc.deployment.attention_dp
+    return sample_loads(sc.routing, t_global, m.moe.num_experts, m.moe.top_k, m.num_moe_layers,
+                        rng)
+
+
+def _timeline(sc: Scenario, rng: Optional[np.random.Generator]) -> tuple[float, float, float,
+                                                                          Step, Step]:
+    """(mean TTFT ms, TPOT ms, total prefill ms, largest prefill step, decode step) of one draw."""
+    wl = sc.workload
+    clock_us = 0.0
+    ttft_sum_us = 0.0
+    finished = 0
+    biggest: Optional[Step] = None
+    memo: dict[Batch, Step] = {}  # balanced routing: identical chunks cost the same
+
+    def step_of(batch: Batch) -> Step:
+        if rng is not None:
+            return build_step(sc, batch, _draw(sc, batch.tokens, rng))
+        if batch not in memo:
+            memo[batch] = build_step(sc, batch)
+        return memo[batch]
+
+    for chunks, repeat in prefill_plan(sc):
+        for _ in range(repeat):
+            for batch, done in chunks:
+                step = step_of(batch)
+                clock_us += step.time_us
+                ttft_sum_us += done * clock_us
+                finished += done
+                if biggest is None or batch.tokens > biggest.batch.tokens:
+                    biggest = step
+    assert biggest is not None and finished > 0
+    seqs = math.ceil(wl.batch_size / sc.deployment.attention_dp)
+    decode = Batch("decode", seqs, 1, wl.input_len + wl.output_len / 2.0)
+    dstep = step_of(decode)
+    return ttft_sum_us / finished / 1e3, dstep.time_us / 1e3, clock_us / 1e3, biggest, dstep
+
+
+def predict(sc: Scenario) -> Prediction:
+    """Predict one scenario. Deterministic: routing draws use ``routing.seed``."""
+    rs = sc.routing
+    stochastic = sc.model.moe is not None and rs.distribution != "balanced"
+    n = rs.samples if stochastic else 1
+    rng = np.random.default_rng(rs.seed) if stochastic else None
+    draws = [_timeline(sc, rng) for _ in range(n)]
+    ttfts = np.array([d[0] for d in draws])
+    tpots = np.array([d[1] for d in draws])
+    prefill_ms = float(np.mean([d[2] for d in draws]))
+    ttft, tpot = float(ttfts.mean()), float(tpots.mean())
+    wl = sc.workload
+    cycle_ms = prefill_ms + (wl.output_len - 1) * tpot
+    throughput = wl.batch_size * wl.output_len / (cycle_ms / 1e3)
+    mem = memory_per_gpu(sc)
+    return Prediction(
+        scenario=sc, ttft_ms=ttft, tpot_ms=tpot, throughput_output_tok_per_s=throughput,
+        memory=mem, prefill_step=draws[0][3], decode_step=draws[0][4], prefill_total_ms=prefill_ms,
+        samples=n, ttft_ms_p50=float(np.percentile(ttfts, 50)),
+        ttft_ms_p95=float(np.percentile(ttfts, 95)), tpot_ms_p50=float(np.percentile(tpots, 50)),
+        tpot_ms_p95=float(np.percentile(tpots, 95)), warnings=_warnings(sc, mem))
+
+
+def _warnings(sc: Scenario, mem: MemoryBreakdown) -> list[str]:
+    out = []
+    d = sc.deployment
+    if not mem.fits:
+        over = (mem.total - mem.capacity) / 1e9
+        out.append(f"does not fit: needs {mem.total / 1e9:.1f} GB per GPU, {over:.1f} GB more "
+                   f"than the {mem.capacity / 1e9:.1f} GB of {sc.hardware.id}; largest batch "
+                   f"that fits: {mem.max_batch_size}")
+    if d.tp > sc.gpus_per_node:
+        out.append(f"tp={d.tp} spans nodes ({sc.gpus_per_node} GPUs per node): every layer's "
+                   "all-reduce crosses the scale-out network")
+    seqs = math.ceil(sc.workload.batch_size / d.attention_dp)
+    if sc.cuda_graphs and seqs > sc.framework.cuda_graph_max_batch.value:
+        out.append(f"decode batch {seqs} exceeds {sc.framework.id}'s CUDA-graph capture limit "
+                   f"({int(sc.framework.cuda_graph_max_batch.value)}): decode runs eagerly")
+    return out

@@ -1,0 +1,89 @@
+"""Attention on one GPU (this rank's heads): FlashAttention-style prefill and decode, MLA, and
+linear (Gated DeltaNet) attention.
+
+Prefill FLOPs count the query-key pairs actually attended: causal, limited to the window for
+sliding layers and to the chunk for chunked layers (Llama-4), 2 FLOPs per multiply-add for QK^T
+and for PV (FlashAttention-2 paper's FLOP convention). Decode is memory bound: it streams the KV
+cache once (FlashAttention-3 decode / FlashDecoding).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..spec.dtypes import ELEMENT_BYTES
+from ..spec.hardware import HardwareProfile
+from .op import OpCost, roofline
+
+
+def attended_pairs(q_len: int, prefix: int, window: int = 0, chunk: int = 0) -> float:
+    """Query-key pairs of one sequence whose ``q_len`` new tokens follow ``prefix`` cached ones."""
+    pos = np.arange(prefix, prefix + q_len, dtype=np.float64)  # 0-based position of each query
+    keys = pos + 1.0
+    if window:
+        keys = np.minimum(keys, float(window))
+    if chunk:
+        keys = np.minimum(keys, np.mod(pos, chunk) + 1.0)
+    return float(keys.sum())
+
+
+def _attend(name: str, pairs: float, heads: int, qk_dim: int, v_dim: int, io_bytes: float,
+            hw: HardwareProfile, efficiency: float) -> OpCost:
+    flops = 2.0 * pairs * heads * (qk_dim + v_dim)
+    rate = hw.peak_flops_per_us("bf16") * efficiency
+    return roofline(name, "attention", flops, io_bytes, compute_us=flops / rate,
+                    memory_us=io_bytes / hw.hbm_bytes_per_us,
+                    min_us=hw.overheads.kernel_min_gpu_us.value)
+
+
+def prefill(num_seqs: int, q_len: int, prefix: int, heads: int, kv_heads: int, qk_dim: int,
+            v_dim: int, hw: HardwareProfile, kv_dtype: str = "bf16", window: int = 0,
+            chunk: int = 0) -> OpCost:
+    """FlashAttention prefill of ``num_seqs`` equal sequences (``heads`` = this rank's heads)."""
+    pairs = num_seqs * attended_pairs(q_len, prefix, window, chunk)
+    kv_read = prefix + q_len if not window else min(prefix + q_len, window + q_len)
+    io = num_seqs * (q_len * heads * (qk_dim + v_dim) * 2.0
+                     + kv_read * kv_heads * (qk_dim + v_dim) * ELEMENT_BYTES[kv_dtype])
+    return _attend("attention_prefill", pairs, heads, qk_dim, v_dim, io, hw,
+                   hw.compute.attention_efficiency.value)
+
+
+def decode(num_seqs: int, kv_len: float, heads: int, kv_heads: int, qk_dim: int, v_dim: int,
+           hw: HardwareProfile, kv_dtype: str = "bf16", window: int = 0, chunk: int = 0) -> OpCost:
+    """One decode step: each sequence's new token attends to ``kv_len`` cached tokens."""
+    keys = kv_len
+    if window:
+        keys = min(keys, window)
+    if chunk:
+        keys = min(keys, chunk / 2.0)  # on average half a chunk is filled
+    io = num_seqs * (keys * kv_heads * (qk_dim + v_dim) * ELEMENT_BYTES[kv_dtype]
+                     + heads * (qk_dim + v_dim) * 2.0)
+    pairs = num_seqs * keys
+    # Decode is bandwidth bound; its compute (few FLOPs per byte) uses the prefill efficiency.
+    return _attend("attention_decode", pairs, heads, qk_dim, v_dim, io, hw,
+                   hw.compute.attention_efficiency.value)
+
+
+def mla_decode(num_seqs: int, kv_len: float, heads: int, latent_dim: int, rope_dim: int,
+               hw: HardwareProfile, kv_dtype: str = "bf16") -> OpCost:
+    """MLA decode in the weight-absorbed form (FlashMLA): every head attends over the shared
+    latent cache of ``latent_dim + rope_dim`` values per token; values are the latent itself."""
+    io = num_seqs * (kv_len * (latent_dim + rope_dim) * ELEMENT_BYTES[kv_dtype]
+                     + heads * (latent_dim + rope_dim + latent_dim) * 2.0)
+    pairs = num_seqs * kv_len
+    return _attend("mla_decode", pairs, heads, latent_dim + rope_dim, latent_dim, io, hw,
+                   hw.compute.attention_efficiency.value)
+
+
+def linear_attention(num_seqs: int, q_len: int, heads_v: int, key_dim: int, value_dim: int,
+                     hw: HardwareProfile) -> OpCost:
+    """Gated DeltaNet: a fixed fp32 state ``[heads_v, key_dim, value_dim]`` per sequence is read
+    and written once per step; each token costs ~6 state-sized multiply-adds (delta rule update
+    and readout, Yang et al. 2024 "Gated Delta Networks")."""
+    state = heads_v * key_dim * value_dim * 4.0
+    io = num_seqs * (2.0 * state + q_len * heads_v * (2 * key_dim + 2 * value_dim) * 2.0)
+    flops = 12.0 * num_seqs * q_len * heads_v * key_dim * value_dim
+    rate = hw.peak_flops_per_us("bf16") * hw.compute.attention_efficiency.value
+    return roofline("linear_attention", "attention", flops, io, compute_us=flops / rate,
+                    memory_us=io / hw.hbm_bytes_per_us,
+                    min_us=hw.overheads.kernel_min_gpu_us.value, kernels=2)

@@ -1,0 +1,45 @@
+"""``FrameworkProfile``: the few documented engine parameters a serving framework sets.
+
+One YAML file per engine in ``moesim/frameworks/``; every number is a sourced
+:class:`~moesim.spec.hardware.Quantity`. A framework never carries per-case correction factors.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ..errors import InputError, from_pydantic
+from .hardware import Quantity
+
+FRAMEWORKS_DIR = Path(__file__).resolve().parents[1] / "frameworks"
+
+
+class FrameworkProfile(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str
+    display_name: str
+    cuda_graphs: Quantity = Field(..., description="1 = decode steps replay CUDA graphs")
+    cuda_graph_max_batch: Quantity = Field(..., description="largest captured decode batch")
+    max_num_batched_tokens: Quantity = Field(..., description="default prefill chunk, tokens")
+    gpu_memory_utilization: Quantity = Field(..., description="default fraction of HBM used")
+    step_overhead_us: Quantity = Field(
+        ..., description="host time per engine step not hidden behind the GPU (scheduling, "
+                         "input preparation, sampling bookkeeping)")
+    provenance: dict = Field(default_factory=dict)
+
+
+@lru_cache(maxsize=None)
+def load_framework(name: str) -> FrameworkProfile:
+    path = FRAMEWORKS_DIR / f"{name}.yaml"
+    if not path.exists():
+        valid = ", ".join(sorted(p.stem for p in FRAMEWORKS_DIR.glob("*.yaml")))
+        raise InputError("deployment.framework", f"unknown framework {name!r}", f"valid: {valid}")
+    try:
+        return FrameworkProfile.model_validate(yaml.safe_load(path.read_text()))
+    except ValidationError as exc:
+        raise from_pydantic(exc, prefix=f"framework[{path.name}]") from None

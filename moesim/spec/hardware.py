@@ -1,0 +1,169 @@
+"""``HardwareProfile``: one GPU kind, every number with its source.
+
+A profile is a YAML file in ``hardware_profiles/``: a datasheet base (``<id>.yaml``) and, optionally,
+a calibrated overlay (``<id>.calibrated.yaml``) whose fields replace the base's one by one. Every
+number is a :class:`Quantity` ``{value, source, kind}`` so that any prediction can be traced back
+to a datasheet line, a published measurement, a fit, or an admitted estimate.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ..errors import InputError, from_pydantic
+
+PROFILES_DIR = Path(__file__).resolve().parents[2] / "hardware_profiles"
+
+SourceKind = Literal["datasheet", "published_measurement", "calibrated", "estimate", "derived"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Quantity(_Strict):
+    value: float
+    source: str = Field(..., min_length=3, description="where the number comes from")
+    kind: SourceKind
+
+
+class PerDtype(_Strict):
+    """A number per tensor-core format; a format the GPU lacks is left out (None)."""
+
+    fp32: Optional[Quantity] = None
+    bf16: Optional[Quantity] = None
+    fp16: Optional[Quantity] = None
+    fp8: Optional[Quantity] = None
+    int8: Optional[Quantity] = None
+    fp4: Optional[Quantity] = None
+
+
+class Compute(_Strict):
+    sm_count: Quantity
+    peak_dense_tflops: PerDtype = Field(..., description="tensor-core peak without sparsity")
+    gemm_efficiency: PerDtype = Field(
+        ..., description="fraction of peak a large dense GEMM reaches (MAMF / peak)")
+    gemm_tile_m: Quantity = Field(..., description="CTA tile rows assumed for wave quantisation")
+    gemm_tile_n: Quantity = Field(..., description="CTA tile columns assumed for wave quantisation")
+    grouped_gemm_efficiency: PerDtype = Field(
+        ..., description="fraction of peak the fused-MoE expert GEMM reaches at full tiles")
+    attention_efficiency: Quantity = Field(
+        ..., description="fraction of bf16 peak a FlashAttention prefill reaches")
+
+
+class Memory(_Strict):
+    hbm_capacity_bytes: Quantity
+    hbm_peak_gb_per_s: Quantity
+    hbm_efficiency: Quantity = Field(..., description="fraction of peak a streaming kernel reaches")
+    l2_bytes: Quantity
+
+
+class Interconnect(_Strict):
+    nvlink_gb_per_s_per_direction: Quantity = Field(
+        ..., description="per GPU, one direction; 0 when GPUs talk over PCIe only")
+    nvlink_domain_size: Quantity = Field(..., description="GPUs reachable at full link speed")
+    collective_latency_us: Quantity = Field(..., description="alpha of an intra-node collective")
+    allreduce_bus_efficiency: Quantity = Field(
+        ..., description="NCCL all-reduce bus bandwidth / nvlink_gb_per_s_per_direction")
+    alltoall_bus_efficiency: Quantity = Field(
+        ..., description="NCCL all-to-all bus bandwidth / nvlink_gb_per_s_per_direction")
+    scaleout_gb_per_s_per_direction: Quantity = Field(..., description="NIC bandwidth per GPU")
+    scaleout_latency_us: Quantity
+    pcie_gb_per_s_per_direction: Quantity
+
+
+class Overheads(_Strict):
+    kernel_launch_host_us: Quantity = Field(..., description="host cost per eager kernel launch")
+    kernel_min_gpu_us: Quantity = Field(..., description="shortest kernel on the GPU timeline")
+    graph_kernel_us: Quantity = Field(..., description="per-kernel cost inside a CUDA graph")
+    runtime_reserved_bytes: Quantity = Field(
+        ..., description="CUDA context, allocator and library workspaces per GPU")
+
+
+class HardwareProfile(_Strict):
+    schema_version: int = 1
+    id: str
+    display_name: str
+    device_names: list[str] = Field(default_factory=list,
+                                    description="torch.cuda.get_device_name() strings")
+    compute: Compute
+    memory: Memory
+    interconnect: Interconnect
+    overheads: Overheads
+    provenance: dict[str, Any] = Field(default_factory=dict,
+                                       description="base sources; calibration run details")
+
+    # Convenience accessors in the units the cost model works in (FLOP/us, bytes/us).
+    def peak_flops_per_us(self, compute_dtype: str) -> float:
+        q = getattr(self.compute.peak_dense_tflops, compute_dtype, None)
+        if q is None:
+            raise InputError(f"hardware.compute.peak_dense_tflops.{compute_dtype}",
+                             f"{self.id} has no {compute_dtype} tensor cores",
+                             "choose a dtype this GPU supports")
+        return q.value * 1e6
+
+    def efficiency(self, table: PerDtype, compute_dtype: str) -> float:
+        q = getattr(table, compute_dtype, None) or table.bf16
+        assert q is not None
+        return q.value
+
+    @property
+    def hbm_bytes_per_us(self) -> float:
+        return self.memory.hbm_peak_gb_per_s.value * 1e3 * self.memory.hbm_efficiency.value
+
+
+def _deep_merge(base: dict, overlay: dict) -> dict:
+    out = dict(base)
+    for key, val in overlay.items():
+        if isinstance(val, dict) and isinstance(out.get(key), dict) and "value" not in val:
+            out[key] = _deep_merge(out[key], val)
+        else:
+            out[key] = val
+    return out
+
+
+def _read_yaml(path: Path, field: str) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise InputError(field, f"cannot read {path}: {exc}".splitlines()[0],
+                         "give a readable YAML profile") from None
+    if not isinstance(data, dict):
+        raise InputError(field, f"{path} is not a YAML mapping", "see hardware_profiles/")
+    return data
+
+
+def available_profiles() -> list[str]:
+    return sorted(p.stem for p in PROFILES_DIR.glob("*.yaml") if ".calibrated" not in p.name)
+
+
+def load_profile(ref: str, *, calibrated: bool = True, field: str = "hardware") -> HardwareProfile:
+    """Load a profile by id (``h100_sxm``) or path; the id's calibrated overlay is applied when
+    one exists and ``calibrated`` is true."""
+    path = Path(ref)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.exists():
+            raise InputError(field, f"profile file {ref} not found", "give an existing path")
+        base_path = path
+    else:
+        base_path = PROFILES_DIR / f"{ref}.yaml"
+        if not base_path.exists():
+            raise InputError(field, f"unknown hardware profile {ref!r}",
+                             f"valid: {', '.join(available_profiles())}, or a path to a YAML file")
+    data = _read_yaml(base_path, field)
+    overlay_path = base_path.with_name(base_path.stem + ".calibrated.yaml")
+    if calibrated and ".calibrated" not in base_path.name and overlay_path.exists():
+        overlay = _read_yaml(overlay_path, field)
+        prov = overlay.pop("provenance", None)
+        data = _deep_merge(data, overlay)
+        if prov is not None:
+            data.setdefault("provenance", {})
+            data["provenance"] = {**data["provenance"], "calibration": prov}
+    try:
+        return HardwareProfile.model_validate(data)
+    except ValidationError as exc:
+        raise from_pydantic(exc, prefix=f"{field}[{base_path.name}]") from None

@@ -1,0 +1,334 @@
+"""The ops of one forward step on one GPU, from the scenario, the tokens in the batch and the
+routing sample.
+
+A step is described for the slowest GPU: attention work is the same on every rank of a TP group
+(the batch is split evenly over attention-DP groups); MoE layers wait for the rank whose experts
+received the most work, which is where routing imbalance enters. Identical layers are reported
+once with a ``count``; MoE layers whose routing draws differ are averaged into one entry per layer
+kind so that ``count * total_us`` is still their exact sum.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Literal, Optional
+
+import numpy as np
+
+from .costs import attention, comm, moe
+from .costs.elementwise import memory_op
+from .costs.gemm import gemm
+from .costs.op import OpCost
+from .spec.dtypes import ELEMENT_BYTES
+from .spec.scenario import Scenario
+
+Phase = Literal["prefill", "decode"]
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Work of one step on one attention-DP group: ``num_seqs`` sequences, each adding
+    ``new_tokens`` tokens after ``context`` tokens already in its KV cache."""
+
+    phase: Phase
+    num_seqs: int
+    new_tokens: int
+    context: float
+
+    @property
+    def tokens(self) -> int:
+        return self.num_seqs * self.new_tokens
+
+
+@dataclass(frozen=True)
+class MoeLayerStats:
+    """What the routing did to one kind of MoE layer in this step (averages over its layers)."""
+
+    tokens_per_expert_mean: float
+    tokens_per_expert_max: float
+    rank_load_max_over_mean: float
+    distinct_experts: float
+    dropped_fraction: float = 0.0
+    rerouted_fraction: float = 0.0
+
+
+@dataclass(frozen=True)
+class Step:
+    phase: Phase
+    batch: Batch
+    ops: list[OpCost]
+    moe_stats: dict[str, MoeLayerStats] = field(default_factory=dict)
+
+    @property
+    def time_us(self) -> float:
+        return float(sum(o.count * o.total_us for o in self.ops))
+
+    def by_layer_kind(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for o in self.ops:
+            out[o.layer_kind] = out.get(o.layer_kind, 0.0) + o.count * o.total_us
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+def _attention_ops(sc: Scenario, b: Batch, kind: str) -> list[OpCost]:
+    m, d, hw = sc.model, sc.deployment, sc.hardware
+    tp, T, H = d.tp, b.tokens, m.hidden_size
+    wd, ad, kvd = d.weight_dtype, d.activation_dtype, d.kv_cache_dtype
+    ops: list[OpCost] = []
+    if kind == "linear":
+        la = m.linear_attention
+        assert la is not None
+        qk, v = la.num_key_heads * la.key_head_dim, la.num_value_heads * la.value_head_dim
+        ops.append(gemm("linear_attn_in_proj", T, (2 * qk + 2 * v + 2 * la.num_value_heads) // tp,
+                        H, hw, wd, ad))
+        ops.append(attention.linear_attention(b.num_seqs, b.new_tokens,
+                                              max(1, la.num_value_heads // tp), la.key_head_dim,
+                                              la.value_head_dim, hw))
+        ops.append(gemm("linear_attn_out_proj", T, H, v // tp, hw, wd, ad))
+        return ops
+    heads = m.num_attention_heads // tp
+    if m.mla is not None:
+        a = m.mla
+        qk_head = a.qk_nope_head_dim + a.qk_rope_head_dim
+        if a.q_lora_rank:
+            ops.append(gemm("q_a_proj", T, a.q_lora_rank, H, hw, wd, ad))
+            ops.append(gemm("q_b_proj", T, heads * qk_head, a.q_lora_rank, hw, wd, ad))
+        else:
+            ops.append(gemm("q_proj", T, heads * qk_head, H, hw, wd, ad))
+        ops.append(gemm("kv_a_proj", T, a.kv_lora_rank + a.qk_rope_head_dim, H, hw, wd, ad))
+        if b.phase == "prefill":
+            # Prefill expands the latent cache into per-head K and V (vLLM's MLA "MHA mode").
+            kv_tokens = int(b.num_seqs * (b.context + b.new_tokens))
+            ops.append(gemm("kv_b_proj", kv_tokens, heads * (a.qk_nope_head_dim + a.v_head_dim),
+                            a.kv_lora_rank, hw, wd, ad))
+            ops.append(attention.prefill(b.num_seqs, b.new_tokens, int(b.context), heads, heads,
+                                         qk_head, a.v_head_dim, hw, kvd))
+        else:
+            # Decode absorbs W_UK into the query and W_UV into the output (FlashMLA form).
+            ops.append(gemm("q_absorb", T, heads * a.kv_lora_rank, a.qk_nope_head_dim, hw, wd, ad))
+            ops.append(attention.mla_decode(b.num_seqs, b.context + 1, heads, a.kv_lora_rank,
+                                            a.qk_rope_head_dim, hw, kvd))
+            ops.append(gemm("v_absorb", T, heads * a.v_head_dim, a.kv_lora_rank, hw, wd, ad))
+        ops.append(gemm("o_proj", T, H, heads * a.v_head_dim, hw, wd, ad))
+    else:
+        kv_heads = max(1, m.num_kv_heads // tp)
+        hd = m.head_dim
+        q_width = heads * hd * (2 if m.attention_output_gate else 1)
+        ops.append(gemm("qkv_proj", T, q_width + 2 * kv_heads * hd, H, hw, wd, ad))
+        window = m.sliding_window if kind == "sliding" else 0
+        chunk = m.attention_chunk_size if kind == "chunked" else 0
+        if b.phase == "prefill":
+            ops.append(attention.prefill(b.num_seqs, b.new_tokens, int(b.context), heads,
+                                         kv_heads, hd, hd, hw, kvd, window, chunk))
+        else:
+            ops.append(attention.decode(b.num_seqs, b.context + 1, heads, kv_heads, hd, hd, hw,
+                                        kvd, window, chunk))
+        ops.append(gemm("o_proj", T, H, heads * hd, hw, wd, ad))
+    return ops
+
+
+def _norm_ops(sc: Scenario, b: Batch) -> OpCost:
+    # Two RMSNorms with fused residual add and the rotary embedding: each reads and writes the
+    # hidden state (vLLM fused_add_rms_norm, rotary_embedding kernels).
+    return memory_op("norms_rope", 3 * 2 * b.tokens * sc.model.hidden_size * 2.0, sc.hardware,
+                     kernels=3)
+
+
+def _tp_all_reduce(sc: Scenario, b: Batch, name: str) -> Optional[OpCost]:
+    if sc.deployment.tp == 1:
+        return None
+    return comm.all_reduce(name, b.tokens * sc.model.hidden_size * 2.0, sc.deployment.tp,
+                           sc.hardware, sc.gpus_per_node)
+
+
+def _dense_mlp_ops(sc: Scenario, b: Batch, inter: int, prefix: str = "mlp") -> list[OpCost]:
+    m, d, hw = sc.model, sc.deployment, sc.hardware
+    inter_r = inter // d.tp
+    up = (2 if m.gated_mlp else 1) * inter_r
+    return [gemm(f"{prefix}_up", b.tokens, up, m.hidden_size, hw, d.weight_dtype,
+                 d.activation_dtype),
+            memory_op(f"{prefix}_act", b.tokens * (up + inter_r) * 2.0, hw),
+            gemm(f"{prefix}_down", b.tokens, m.hidden_size, inter_r, hw, d.weight_dtype,
+                 d.activation_dtype)]
+
+
+def ranks_per_token(num_experts: int, experts_per_rank: int, top_k: int) -> float:
+    """Probability that a token has at least one of its top-k (distinct, uniformly chosen)
+    experts on a given rank: 1 - C(E - E_r, k) / C(E, k). Times the rank count it is the
+    expected dispatch fan-out (DeepEP sends a token once per destination rank)."""
+    e, er, k = num_experts, experts_per_rank, top_k
+    if e - er < k:
+        return 1.0
+    return 1.0 - math.comb(e - er, k) / math.comb(e, k)
+
+
+def _moe_layer_ops(sc: Scenario, b: Batch, loads: np.ndarray) -> tuple[list[OpCost], np.ndarray]:
+    """Ops of one MoE layer and the per-rank expert times, for global per-expert ``loads``.
+
+    ``loads`` are the token-slots routed to each expert by all tokens that meet in this layer:
+    with attention_dp == 1 every rank holds the whole batch (TP-style MoE) and the tokens are
+    those of the batch; with attention_dp > 1 the groups' tokens are dispatched to the experts.
+    """
+    from .routing import rank_expert_loads  # routing is a peer layer; import once at call time
+
+    m, d, hw = sc.model, sc.deployment, sc.hardware
+    mo = m.moe
+    assert mo is not None
+    H = m.hidden_size
+    dp = d.attention_dp
+    t_group = b.tokens  # tokens in this attention-DP group
+    t_global = t_group * dp
+    inter_r = mo.expert_intermediate_size // d.moe_tp
+    ops: list[OpCost] = moe.router(t_group, H, mo.num_experts, mo.top_k, hw, mo.scoring,
+                                   d.activation_dtype)
+    per_rank = rank_expert_loads(loads, d.ep, sc.routing)  # [ep, local slots]
+    if dp == 1:
+        tokens_in = np.full(d.ep, t_global)
+    else:
+        e_local = per_rank.shape[1]
+        p = ranks_per_token(mo.num_experts, e_local, mo.top_k)
+        tokens_in = np.maximum(np.ceil(np.minimum(per_rank.sum(axis=1), t_global * p)), 1)
+    rank_ops = [moe.expert_ops(per_rank[r], int(tokens_in[r]), mo.top_k, H, inter_r, hw,
+                               d.experts_dtype, d.activation_dtype, m.gated_mlp, d.strategy)
+                for r in range(d.ep)]
+    rank_us = np.array([sum(o.total_us for o in ro) for ro in rank_ops])
+    slowest = int(np.argmax(rank_us))
+    # Dispatch/combine: each token travels once to every rank holding one of its experts
+    # (DeepEP de-duplicates per rank); a TP group's ranks split its tokens between them.
+    fanout = d.ep * ranks_per_token(mo.num_experts, per_rank.shape[1], mo.top_k)
+    a2a_tokens = t_group / d.tp * fanout
+    if dp > 1:
+        ops.append(comm.all_to_all("dispatch", a2a_tokens * H * ELEMENT_BYTES[d.activation_dtype],
+                                   d.ep, hw, sc.gpus_per_node))
+    ops.extend(rank_ops[slowest])
+    if mo.num_shared_experts:
+        ops.extend(_dense_mlp_ops(sc, b, mo.num_shared_experts * mo.shared_expert_intermediate_size,
+                                  "shared_expert"))
+    if dp > 1:
+        ops.append(comm.all_to_all("combine", a2a_tokens * H * 2.0, d.ep, hw, sc.gpus_per_node))
+    else:
+        ar = _tp_all_reduce(sc, b, "moe_all_reduce")
+        if ar is not None:
+            ops.append(ar)
+    return ops, rank_us
+
+
+def _head_ops(sc: Scenario, b: Batch) -> list[OpCost]:
+    """Embedding lookup, final norm, LM head on the last token of each sequence, sampling."""
+    m, d, hw = sc.model, sc.deployment, sc.hardware
+    T, H, V = b.tokens, m.hidden_size, m.vocab_size
+    ops = [memory_op("embedding", T * H * 2.0 * 2, hw),
+           memory_op("final_norm", b.num_seqs * H * 2.0 * 2, hw),
+           gemm("lm_head", b.num_seqs, V // d.tp, H, hw, "bf16", "bf16", "fp32")]
+    if d.tp > 1:
+        ops.append(comm.all_to_all("logits_gather", b.num_seqs * V * 4.0, d.tp, hw,
+                                   sc.gpus_per_node))
+    ops.append(memory_op("sampling", b.num_seqs * V * 4.0 * 3, hw, kernels=4))
+    return ops
+
+
+def _layer_kind(att: str, mlp: str) -> str:
+    return f"{att}_attention+{mlp}"
+
+
+def build_step(sc: Scenario, b: Batch, moe_loads: Optional[np.ndarray] = None) -> Step:
+    """Ops of one step. ``moe_loads``: ``[num_moe_layers, num_experts]`` routed token-slots per
+    expert for all tokens meeting in each MoE layer (``None``: balanced routing)."""
+    m, d, hw = sc.model, sc.deployment, sc.hardware
+    counts: dict[tuple[str, str], int] = {}
+    for att, mlp in zip(m.layer_attention, m.layer_mlp):
+        counts[(att, mlp)] = counts.get((att, mlp), 0) + 1
+
+    moe_per_kind: dict[str, list[list[OpCost]]] = {}
+    stats: dict[str, MoeLayerStats] = {}
+    if m.moe is not None:
+        from .routing import balanced_loads
+
+        t_global = b.tokens * d.attention_dp
+        if moe_loads is None:
+            moe_loads = np.broadcast_to(balanced_loads(t_global, m.moe.num_experts, m.moe.top_k),
+                                        (m.num_moe_layers, m.moe.num_experts))
+        moe_idx = 0
+        cache: dict[bytes, tuple[list[OpCost], np.ndarray]] = {}
+        rank_ratio, max_tok, distinct = [], [], []
+        for att, mlp in zip(m.layer_attention, m.layer_mlp):
+            if mlp != "moe":
+                continue
+            row = np.asarray(moe_loads[moe_idx])
+            moe_idx += 1
+            key = row.tobytes()
+            if key not in cache:
+                cache[key] = _moe_layer_ops(sc, b, row)
+            ops, rank_us = cache[key]
+            moe_per_kind.setdefault(_layer_kind(att, mlp), []).append(ops)
+            max_tok.append(row.max())
+            distinct.append(np.count_nonzero(row))
+            rank_ratio.append(rank_us.max() / rank_us.mean() if rank_us.mean() > 0 else 1.0)
+        mean_tok = t_global * m.moe.top_k / m.moe.num_experts
+        stats["moe"] = MoeLayerStats(float(mean_tok), float(np.mean(max_tok)),
+                                     float(np.mean(rank_ratio)), float(np.mean(distinct)))
+
+    ops: list[OpCost] = []
+    for (att, mlp), n in counts.items():
+        kind = _layer_kind(att, mlp)
+        layer = _attention_ops(sc, b, att) + [_norm_ops(sc, b)]
+        ar = _tp_all_reduce(sc, b, "attn_all_reduce")
+        if ar is not None:
+            layer.append(ar)
+        if mlp == "dense":
+            layer += _dense_mlp_ops(sc, b, m.dense_intermediate_size)
+            ar = _tp_all_reduce(sc, b, "mlp_all_reduce")
+            if ar is not None:
+                layer.append(ar)
+            ops += [o.scaled(n, kind) for o in layer]
+        else:
+            ops += [o.scaled(n, kind) for o in layer]
+            ops += _average_layers(moe_per_kind[kind], kind)
+    ops += [o.scaled(1, "head") for o in _head_ops(sc, b)]
+    if d.pp > 1:
+        send = comm.all_to_all("pp_send", b.tokens * m.hidden_size * 2.0 * 2, 2, hw,
+                               sc.gpus_per_node)
+        ops.append(send.scaled(d.pp - 1, "pipeline"))
+    ops = [_with_launch(sc, b, o) for o in ops]
+    step_us = sc.framework.step_overhead_us.value
+    if step_us:
+        ops.append(OpCost("engine_step", "overhead", step_us, 0.0, 0.0, "launch", 0,
+                          layer_kind="engine"))
+    return Step(b.phase, b, ops, stats)
+
+
+def _average_layers(layers: list[list[OpCost]], kind: str) -> list[OpCost]:
+    """Merge the op lists of several MoE layers (same op names, different loads) into one list
+    whose ``count * time`` sums equal the layers' total."""
+    n = len(layers)
+    if all(l is layers[0] for l in layers):
+        return [o.scaled(n, kind) for o in layers[0]]
+    out = []
+    for i, first in enumerate(layers[0]):
+        items = [l[i] for l in layers]
+        bounds: dict[str, float] = {}
+        for o in items:
+            bounds[o.bound] = bounds.get(o.bound, 0.0) + o.time_us
+        out.append(replace(first, time_us=float(np.mean([o.time_us for o in items])),
+                           flops=float(np.mean([o.flops for o in items])),
+                           bytes=float(np.mean([o.bytes for o in items])),
+                           bound=max(bounds, key=bounds.get), count=n, layer_kind=kind))
+    return out
+
+
+def _with_launch(sc: Scenario, b: Batch, op: OpCost) -> OpCost:
+    """Add launch cost: inside a CUDA graph each kernel costs ``graph_kernel_us``; eager, the GPU
+    idles whenever the host needs longer to launch a kernel than the GPU needs to run it."""
+    if op.kernels == 0:
+        return op
+    ov = sc.hardware.overheads
+    graphs = (b.phase == "decode" and sc.cuda_graphs
+              and b.num_seqs <= sc.framework.cuda_graph_max_batch.value)
+    if graphs:
+        launch = op.kernels * ov.graph_kernel_us.value
+    else:
+        launch = max(0.0, op.kernels * ov.kernel_launch_host_us.value - op.time_us)
+    bound = "launch" if launch > op.time_us else op.bound
+    return replace(op, launch_us=launch, bound=bound)
