@@ -93,7 +93,8 @@ def _check_consistency(model: ModelSpec, hw: HardwareProfile, num_gpus: int, gpu
         raise InputError("deployment.pp", f"pp={dep.pp} exceeds the {model.num_layers} layers",
                          f"use pp <= {model.num_layers}")
     if model.moe is None:
-        if dep.ep != 1 or dep.moe_tp != 1:
+        # moe_tp defaults to tp * attention_dp; only a value the user chose is an error here.
+        if dep.ep != 1 or dep.moe_tp not in (1, dep.tp * dep.attention_dp):
             raise InputError("deployment.ep", f"{model.name} is a dense model; ep and moe_tp "
                              "apply to MoE layers only", "set ep=1 and moe_tp=1")
     else:

@@ -1,0 +1,838 @@
+"""``moesim validate``: predict every row of a measured table with the predictor's own op-cost
+functions and report the errors.
+
+A table is a CSV in one of the layouts of ``shared/reference/measurements`` (see its README):
+``gemm``, ``moe``, ``collective``, ``allreduce_custom``, ``attention_context``,
+``attention_generation``, ``moe_a2a`` or ``e2e_serving``; the layout is recognised from the
+columns. Every row gets a prediction or a listed reason why it has none; nothing is dropped.
+
+How each layout is predicted (the same functions :mod:`moesim.step` calls):
+
+- ``gemm``: :func:`moesim.costs.gemm.gemm` of ``[m, k] x [k, n]``; bfloat16 = bf16 x bf16,
+  fp8 = per-tensor fp8 x fp8, fp8_block = 128x128 block-scaled fp8 weights x fp8 activations.
+  Kernel time only (the table times kernels, not launches).
+- ``moe``: one fused-MoE call on one GPU as the reference README defines it: all ``num_tokens``
+  tokens enter the kernel, the GPU holds ``num_experts / moe_ep`` experts of ``inter_size /
+  moe_tp`` columns, and the loads are those of the most loaded EP group. The router GEMM and the
+  top-k kernel are NOT included (the routing output is given); :func:`moesim.costs.moe.expert_ops`
+  is. ``balanced`` rows use the measurement's own balanced assignment (token ``i`` picks experts
+  ``i + j * ceil(E/k)`` mod E; see :func:`balanced_assignment_loads` - it piles up a little where
+  ``E`` is not a multiple of ``k``, unlike :func:`moesim.routing.balanced_loads`). ``power_law_A``
+  rows: the measured time is ONE random draw of the README's bounded-Pareto recipe whose loads we
+  cannot know, so we draw :data:`POWER_LAW_DRAWS` of them with the predictor's own sampler
+  (:func:`moesim.routing.sample_loads`, seeded from the row's routing shape: deterministic, and
+  identical across rows that differ only in dtype / hidden / moe_tp / moe_ep) and report the
+  MEDIAN prediction, i.e. the time of a typical draw - not the mean over draws, which no single
+  measurement is; the lowest and highest draw are kept in ``pred_draw_min_us`` /
+  ``pred_draw_max_us`` so a reader can see how much of an error the draw alone could explain.
+- ``collective``: ``all_reduce`` -> :func:`moesim.costs.comm.all_reduce`; ``alltoall``,
+  ``all_gather`` and ``reduce_scatter`` -> :func:`moesim.costs.comm.all_to_all`. The latter two
+  have no function of their own in ``comm.py``; nccl-tests defines their bus bandwidth exactly as
+  all-to-all's, busbw = (S / t) (n - 1) / n with S the size column, and NCCL reaches the same
+  busbw on all three over NVSwitch (research notes §1.2), so the all-to-all alpha-beta model is
+  the model of all three. ``message_bytes`` is the per-rank buffer S.
+- ``allreduce_custom``: vLLM's custom all-reduce, predicted with the same ``all_reduce``.
+- ``attention_context``: :func:`moesim.costs.attention.prefill` of ``batch_size`` sequences of
+  ``seq_len`` new tokens after ``kv_len`` cached ones (0 in the reference table).
+- ``attention_generation``: :func:`moesim.costs.attention.decode` with ``kv_len + 1`` keys (the
+  ``kv_len`` cached tokens and the new one, as :mod:`moesim.step` calls it).
+- ``moe_a2a``: one DeepEP dispatch or combine as an :func:`moesim.costs.comm.all_to_all` over
+  ``ep_size`` GPUs: each of a rank's ``num_tokens`` tokens is sent once to every rank holding one
+  of its experts (fan-out ``ep * ranks_per_token(E, E/ep, k)``, as :mod:`moesim.step`), ``hidden``
+  values of 2 bytes (bf16: the table does not say whether dispatch was fp8-quantised). ``sms`` and
+  the backend flavour (ht / ll / v2) are not modelled.
+- ``e2e_serving``: a scenario per row (model = ``model_path``, hardware = ``system`` x
+  ``tp * attention_dp * pp`` GPUs, parallel sizes, dtypes from the quant-mode columns, framework
+  = ``backend``, workload = ``batch_size / isl / osl``) through :func:`moesim.predict`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import zlib
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from .errors import InputError
+
+# ---------------------------------------------------------------------------------------------
+# Layouts
+
+#: Columns that identify each layout (a table may have more). Checked in this order: the first
+#: layout whose columns are all present wins, so more specific layouts come first.
+LAYOUTS: dict[str, tuple[str, ...]] = {
+    "e2e_serving": ("model_path", "backend", "isl", "osl", "batch_size", "tp_size",
+                    "silicon_ttft_ms", "silicon_tpot_ms"),
+    "moe_a2a": ("comm_backend", "phase", "ep_size", "hidden_size", "topk", "num_experts",
+                "num_tokens", "latency_us"),
+    "moe": ("num_tokens", "hidden_size", "inter_size", "num_experts", "topk", "moe_tp", "moe_ep",
+            "distribution", "dtype", "latency_us"),
+    "gemm": ("m", "n", "k", "dtype", "latency_us"),
+    # attention_context and attention_generation share their columns; the rows tell them apart.
+    "attention": ("batch_size", "seq_len", "kv_len", "num_heads", "num_kv_heads", "head_dim",
+                  "kv_cache_dtype", "window_size", "latency_us"),
+    "allreduce_custom": ("kernel", "op", "num_gpus", "message_bytes", "latency_us"),
+    "collective": ("op", "num_gpus", "message_bytes", "latency_us"),
+}
+LAYOUT_NAMES = ("gemm", "moe", "collective", "allreduce_custom", "attention_context",
+                "attention_generation", "moe_a2a", "e2e_serving")
+
+#: Routing draws predicted per power-law moe row (the median prediction is reported).
+POWER_LAW_DRAWS = 7
+
+TOKEN_BANDS = ((16, "1-16"), (128, "17-128"), (1024, "129-1024"), (8192, "1025-8192"),
+               (math.inf, ">8192"))
+BYTE_BANDS = ((64 << 10, "<=64KiB"), (1 << 20, "64KiB-1MiB"), (16 << 20, "1-16MiB"),
+              (256 << 20, "16-256MiB"), (math.inf, ">256MiB"))
+
+
+def token_band(n: float) -> str:
+    for limit, name in TOKEN_BANDS:
+        if n <= limit:
+            return name
+    raise AssertionError("unreachable")
+
+
+def byte_band(n: float) -> str:
+    for limit, name in BYTE_BANDS:
+        if n <= limit:
+            return name
+    raise AssertionError("unreachable")
+
+
+def _band_order(name: str) -> tuple:
+    for i, (_, b) in enumerate(TOKEN_BANDS + BYTE_BANDS):
+        if b == name:
+            return (0, i, "")
+    try:
+        return (1, float(name), "")
+    except ValueError:
+        return (2, 0.0, name)
+
+
+class _Unpredictable(Exception):
+    """A row that has no prediction; the message is the reason listed in the report."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Result
+
+
+@dataclass
+class ValidationResult:
+    """What :func:`run` returns. ``text``: the report for a person (or the summary as JSON when
+    asked); ``summary``: JSON-able figures; ``rows``: every input row with its prediction and
+    error columns (written to ``out`` when given); ``columns``: their order."""
+
+    table: str
+    layout: str
+    text: str
+    summary: dict[str, Any]
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    columns: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def _read_table(path: str) -> tuple[list[str], list[dict[str, str]]]:
+    p = Path(path)
+    try:
+        with p.open(newline="") as fh:
+            reader = csv.DictReader(fh)
+            columns = [c.strip() for c in (reader.fieldnames or [])]
+            rows = [{(k.strip() if k else k): (v.strip() if isinstance(v, str) else v)
+                     for k, v in r.items()} for r in reader]
+    except FileNotFoundError:
+        raise InputError("table", f"{path} not found", "give the path of a measurement CSV") \
+            from None
+    except IsADirectoryError:
+        raise InputError("table", f"{path} is a directory", "give the path of a CSV file") \
+            from None
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise InputError("table", f"cannot read {path}: {exc}".splitlines()[0],
+                         "give a readable CSV file") from None
+    if not columns:
+        raise InputError("table", f"{path} has no header row", "give a CSV with a header line")
+    return columns, rows
+
+
+def detect_layout(columns: list[str], rows: list[dict[str, str]]) -> str:
+    """Name of the layout whose columns ``columns`` has (see :data:`LAYOUTS`)."""
+    have = set(columns)
+    for name, needed in LAYOUTS.items():
+        if have.issuperset(needed):
+            if name == "attention":
+                return _attention_kind(rows)
+            return name
+    expected = "; ".join(
+        f"{n}: {', '.join(LAYOUTS['attention' if n.startswith('attention') else n])}"
+        for n in LAYOUT_NAMES)
+    raise InputError("table", f"the columns ({', '.join(columns)}) match no known layout",
+                     f"expected the columns of one of {', '.join(LAYOUT_NAMES)} ({expected})")
+
+
+def _attention_kind(rows: list[dict[str, str]]) -> str:
+    """Generation (decode) tables have one new token per sequence after a non-empty cache;
+    anything else is a context (prefill) table."""
+    if not rows:
+        return "attention_context"
+    try:
+        decode = all(int(r["seq_len"]) == 1 and int(r["kv_len"]) >= 1 for r in rows)
+    except (TypeError, ValueError):
+        return "attention_context"
+    return "attention_generation" if decode else "attention_context"
+
+
+# ---------------------------------------------------------------------------------------------
+# Row helpers
+
+
+def _int(row: dict[str, str], col: str, default: Optional[int] = None) -> int:
+    v = row.get(col)
+    if v is None or v == "":
+        if default is not None:
+            return default
+        raise _Unpredictable(f"column {col} is empty")
+    try:
+        f = float(v)
+    except ValueError:
+        raise _Unpredictable(f"column {col} is not a number ({v!r})") from None
+    if not math.isfinite(f) or f != int(f):
+        raise _Unpredictable(f"column {col} is not an integer ({v!r})")
+    return int(f)
+
+
+def _float(row: dict[str, str], col: str) -> float:
+    v = row.get(col)
+    if v is None or v == "":
+        raise _Unpredictable(f"column {col} is empty")
+    try:
+        f = float(v)
+    except ValueError:
+        raise _Unpredictable(f"column {col} is not a number ({v!r})") from None
+    if not math.isfinite(f):
+        raise _Unpredictable(f"column {col} is not finite ({v!r})")
+    return f
+
+
+def _dtype(name: str) -> str:
+    from .spec.dtypes import canonical
+
+    try:
+        return canonical(name)
+    except ValueError:
+        raise _Unpredictable(f"unknown dtype {name!r}") from None
+
+
+def _gemm_dtypes(label: str) -> tuple[str, str]:
+    """(weight, activation) dtypes of a GEMM / MoE ``dtype`` label."""
+    d = _dtype(label)
+    if d in ("fp8", "fp8_block"):
+        return d, "fp8"
+    if d in ("bf16", "fp16", "fp32"):
+        return d, d
+    raise _Unpredictable(f"dtype {label!r} has no kernel-table mapping (bf16, fp8, fp8_block)")
+
+
+class _Hardware:
+    """Profiles by id, loaded once; ``forced`` (--hardware) overrides the table's system."""
+
+    def __init__(self, forced: Optional[str]) -> None:
+        self.forced = forced
+        self.cache: dict[str, Any] = {}
+        self.memo: dict[tuple, float] = {}  # per-run memo of predictions by shape
+        if forced is not None:
+            from .spec.hardware import load_profile
+
+            self.cache[forced] = load_profile(forced, field="hardware")  # bad id: InputError
+
+    def id_of(self, row: dict[str, str]) -> str:
+        if self.forced is not None:
+            return self.forced
+        sys_id = row.get("system") or ""
+        if not sys_id:
+            raise _Unpredictable("no system column value and no --hardware given")
+        return sys_id
+
+    def get(self, row: dict[str, str]):
+        from .spec.hardware import load_profile
+
+        ref = self.id_of(row)
+        if ref not in self.cache:
+            try:
+                self.cache[ref] = load_profile(ref, field="hardware")
+            except InputError as exc:
+                self.cache[ref] = exc
+        hw = self.cache[ref]
+        if isinstance(hw, InputError):
+            raise _Unpredictable(f"hardware {ref!r}: {hw.message}")
+        return hw
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernel predictors: row -> predicted µs (raise _Unpredictable with a reason)
+
+
+def _predict_gemm(row: dict[str, str], hws: _Hardware) -> float:
+    from .costs.gemm import gemm
+
+    hw = hws.get(row)
+    m, n, k = _int(row, "m"), _int(row, "n"), _int(row, "k")
+    if min(m, n, k) < 1:
+        raise _Unpredictable("m, n and k must be >= 1")
+    wd, ad = _gemm_dtypes(row.get("dtype", ""))
+    return gemm("gemm", m, n, k, hw, wd, ad).total_us
+
+
+def balanced_assignment_loads(num_tokens: int, num_experts: int, top_k: int) -> np.ndarray:
+    """Per-expert token counts of the reference's balanced routing: token ``i`` takes experts
+    ``(i + j * stride) mod E`` for ``j < k``, ``stride = ceil(E / k)``; with fewer tokens than
+    ``stride`` the tokens are spread out, ``floor(i * stride / T + j * stride) mod E``."""
+    stride = -(-num_experts // top_k)
+    i = np.arange(num_tokens, dtype=np.float64)[:, None]
+    j = np.arange(top_k, dtype=np.float64)[None, :]
+    if num_tokens >= stride:
+        e = (i + j * stride) % num_experts
+    else:
+        e = np.floor(i * stride / num_tokens + j * stride) % num_experts
+    return np.bincount(e.astype(np.int64).ravel(), minlength=num_experts)
+
+
+def _max_group(loads: np.ndarray, ep: int) -> np.ndarray:
+    groups = loads.reshape(ep, -1)
+    return groups[int(np.argmax(groups.sum(axis=1)))]
+
+
+def _draw_seed(*key: Any) -> int:
+    return zlib.crc32(repr(key).encode())
+
+
+def _moe_routing(row: dict[str, str]) -> tuple[str, list[np.ndarray]]:
+    """(distribution label, list of local-expert load arrays of the measured GPU)."""
+    T, E, k = _int(row, "num_tokens"), _int(row, "num_experts"), _int(row, "topk")
+    ep = _int(row, "moe_ep", 1)
+    if min(T, E, k, ep) < 1:
+        raise _Unpredictable("num_tokens, num_experts, topk and moe_ep must be >= 1")
+    if k > E:
+        raise _Unpredictable(f"topk={k} exceeds num_experts={E}")
+    if E % ep:
+        raise _Unpredictable(f"moe_ep={ep} does not divide num_experts={E}")
+    dist = (row.get("distribution") or "").strip().lower()
+    return dist, _routing_draws(dist, T, E, k, ep)
+
+
+@lru_cache(maxsize=None)
+def _global_draws(dist: str, T: int, E: int, k: int) -> tuple[bytes, ...]:
+    """Per-expert loads of every expert, one entry per routing draw (cached by shape)."""
+    if dist in ("balanced", "uniform"):
+        return (balanced_assignment_loads(T, E, k).astype(np.int64).tobytes(),)
+    if dist.startswith("power_law"):
+        try:
+            alpha = float(dist[len("power_law"):].lstrip("_"))
+        except ValueError:
+            raise _Unpredictable(f"cannot read the exponent of distribution {dist!r}") from None
+        if alpha <= 0 or alpha == 1.0:
+            raise _Unpredictable(f"power-law exponent {alpha} outside the recipe (> 0, != 1)")
+        from .routing import sample_loads
+        from .spec.routing import RoutingSpec
+
+        # The predictor's own sampler of the README recipe; the draws are its "layers". One
+        # generator per routing shape: rows that differ only in dtype, hidden size, moe_tp or
+        # moe_ep see the same draws (their EP group is then chosen per row).
+        rng = np.random.default_rng(_draw_seed("power_law", alpha, T, E, k))
+        draws = sample_loads(RoutingSpec(distribution="power_law", alpha=alpha), T, E, k,
+                             POWER_LAW_DRAWS, rng)
+        return tuple(np.asarray(d, dtype=np.int64).tobytes() for d in draws)
+    raise _Unpredictable(f"unknown distribution {dist!r} (balanced or power_law_A)")
+
+
+@lru_cache(maxsize=None)
+def _routing_draws_cached(dist: str, T: int, E: int, k: int, ep: int) -> tuple[bytes, ...]:
+    return tuple(_max_group(np.frombuffer(g, dtype=np.int64), ep).tobytes()
+                 for g in _global_draws(dist, T, E, k))
+
+
+def _routing_draws(dist: str, T: int, E: int, k: int, ep: int) -> list[np.ndarray]:
+    return [np.frombuffer(b, dtype=np.int64) for b in _routing_draws_cached(dist, T, E, k, ep)]
+
+
+def _expert_us(loads: np.ndarray, T: int, k: int, H: int, inter: int, hw, wd: str,
+               ad: str) -> float:
+    from .costs.moe import expert_ops
+
+    return float(sum(o.total_us for o in expert_ops(loads, T, k, H, inter, hw, wd, ad, True,
+                                                    "fused")))
+
+
+def _predict_moe(row: dict[str, str], hws: _Hardware) -> tuple[float, float, float]:
+    hw = hws.get(row)
+    T, k = _int(row, "num_tokens"), _int(row, "topk")
+    H, inter_full = _int(row, "hidden_size"), _int(row, "inter_size")
+    tp = _int(row, "moe_tp", 1)
+    if tp < 1 or inter_full % tp:
+        raise _Unpredictable(f"moe_tp={tp} does not divide inter_size={inter_full}")
+    wd, ad = _gemm_dtypes(row.get("dtype", ""))
+    _, draws = _moe_routing(row)
+    preds = []
+    for d in draws:
+        # Rows repeat shapes (the same draw under several dtypes, equal draws after sorting):
+        # memoise; expert_ops does not depend on the order of the experts.
+        key = ("moe", hws.id_of(row), np.sort(d).tobytes(), T, k, H, inter_full // tp, wd, ad)
+        if key not in hws.memo:
+            hws.memo[key] = _expert_us(d, T, k, H, inter_full // tp, hw, wd, ad)
+        preds.append(hws.memo[key])
+    preds.sort()
+    n = len(preds)
+    median = preds[n // 2] if n % 2 else 0.5 * (preds[n // 2 - 1] + preds[n // 2])
+    return float(median), float(preds[0]), float(preds[-1])
+
+
+def _predict_collective(row: dict[str, str], hws: _Hardware) -> float:
+    from .costs import comm
+
+    hw = hws.get(row)
+    op = (row.get("op") or "").strip().lower().replace("-", "_")
+    n, size = _int(row, "num_gpus"), _float(row, "message_bytes")
+    if n < 1 or size < 0:
+        raise _Unpredictable("num_gpus must be >= 1 and message_bytes >= 0")
+    if op in ("all_reduce", "allreduce"):
+        return comm.all_reduce(op, size, n, hw).total_us
+    if op in ("alltoall", "all_to_all", "all_gather", "allgather", "reduce_scatter",
+              "reducescatter"):
+        return comm.all_to_all(op, size, n, hw).total_us
+    raise _Unpredictable(f"no cost function for collective {op!r}")
+
+
+def _predict_attention_context(row: dict[str, str], hws: _Hardware) -> float:
+    from .costs.attention import prefill
+
+    hw = hws.get(row)
+    args = _attention_args(row)
+    b, q, prefix = _int(row, "batch_size"), _int(row, "seq_len"), _int(row, "kv_len", 0)
+    if min(b, q) < 1 or prefix < 0:
+        raise _Unpredictable("batch_size and seq_len must be >= 1, kv_len >= 0")
+    heads, kv_heads, hd, kvd, window = args
+    return prefill(b, q, prefix, heads, kv_heads, hd, hd, hw, kvd, window).total_us
+
+
+def _predict_attention_generation(row: dict[str, str], hws: _Hardware) -> float:
+    from .costs.attention import decode
+
+    hw = hws.get(row)
+    heads, kv_heads, hd, kvd, window = _attention_args(row)
+    b, kv = _int(row, "batch_size"), _int(row, "kv_len")
+    if b < 1 or kv < 0:
+        raise _Unpredictable("batch_size must be >= 1 and kv_len >= 0")
+    q = _int(row, "seq_len", 1)
+    if q != 1:
+        raise _Unpredictable(f"generation row with seq_len={q} (decode is one token per sequence)")
+    return decode(b, kv + 1, heads, kv_heads, hd, hd, hw, kvd, window).total_us
+
+
+def _attention_args(row: dict[str, str]) -> tuple[int, int, int, str, int]:
+    heads, kv_heads, hd = _int(row, "num_heads"), _int(row, "num_kv_heads"), _int(row, "head_dim")
+    if min(heads, kv_heads, hd) < 1 or heads % kv_heads:
+        raise _Unpredictable(f"num_heads={heads} is not a multiple of num_kv_heads={kv_heads}")
+    window = _int(row, "window_size", 0)
+    if window < 0:
+        raise _Unpredictable("window_size must be >= 0")
+    return heads, kv_heads, hd, _dtype(row.get("kv_cache_dtype") or "bf16"), window
+
+
+def _predict_moe_a2a(row: dict[str, str], hws: _Hardware) -> float:
+    from .costs import comm
+    from .step import ranks_per_token
+
+    hw = hws.get(row)
+    phase = (row.get("phase") or "").strip().lower()
+    if phase not in ("dispatch", "combine"):
+        raise _Unpredictable(f"unknown phase {phase!r} (dispatch or combine)")
+    ep, T = _int(row, "ep_size"), _int(row, "num_tokens")
+    H, k, E = _int(row, "hidden_size"), _int(row, "topk"), _int(row, "num_experts")
+    nodes = _int(row, "nodes", 1)
+    if min(ep, T, H, k, E, nodes) < 1 or E % ep or k > E:
+        raise _Unpredictable("needs ep_size | num_experts, topk <= num_experts, sizes >= 1")
+    if ep % nodes:
+        raise _Unpredictable(f"ep_size={ep} not divisible over nodes={nodes}")
+    fanout = ep * ranks_per_token(E, E // ep, k)
+    return comm.all_to_all(phase, T * fanout * H * 2.0, ep, hw, gpus_per_node=ep // nodes).total_us
+
+
+KERNEL_PREDICTORS: dict[str, Callable[[dict[str, str], _Hardware], Any]] = {
+    "gemm": _predict_gemm,
+    "moe": _predict_moe,
+    "collective": _predict_collective,
+    "allreduce_custom": _predict_collective,
+    "attention_context": _predict_attention_context,
+    "attention_generation": _predict_attention_generation,
+    "moe_a2a": _predict_moe_a2a,
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# e2e serving
+
+
+def _size(row: dict[str, str], col: str) -> int:
+    return _int(row, col, 1)  # blank parallel size = 1 (reference README)
+
+
+def e2e_scenario(row: dict[str, str], hardware: Optional[str] = None) -> dict[str, Any]:
+    """The scenario dict (``moesim.parse_scenario`` input) of one ``e2e_serving`` row."""
+    tp, dp, pp = _size(row, "tp_size"), _size(row, "attention_dp_size"), _size(row, "pp_size")
+    ep, moe_tp = _size(row, "moe_ep_size"), _size(row, "moe_tp_size")
+    profile = hardware or row.get("system") or ""
+    if not profile:
+        raise _Unpredictable("no system column value and no --hardware given")
+    mode = (row.get("mode") or "agg").strip().lower()
+    if mode != "agg":
+        raise _Unpredictable(f"mode={mode!r}: only aggregated serving (agg) is modelled")
+    dep: dict[str, Any] = {"tp": tp, "attention_dp": dp, "pp": pp, "ep": ep, "moe_tp": moe_tp,
+                           "framework": (row.get("backend") or "generic").strip().lower()}
+    dep.update(_e2e_dtypes(row, profile))
+    return {
+        "name": row.get("id") or None,
+        "model": row.get("model_path") or "",
+        "hardware": {"profile": profile, "num_gpus": tp * dp * pp},
+        "deployment": dep,
+        "workload": {"batch_size": _int(row, "batch_size"), "input_len": _int(row, "isl"),
+                     "output_len": _int(row, "osl")},
+    }
+
+
+def _e2e_dtypes(row: dict[str, str], profile: str) -> dict[str, str]:
+    """Deployment dtypes of an ``e2e_serving`` row.
+
+    A quantised checkpoint is served as published (the quant-mode labels name the engine's
+    kernel family, README; e.g. gpt-oss-120b keeps MXFP4 experts and bf16 attention whether a row
+    says fp4, nvfp4 or fp8): weights = the preset's ``checkpoint_dtype`` /
+    ``checkpoint_expert_dtype``. A bf16 checkpoint is quantised online as the labels say
+    (``gemm_quant_mode`` for dense / attention weights, ``moe_quant_mode`` for experts): fp8_block
+    = 128x128 block-scaled fp8, fp8 = per-tensor fp8, fp4 / nvfp4 / mxfp4 = nvfp4 on a GPU with
+    fp4 tensor cores, else weight-only mxfp4 experts (dense weights stay bf16). Activations are
+    fp8 when the dense weights are fp8 (the engines' w8a8 kernels), nvfp4 with nvfp4 weights,
+    else bf16. The KV cache is
+    left at bf16 (the table does not say)."""
+    gemm_q = (row.get("gemm_quant_mode") or row.get("precision") or "bf16").strip().lower()
+    moe_q = (row.get("moe_quant_mode") or gemm_q).strip().lower()
+    try:
+        fp4_cores = _has_fp4(profile)
+    except InputError as exc:
+        raise _Unpredictable(f"hardware {profile!r}: {exc.message}") from None
+
+    def from_label(label: str, experts: bool) -> str:
+        if label in ("fp4", "nvfp4", "mxfp4", "w4a16_mxfp4"):
+            if fp4_cores:
+                return "nvfp4"
+            return "mxfp4" if experts else "bf16"
+        if label in ("fp8_block", "fp8"):
+            return label
+        if label in ("", "bf16", "bfloat16", "fp16", "float16", "none"):
+            return "bf16"
+        raise _Unpredictable(f"quant mode {label!r} has no dtype mapping")
+
+    ckpt = _checkpoint_dtypes(row.get("model_path") or "")
+    if ckpt is not None and (ckpt[0] not in _UNQUANTISED or ckpt[1] not in (None, *_UNQUANTISED)):
+        weight, experts = ckpt[0], ckpt[1] or ckpt[0]
+    else:
+        weight, experts = from_label(gemm_q, False), from_label(moe_q, True)
+    act = {"nvfp4": "nvfp4", "fp8": "fp8", "fp8_block": "fp8"}.get(weight, "bf16")
+    return {"weight_dtype": weight, "expert_weight_dtype": experts, "activation_dtype": act}
+
+
+_UNQUANTISED = ("bf16", "fp16", "fp32")
+
+
+@lru_cache(maxsize=None)
+def _checkpoint_dtypes(model_ref: str) -> Optional[tuple[str, Optional[str]]]:
+    """(checkpoint dtype, expert dtype or None) of a model reference; None if it does not load
+    (the scenario then reports why)."""
+    from .spec.presets import load_model
+
+    try:
+        m = load_model(model_ref, field="model")
+    except InputError:
+        return None
+    return m.checkpoint_dtype, m.checkpoint_expert_dtype
+
+
+@lru_cache(maxsize=None)
+def _has_fp4(profile: str) -> bool:
+    from .spec.hardware import load_profile
+
+    return load_profile(profile).compute.peak_dense_tflops.fp4 is not None
+
+
+def _predict_e2e(row: dict[str, str], hardware: Optional[str]) -> tuple[float, float]:
+    from . import parse_scenario, predict
+
+    data = e2e_scenario(row, hardware)
+    try:
+        sc = parse_scenario(data)
+    except InputError as exc:
+        raise _Unpredictable(f"scenario rejected: {exc.one_line()}") from None
+    p = predict(sc)
+    return p.ttft_ms, p.tpot_ms
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics and grouping
+
+
+def _stats(ape: list[float], ratio: list[float]) -> dict[str, Any]:
+    if not ape:
+        return {"n": 0}
+    a = np.asarray(ape, dtype=np.float64)
+    r = np.asarray(ratio, dtype=np.float64)
+    return {"n": int(a.size), "median_ape_pct": float(np.median(a)),
+            "p90_ape_pct": float(np.percentile(a, 90)), "mean_ape_pct": float(a.mean()),
+            "max_ape_pct": float(a.max()),
+            # < 1: the model predicts too little; > 1: too much (median of predicted/measured)
+            "median_pred_over_meas": float(np.median(r))}
+
+
+def ape_pct(predicted: float, measured: float) -> float:
+    """Absolute percentage error of ``predicted`` against ``measured`` (> 0)."""
+    return abs(predicted - measured) / measured * 100.0
+
+
+def _group_keys(layout: str, row: dict[str, str]) -> dict[str, str]:
+    """The groups a row's error is reported under."""
+    g = row.get
+    if layout == "gemm":
+        return {"kernel": g("kernel") or "-", "dtype": g("dtype") or "-",
+                "m_band": _band_of(row, "m")}
+    if layout == "moe":
+        shape = "H{}/I{}/E{}/k{}".format(g("hidden_size"), g("inter_size"), g("num_experts"),
+                                          g("topk"))
+        return {"kernel": g("kernel") or "-", "dtype": g("dtype") or "-",
+                "token_band": _band_of(row, "num_tokens"),
+                "distribution": g("distribution") or "-", "moe_ep": g("moe_ep") or "1",
+                "moe_tp": g("moe_tp") or "1", "shape": shape}
+    if layout in ("collective", "allreduce_custom"):
+        out = {"op": g("op") or "-", "num_gpus": g("num_gpus") or "-",
+               "size_band": _byte_band_of(row, "message_bytes")}
+        if layout == "allreduce_custom":
+            out = {"kernel": g("kernel") or "-", **out}
+        else:
+            out["dtype"] = g("dtype") or "-"
+        return out
+    if layout in ("attention_context", "attention_generation"):
+        win = g("window_size") or "0"
+        out = {"kv_cache_dtype": g("kv_cache_dtype") or "-",
+               "window": "full" if win in ("", "0") else "sliding",
+               "head_dim": g("head_dim") or "-"}
+        try:
+            if layout == "attention_context":
+                out["token_band"] = token_band(int(g("batch_size")) * int(g("seq_len")))
+            else:
+                out["batch_band"] = token_band(int(g("batch_size")))
+                out["kv_len_band"] = token_band(int(g("kv_len")) + 1)
+        except (TypeError, ValueError):
+            pass
+        return out
+    if layout == "moe_a2a":
+        return {"comm_backend": g("comm_backend") or "-", "phase": g("phase") or "-",
+                "token_band": _band_of(row, "num_tokens"), "hidden_size": g("hidden_size") or "-"}
+    if layout == "e2e_serving":
+        dp = g("attention_dp_size") or "1"
+        return {"model": g("model_path") or "-", "backend": g("backend") or "-",
+                "precision": g("precision") or "-",
+                "parallel": f"tp{g('tp_size') or 1}/dp{dp}/ep{g('moe_ep_size') or 1}",
+                "isl": g("isl") or "-", "batch_band": _band_of(row, "batch_size")}
+    return {}
+
+
+def _band_of(row: dict[str, str], col: str) -> str:
+    try:
+        return token_band(float(row.get(col) or "nan"))
+    except (TypeError, ValueError, AssertionError):
+        return "-"
+
+
+def _byte_band_of(row: dict[str, str], col: str) -> str:
+    try:
+        return byte_band(float(row.get(col) or "nan"))
+    except (TypeError, ValueError, AssertionError):
+        return "-"
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver
+
+
+def _fmt(v: Optional[float]) -> str:
+    if v is None:
+        return ""
+    return f"{v:.6g}"
+
+
+def run(table_path: str, hardware: Optional[str] = None, out: Optional[str] = None,
+        as_json: bool = False) -> ValidationResult:
+    """Predict every row of ``table_path`` and summarise the errors.
+
+    ``hardware``: profile id or path used for every row (default: each row's ``system``);
+    ``out``: write every row with its prediction and error columns to this CSV; ``as_json``:
+    ``text`` is the summary as JSON instead of the human report."""
+    columns, rows = _read_table(table_path)
+    layout = detect_layout(columns, rows)
+    hws = _Hardware(hardware)
+    e2e = layout == "e2e_serving"
+    metrics = ("ttft", "tpot") if e2e else ("latency",)
+    measured_col = {"ttft": "silicon_ttft_ms", "tpot": "silicon_tpot_ms", "latency": "latency_us"}
+    pred_col = {"ttft": "predicted_ttft_ms", "tpot": "predicted_tpot_ms",
+                "latency": "predicted_us"}
+    ape_col = {"ttft": "ttft_ape_pct", "tpot": "tpot_ape_pct", "latency": "ape_pct"}
+    extra_cols = [c for m in metrics for c in (pred_col[m], ape_col[m])]
+    if layout == "moe":
+        extra_cols += ["pred_draw_min_us", "pred_draw_max_us"]
+    extra_cols.append("unpredicted_reason")
+    out_columns = list(columns) + [c for c in extra_cols if c not in columns]
+
+    ape: dict[str, list[float]] = {m: [] for m in metrics}
+    ratio: dict[str, list[float]] = {m: [] for m in metrics}
+    groups: dict[str, dict[str, dict[str, dict[str, list[float]]]]] = {m: {} for m in metrics}
+    unpredicted: list[dict[str, Any]] = []
+    out_rows: list[dict[str, Any]] = []
+    predictor = KERNEL_PREDICTORS.get(layout)
+
+    for idx, row in enumerate(rows):
+        out_row: dict[str, Any] = dict(row)
+        for c in extra_cols:
+            out_row[c] = ""
+        preds: dict[str, float] = {}
+        try:
+            if e2e:
+                preds["ttft"], preds["tpot"] = _predict_e2e(row, hardware)
+            else:
+                assert predictor is not None
+                res = predictor(row, hws)
+                if layout == "moe":
+                    preds["latency"], lo, hi = res
+                    out_row["pred_draw_min_us"], out_row["pred_draw_max_us"] = _fmt(lo), _fmt(hi)
+                else:
+                    preds["latency"] = res
+            for m, v in preds.items():
+                if not math.isfinite(v) or v < 0:
+                    raise _Unpredictable(f"the cost model returned {v!r} for {m}")
+        except _Unpredictable as exc:
+            reason = str(exc)
+            out_row["unpredicted_reason"] = reason
+            unpredicted.append({"row": idx, "reason": reason})
+            out_rows.append(out_row)
+            continue
+        keys = _group_keys(layout, row)
+        notes = []
+        for m in metrics:
+            out_row[pred_col[m]] = _fmt(preds[m])
+            try:
+                meas = _float(row, measured_col[m])
+            except _Unpredictable as exc:
+                notes.append(f"{m}: {exc}")
+                continue
+            if meas <= 0:
+                notes.append(f"{m}: measured value {meas} is not positive")
+                continue
+            e = ape_pct(preds[m], meas)
+            out_row[ape_col[m]] = _fmt(e)
+            ape[m].append(e)
+            ratio[m].append(preds[m] / meas)
+            for gname, gval in keys.items():
+                cell = groups[m].setdefault(gname, {}).setdefault(gval, {"ape": [], "ratio": []})
+                cell["ape"].append(e)
+                cell["ratio"].append(preds[m] / meas)
+        if notes:
+            reason = "no error computed: " + "; ".join(notes)
+            out_row["unpredicted_reason"] = reason
+            if len(notes) == len(metrics):
+                unpredicted.append({"row": idx, "reason": reason})
+        out_rows.append(out_row)
+
+    reasons: dict[str, int] = {}
+    for u in unpredicted:
+        reasons[u["reason"]] = reasons.get(u["reason"], 0) + 1
+    summary: dict[str, Any] = {
+        "table": str(table_path),
+        "layout": layout,
+        "hardware": [hardware] if hardware else sorted({r.get("system", "") for r in rows} - {""}),
+        "rows": len(rows),
+        "predicted": len(rows) - len(unpredicted),
+        "unpredicted": len(unpredicted),
+        "unpredicted_reasons": reasons,
+        "unpredicted_rows": unpredicted,
+        "metrics": {m: _stats(ape[m], ratio[m]) for m in metrics},
+        "groups": {m: {g: {v: _stats(c["ape"], c["ratio"])
+                           for v, c in sorted(vals.items(), key=lambda kv: _band_order(kv[0]))}
+                       for g, vals in groups[m].items()} for m in metrics},
+        "warnings": _warnings(layout, {m: _stats(ape[m], ratio[m]) for m in metrics}),
+    }
+    if layout == "moe":
+        summary["power_law_draws"] = POWER_LAW_DRAWS
+    if out:
+        _write_rows(out, out_columns, out_rows)
+    text = json.dumps(summary, indent=2) if as_json else _report(summary)
+    return ValidationResult(str(table_path), layout, text, summary, out_rows, out_columns)
+
+
+def _warnings(layout: str, stats: dict[str, dict[str, Any]]) -> list[str]:
+    out = []
+    for m, s in stats.items():
+        r = s.get("median_pred_over_meas")
+        if r is not None and (r < 1e-2 or r > 1e2):
+            out.append(f"{m}: predictions are {r:.3g}x the measurements at the median - more "
+                       "than 100x off suggests the table's unit is not the one its column names "
+                       "(e.g. ns in a *_us column)")
+    return out
+
+
+def _write_rows(path: str, columns: list[str], rows: list[dict[str, Any]]) -> None:
+    try:
+        with open(path, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+    except OSError as exc:
+        raise InputError("out", f"cannot write {path}: {exc.strerror}",
+                         "give a writable file path") from None
+
+
+def _report(s: dict[str, Any]) -> str:
+    lines = [f"table     {s['table']}",
+             f"layout    {s['layout']}",
+             f"hardware  {', '.join(s['hardware']) or '-'}",
+             f"rows      {s['rows']}  predicted {s['predicted']}  unpredicted {s['unpredicted']}"]
+    if s["layout"] == "moe":
+        lines.append(f"power-law rows: median prediction over {s['power_law_draws']} routing draws")
+    head = f"  {'group':<34}{'n':>7}{'median APE':>12}{'p90 APE':>10}{'pred/meas':>11}"
+
+    def line(name: str, st: dict[str, Any]) -> str:
+        if not st.get("n"):
+            return f"  {name:<34}{0:>7}{'-':>12}{'-':>10}{'-':>11}"
+        return (f"  {name[:34]:<34}{st['n']:>7}{st['median_ape_pct']:>11.1f}%"
+                f"{st['p90_ape_pct']:>9.1f}%{st['median_pred_over_meas']:>11.3g}")
+
+    for m, st in s["metrics"].items():
+        lines += ["", f"{m} (absolute percentage error; pred/meas = median predicted/measured)",
+                  head, line("all", st)]
+        for g, vals in s["groups"][m].items():
+            lines.append(f"  by {g}:")
+            for v, gst in vals.items():
+                lines.append(line("  " + v, gst))
+    if s["unpredicted"]:
+        lines += ["", f"unpredicted rows ({s['unpredicted']}), by reason (row = 0-based data row; "
+                  "CSV line = row + 2):"]
+        for reason, n in sorted(s["unpredicted_reasons"].items(), key=lambda kv: -kv[1]):
+            rows = [u["row"] for u in s["unpredicted_rows"] if u["reason"] == reason]
+            shown = ", ".join(str(r) for r in rows[:10]) + (" ..." if len(rows) > 10 else "")
+            lines.append(f"  {n:>6}  {reason}  (rows {shown})")
+    for w in s["warnings"]:
+        lines += ["", f"warning: {w}"]
+    return "\n".join(lines)
