@@ -140,7 +140,8 @@ def _tp_all_reduce(sc: Scenario, b: Batch, name: str) -> Optional[OpCost]:
     if sc.deployment.tp == 1:
         return None
     return comm.all_reduce(name, b.tokens * sc.model.hidden_size * 2.0, sc.deployment.tp,
-                           sc.hardware, sc.gpus_per_node)
+                           sc.hardware, sc.gpus_per_node,
+                           custom=bool(sc.framework.custom_all_reduce.value))
 
 
 def _dense_mlp_ops(sc: Scenario, b: Batch, inter: int, prefix: str = "mlp") -> list[OpCost]:

@@ -281,15 +281,15 @@ class _Hardware:
 # Kernel predictors: row -> predicted µs (raise _Unpredictable with a reason)
 
 
-def _predict_gemm(row: dict[str, str], hws: _Hardware) -> float:
-    from .costs.gemm import gemm
+def _predict_gemm(row: dict[str, str], hws: _Hardware) -> list:
+    from .costs.gemm import linear
 
     hw = hws.get(row)
     m, n, k = _int(row, "m"), _int(row, "n"), _int(row, "k")
     if min(m, n, k) < 1:
         raise _Unpredictable("m, n and k must be >= 1")
     wd, ad = _gemm_dtypes(row.get("dtype", ""))
-    return gemm("gemm", m, n, k, hw, wd, ad).total_us
+    return linear("gemm", m, n, k, hw, wd, ad)
 
 
 def balanced_assignment_loads(num_tokens: int, num_experts: int, top_k: int) -> np.ndarray:
@@ -364,15 +364,15 @@ def _routing_draws(dist: str, T: int, E: int, k: int, ep: int) -> list[np.ndarra
     return [np.frombuffer(b, dtype=np.int64) for b in _routing_draws_cached(dist, T, E, k, ep)]
 
 
-def _expert_us(loads: np.ndarray, T: int, k: int, H: int, inter: int, hw, wd: str,
-               ad: str) -> float:
+def _expert_ops(loads: np.ndarray, T: int, k: int, H: int, inter: int, hw, wd: str,
+                ad: str) -> list:
     from .costs.moe import expert_ops
 
-    return float(sum(o.total_us for o in expert_ops(loads, T, k, H, inter, hw, wd, ad, True,
-                                                    "fused")))
+    return expert_ops(loads, T, k, H, inter, hw, wd, ad, True, "fused")
 
 
-def _predict_moe(row: dict[str, str], hws: _Hardware) -> tuple[float, float, float]:
+def _predict_moe(row: dict[str, str], hws: _Hardware) -> list[list]:
+    """One op list per routing draw (the measurement is one draw: see :func:`run`)."""
     hw = hws.get(row)
     T, k = _int(row, "num_tokens"), _int(row, "topk")
     H, inter_full = _int(row, "hidden_size"), _int(row, "inter_size")
@@ -387,15 +387,22 @@ def _predict_moe(row: dict[str, str], hws: _Hardware) -> tuple[float, float, flo
         # memoise; expert_ops does not depend on the order of the experts.
         key = ("moe", hws.id_of(row), np.sort(d).tobytes(), T, k, H, inter_full // tp, wd, ad)
         if key not in hws.memo:
-            hws.memo[key] = _expert_us(d, T, k, H, inter_full // tp, hw, wd, ad)
+            hws.memo[key] = _expert_ops(d, T, k, H, inter_full // tp, hw, wd, ad)
         preds.append(hws.memo[key])
-    preds.sort()
-    n = len(preds)
-    median = preds[n // 2] if n % 2 else 0.5 * (preds[n // 2 - 1] + preds[n // 2])
-    return float(median), float(preds[0]), float(preds[-1])
+    return preds
 
 
-def _predict_collective(row: dict[str, str], hws: _Hardware) -> float:
+def _median_draw(draws: list[list]) -> tuple[list, float, float, float]:
+    """(ops of the median draw, median, min, max) of per-draw total times; an even count takes
+    the mean of the middle two as the median and the lower one's ops."""
+    totals = sorted((sum(o.total_us for o in ops), i) for i, ops in enumerate(draws))
+    n = len(totals)
+    median = totals[n // 2][0] if n % 2 else 0.5 * (totals[n // 2 - 1][0] + totals[n // 2][0])
+    mid = totals[(n - 1) // 2][1]
+    return draws[mid], float(median), float(totals[0][0]), float(totals[-1][0])
+
+
+def _predict_collective(row: dict[str, str], hws: _Hardware) -> list:
     from .costs import comm
 
     hw = hws.get(row)
@@ -404,14 +411,16 @@ def _predict_collective(row: dict[str, str], hws: _Hardware) -> float:
     if n < 1 or size < 0:
         raise _Unpredictable("num_gpus must be >= 1 and message_bytes >= 0")
     if op in ("all_reduce", "allreduce"):
-        return comm.all_reduce(op, size, n, hw).total_us
-    if op in ("alltoall", "all_to_all", "all_gather", "allgather", "reduce_scatter",
-              "reducescatter"):
-        return comm.all_to_all(op, size, n, hw).total_us
+        custom = "custom" in (row.get("library") or "") or "custom" in (row.get("kernel") or "")
+        return [comm.all_reduce(op, size, n, hw, custom=custom)]
+    if op in ("alltoall", "all_to_all"):
+        return [comm.all_to_all(op, size, n, hw)]
+    if op in ("all_gather", "allgather", "reduce_scatter", "reducescatter"):
+        return [comm.all_gather(op, size, n, hw)]
     raise _Unpredictable(f"no cost function for collective {op!r}")
 
 
-def _predict_attention_context(row: dict[str, str], hws: _Hardware) -> float:
+def _predict_attention_context(row: dict[str, str], hws: _Hardware) -> list:
     from .costs.attention import prefill
 
     hw = hws.get(row)
@@ -420,10 +429,10 @@ def _predict_attention_context(row: dict[str, str], hws: _Hardware) -> float:
     if min(b, q) < 1 or prefix < 0:
         raise _Unpredictable("batch_size and seq_len must be >= 1, kv_len >= 0")
     heads, kv_heads, hd, kvd, window = args
-    return prefill(b, q, prefix, heads, kv_heads, hd, hd, hw, kvd, window).total_us
+    return [prefill(b, q, prefix, heads, kv_heads, hd, hd, hw, kvd, window)]
 
 
-def _predict_attention_generation(row: dict[str, str], hws: _Hardware) -> float:
+def _predict_attention_generation(row: dict[str, str], hws: _Hardware) -> list:
     from .costs.attention import decode
 
     hw = hws.get(row)
@@ -434,7 +443,7 @@ def _predict_attention_generation(row: dict[str, str], hws: _Hardware) -> float:
     q = _int(row, "seq_len", 1)
     if q != 1:
         raise _Unpredictable(f"generation row with seq_len={q} (decode is one token per sequence)")
-    return decode(b, kv + 1, heads, kv_heads, hd, hd, hw, kvd, window).total_us
+    return [decode(b, kv + 1, heads, kv_heads, hd, hd, hw, kvd, window)]
 
 
 def _attention_args(row: dict[str, str]) -> tuple[int, int, int, str, int]:
@@ -447,7 +456,7 @@ def _attention_args(row: dict[str, str]) -> tuple[int, int, int, str, int]:
     return heads, kv_heads, hd, _dtype(row.get("kv_cache_dtype") or "bf16"), window
 
 
-def _predict_moe_a2a(row: dict[str, str], hws: _Hardware) -> float:
+def _predict_moe_a2a(row: dict[str, str], hws: _Hardware) -> list:
     from .costs import comm
     from .step import ranks_per_token
 
@@ -463,7 +472,7 @@ def _predict_moe_a2a(row: dict[str, str], hws: _Hardware) -> float:
     if ep % nodes:
         raise _Unpredictable(f"ep_size={ep} not divisible over nodes={nodes}")
     fanout = ep * ranks_per_token(E, E // ep, k)
-    return comm.all_to_all(phase, T * fanout * H * 2.0, ep, hw, gpus_per_node=ep // nodes).total_us
+    return [comm.all_to_all(phase, T * fanout * H * 2.0, ep, hw, gpus_per_node=ep // nodes)]
 
 
 KERNEL_PREDICTORS: dict[str, Callable[[dict[str, str], _Hardware], Any]] = {
@@ -716,10 +725,10 @@ def run(table_path: str, hardware: Optional[str] = None, out: Optional[str] = No
                 assert predictor is not None
                 res = predictor(row, hws)
                 if layout == "moe":
-                    preds["latency"], lo, hi = res
+                    _, preds["latency"], lo, hi = _median_draw(res)
                     out_row["pred_draw_min_us"], out_row["pred_draw_max_us"] = _fmt(lo), _fmt(hi)
                 else:
-                    preds["latency"] = res
+                    preds["latency"] = float(sum(o.total_us for o in res))
             for m, v in preds.items():
                 if not math.isfinite(v) or v < 0:
                     raise _Unpredictable(f"the cost model returned {v!r} for {m}")
@@ -836,3 +845,30 @@ def _report(s: dict[str, Any]) -> str:
     for w in s["warnings"]:
         lines += ["", f"warning: {w}"]
     return "\n".join(lines)
+
+
+def table_ops(table_path: str, hardware: Optional[str] = None
+              ) -> tuple[str, list[dict[str, str]], list[list], list[float]]:
+    """For calibration: (layout, rows, the op list predicting each row, measured µs) of every
+    predictable kernel-table row; moe rows use their median routing draw. Same predictors as
+    :func:`run`, so a fit on these ops is a fit of the predictions ``validate`` reports."""
+    columns, rows = _read_table(table_path)
+    layout = detect_layout(columns, rows)
+    predictor = KERNEL_PREDICTORS.get(layout)
+    if predictor is None:
+        raise InputError("table", f"{layout} tables have no per-kernel ops to fit",
+                         "give a kernel table (gemm, moe, collective, attention, ...)")
+    hws = _Hardware(hardware)
+    kept, ops_list, measured = [], [], []
+    for row in rows:
+        try:
+            res = predictor(row, hws)
+            meas = _float(row, "latency_us")
+        except _Unpredictable:
+            continue
+        ops = _median_draw(res)[0] if layout == "moe" else res
+        if meas > 0:
+            kept.append(row)
+            ops_list.append(ops)
+            measured.append(meas)
+    return layout, kept, ops_list, measured

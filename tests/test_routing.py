@@ -182,7 +182,7 @@ def test_invariants_property(T, E, data):
         H = len(hot)
         # feasible shares: each hot expert <= 1/k of the slots... and the cold ones likewise
         lo = max(0.0, 1 - (E - H) / k) if H < E else 1.0
-        hi = min(1.0, H / k)
+        hi = max(lo, min(1.0, H / k))
         kw.update(hot_experts=hot, hot_fraction=data.draw(st.floats(lo, hi)))
     out = sample_loads(RoutingSpec(**kw), T, E, k, L, rng(data.draw(st.integers(0, 99))))
     assert out.shape == (L, E)
@@ -221,7 +221,6 @@ def test_zipf_popularity_is_stable_across_draws_and_set_by_seed():
     a = sample_loads(s, 2000, 32, 4, 3, rng(1))
     b = sample_loads(s, 2000, 32, 4, 3, rng(2))
     assert np.array_equal(a.argmax(axis=1), b.argmax(axis=1))  # same hot expert per layer
-    assert len(set(a.argmax(axis=1))) > 1 or True  # layers have their own permutations
     c = sample_loads(spec(distribution="zipf", s=1.2, seed=5), 2000, 32, 4, 3, rng(1))
     assert not np.array_equal(a.argmax(axis=1), c.argmax(axis=1))
 
@@ -359,11 +358,10 @@ def test_power_law_reproduces_readme_recipe(T, E, k, a):
         assert np.array_equal(got, want)
         _check_rows(got, T, E, k)
     # sample_loads draws layer after layer from the same stream
-    s = spec(distribution="power_law", alpha=a)
-    two = sample_loads(s, T, E, k, 2, rng(3))
+    two = sample_loads(spec(distribution="power_law", alpha=a), T, E, k, 2, rng(3))
     g = rng(3)
-    g.random((2, E))  # same number of uniforms consumed
-    assert np.array_equal(two[0], _recipe(T, E, k, a, rng(3))) or True
+    assert np.array_equal(two[0], _recipe(T, E, k, a, g))
+    assert np.array_equal(two[1], _recipe(T, E, k, a, g))
 
 
 def test_power_law_cap_binds_and_moves_overflow():
@@ -417,6 +415,37 @@ def test_histogram_csv_npy_npz_and_cycling(tmp_path, hist_csv):
     se = x.std(axis=0) / math.sqrt(S) + 1e-9
     assert np.all(np.abs(mean - T * k * h) < 4 * se + 1e-9)
     assert np.allclose(expected_loads(s, T, 8, k, 2), T * k * h)
+
+
+def test_histogram_fit_handles_forced_and_zero_shares(tmp_path):
+    # k=2: a share of 1/2 means every token takes that expert; a share of 0 means none does.
+    h = np.array([[0.5, 0.0, 0.2, 0.1, 0.1, 0.05, 0.05, 0.0]])
+    path = tmp_path / "edge.npy"
+    np.save(path, h)
+    s = spec(distribution="histogram", histogram_file=str(path))
+    x = sample_loads(s, 50, 8, 2, 1, rng(1), num_samples=400)[:, 0]
+    assert np.all(x[:, 0] == 50) and np.all(x[:, [1, 7]] == 0)
+    _check_rows(x, 50, 8, 2)
+    se = x.std(axis=0) / math.sqrt(400) + 1e-9
+    assert np.all(np.abs(x.mean(axis=0) - 100 * h[0]) < 4 * se + 1e-9)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_weight_fit_reproduces_inclusion_probabilities(seed):
+    from moesim.routing import _cps_inclusion, _fit_cps
+    g = rng(seed)
+    E = int(g.integers(3, 14))
+    k = int(g.integers(1, E))
+    pi = k * g.dirichlet(np.full(E, 0.7), size=3)
+    for _ in range(50):  # make it feasible: cap at 1, hand the excess to the others
+        over = np.clip(pi - 1, 0, None).sum(axis=1, keepdims=True)
+        pi = np.minimum(pi, 1.0)
+        room = np.where(pi < 1, pi, 0.0)
+        pi = pi + room / room.sum(axis=1, keepdims=True) * over
+    lam, forced, k_free = _fit_cps(pi, k)
+    got = _cps_inclusion(lam, k_free)
+    got[forced] = 1.0
+    assert np.abs(got - pi).max() < 2e-7  # forced threshold is 1 - 1e-7
 
 
 @pytest.mark.parametrize("rows, msg", [
@@ -588,7 +617,7 @@ def test_capacity_policies_on_a_known_row():
     assert int(rr.rerouted) == 6 and int(rr.dropped) == 0
     rr_small = apply_capacity(n, 6, 2, 0.5, "reroute")  # cap 1: only 6 slots fit
     assert rr_small.processed.tolist() == [1] * 6
-    assert int(rr_small.rerouted) == 3 and int(rr_small.dropped) == 3
+    assert int(rr_small.rerouted) == 2 and int(rr_small.dropped) == 6
     sp = apply_capacity(n, 6, 2, 1.0, "second_pass")
     assert sp.rounds.tolist() == [[2, 0, 2, 1, 1, 0], [2, 0, 1, 0, 0, 0], [2, 0, 0, 0, 0, 0],
                                   [1, 0, 0, 0, 0, 0]]
@@ -646,10 +675,14 @@ def _mc(v: np.ndarray) -> tuple[float, float]:
 def test_distinct_experts_and_padding_are_exact(uniform_draws):
     for (T, E, k), x in uniform_draws.items():
         m, se = _mc(distinct_experts(x))
-        assert abs(m - expected_distinct_experts(T, E, k)) < 4 * se + 1e-9
+        # (+1e-6 relative: events rarer than 1/draws, e.g. an idle expert at T=64, E=8, k=2
+        # with probability 8 * (3/4)^64 = 8e-8, leave SE = 0)
+        want = expected_distinct_experts(T, E, k)
+        assert abs(m - want) < 4 * se + 1e-6 * want
         for b in (16, 64):
             m, se = _mc(padded_rows(x, b))
-            assert abs(m - expected_padded_rows(T, E, k, b)) < 4 * se + 1e-9
+            want = expected_padded_rows(T, E, k, b)
+            assert abs(m - want) < 4 * se + 1e-6 * want
 
 
 def test_max_load_closed_form(uniform_draws):

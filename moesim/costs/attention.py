@@ -27,13 +27,11 @@ def attended_pairs(q_len: int, prefix: int, window: int = 0, chunk: int = 0) -> 
     return float(keys.sum())
 
 
-def _attend(name: str, pairs: float, heads: int, qk_dim: int, v_dim: int, io_bytes: float,
-            hw: HardwareProfile, efficiency: float) -> OpCost:
+def _attend(name: str, family: str, pairs: float, heads: int, qk_dim: int, v_dim: int,
+            io_bytes: float, hw: HardwareProfile) -> OpCost:
     flops = 2.0 * pairs * heads * (qk_dim + v_dim)
-    rate = hw.peak_flops_per_us("bf16") * efficiency
-    return roofline(name, "attention", flops, io_bytes, compute_us=flops / rate,
-                    memory_us=io_bytes / hw.hbm_bytes_per_us,
-                    min_us=hw.overheads.kernel_min_gpu_us.value)
+    return roofline(name, "attention", family, flops, io_bytes,
+                    flops / hw.peak_flops_per_us("bf16"), hw)
 
 
 def prefill(num_seqs: int, q_len: int, prefix: int, heads: int, kv_heads: int, qk_dim: int,
@@ -44,8 +42,7 @@ def prefill(num_seqs: int, q_len: int, prefix: int, heads: int, kv_heads: int, q
     kv_read = prefix + q_len if not window else min(prefix + q_len, window + q_len)
     io = num_seqs * (q_len * heads * (qk_dim + v_dim) * 2.0
                      + kv_read * kv_heads * (qk_dim + v_dim) * ELEMENT_BYTES[kv_dtype])
-    return _attend("attention_prefill", pairs, heads, qk_dim, v_dim, io, hw,
-                   hw.compute.attention_efficiency.value)
+    return _attend("attention_prefill", "attention_prefill", pairs, heads, qk_dim, v_dim, io, hw)
 
 
 def decode(num_seqs: int, kv_len: float, heads: int, kv_heads: int, qk_dim: int, v_dim: int,
@@ -59,9 +56,7 @@ def decode(num_seqs: int, kv_len: float, heads: int, kv_heads: int, qk_dim: int,
     io = num_seqs * (keys * kv_heads * (qk_dim + v_dim) * ELEMENT_BYTES[kv_dtype]
                      + heads * (qk_dim + v_dim) * 2.0)
     pairs = num_seqs * keys
-    # Decode is bandwidth bound; its compute (few FLOPs per byte) uses the prefill efficiency.
-    return _attend("attention_decode", pairs, heads, qk_dim, v_dim, io, hw,
-                   hw.compute.attention_efficiency.value)
+    return _attend("attention_decode", "attention_decode", pairs, heads, qk_dim, v_dim, io, hw)
 
 
 def mla_decode(num_seqs: int, kv_len: float, heads: int, latent_dim: int, rope_dim: int,
@@ -71,8 +66,8 @@ def mla_decode(num_seqs: int, kv_len: float, heads: int, latent_dim: int, rope_d
     io = num_seqs * (kv_len * (latent_dim + rope_dim) * ELEMENT_BYTES[kv_dtype]
                      + heads * (latent_dim + rope_dim + latent_dim) * 2.0)
     pairs = num_seqs * kv_len
-    return _attend("mla_decode", pairs, heads, latent_dim + rope_dim, latent_dim, io, hw,
-                   hw.compute.attention_efficiency.value)
+    return _attend("mla_decode", "attention_decode", pairs, heads, latent_dim + rope_dim,
+                   latent_dim, io, hw)
 
 
 def linear_attention(num_seqs: int, q_len: int, heads_v: int, key_dim: int, value_dim: int,
@@ -83,7 +78,6 @@ def linear_attention(num_seqs: int, q_len: int, heads_v: int, key_dim: int, valu
     state = heads_v * key_dim * value_dim * 4.0
     io = num_seqs * (2.0 * state + q_len * heads_v * (2 * key_dim + 2 * value_dim) * 2.0)
     flops = 12.0 * num_seqs * q_len * heads_v * key_dim * value_dim
-    rate = hw.peak_flops_per_us("bf16") * hw.compute.attention_efficiency.value
-    return roofline("linear_attention", "attention", flops, io, compute_us=flops / rate,
-                    memory_us=io / hw.hbm_bytes_per_us,
-                    min_us=hw.overheads.kernel_min_gpu_us.value, kernels=2)
+    family = "attention_prefill" if q_len > 1 else "attention_decode"
+    return roofline("linear_attention", "attention", family, flops, io,
+                    flops / hw.peak_flops_per_us("bf16"), hw, kernels=2)

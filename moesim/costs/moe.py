@@ -10,20 +10,22 @@ in waves over the SMs, and only experts that received tokens stream their weight
 from __future__ import annotations
 
 import math
-from functools import partial
 
 import numpy as np
 
 from ..spec.dtypes import ELEMENT_BYTES, WEIGHT_BYTES, gemm_compute_dtype
 from ..spec.hardware import HardwareProfile
-from .elementwise import memory_op
 from .gemm import gemm
 from .op import OpCost, roofline
 
 # BLOCK_M / BLOCK_N chosen by vLLM's tuned fused-MoE configs as a function of the number of
 # tokens M entering the kernel (configs/E=128,N=384,device_name=NVIDIA_H100_80GB_HBM3.json as
 # summarised in the research notes §2.3): small M uses 16-row tiles, large M 128-row tiles.
-_mem = partial(memory_op, category="moe")
+def _mem(name: str, bytes_: float, hw: HardwareProfile, kernels: int = 1,
+         flops: float = 0.0) -> OpCost:
+    """A small memory-bound kernel of the MoE pipeline (its own fitted family: these kernels
+    gather and scatter by token ids, which streams less efficiently than a plain copy)."""
+    return roofline(name, "moe", "moe_aux", flops, bytes_, 0.0, hw, kernels)
 
 _BLOCK_M_BY_TOKENS = ((128, 16, 64), (256, 32, 64), (1024, 64, 64), (math.inf, 128, 128))
 
@@ -51,16 +53,16 @@ def router(num_tokens: int, hidden: int, num_experts: int, top_k: int, hw: Hardw
     return ops
 
 
-def grouped_gemm_us(loads: np.ndarray, n: int, k: int, block_m: int, block_n: int,
-                    hw: HardwareProfile, compute_dtype: str) -> float:
-    """Tile/wave compute time in µs of one grouped expert GEMM (``[n_e, k] x [k, n]`` per expert)."""
+def grouped_gemm_ideal_us(loads: np.ndarray, n: int, k: int, block_m: int, block_n: int,
+                          hw: HardwareProfile, compute_dtype: str) -> float:
+    """Tile/wave compute time in µs at tensor-core peak of one grouped expert GEMM
+    (``[n_e, k] x [k, n]`` per expert, each ``n_e`` padded to ``block_m`` rows)."""
     sms = int(hw.compute.sm_count.value)
     m_blocks = int(np.sum(-(-loads // block_m)))
     tiles = m_blocks * math.ceil(n / block_n)
     if tiles == 0:
         return 0.0
-    eff = hw.efficiency(hw.compute.grouped_gemm_efficiency, compute_dtype)
-    per_sm = hw.peak_flops_per_us(compute_dtype) * eff / sms
+    per_sm = hw.peak_flops_per_us(compute_dtype) / sms
     return math.ceil(tiles / sms) * (2.0 * block_m * block_n * k) / per_sm
 
 
@@ -79,8 +81,7 @@ def expert_ops(loads: np.ndarray, num_tokens: int, top_k: int, hidden: int, inte
     up_n = (2 if gated else 1) * inter
     slots = int(loads.sum())
     active = int(np.count_nonzero(loads))
-    min_us = hw.overheads.kernel_min_gpu_us.value
-    bw = hw.hbm_bytes_per_us
+    family = "moe_fp8" if act_dtype in ("fp8", "fp8_block") else "moe_bf16"
     quant = act_dtype in ("fp8", "fp8_block")
     ops: list[OpCost] = []
 
@@ -122,9 +123,8 @@ def expert_ops(loads: np.ndarray, num_tokens: int, top_k: int, hidden: int, inte
     for name, n, k in (("experts_up", up_n, hidden), ("experts_down", hidden, inter)):
         flops = 2.0 * slots * n * k  # useful work; padding shows up in the time only
         bytes_ = active * n * k * wb + padded * k * ab + slots * n * 2.0
-        ops.append(roofline(name, "moe", flops, bytes_,
-                            compute_us=grouped_gemm_us(loads, n, k, bm, bn, hw, cd),
-                            memory_us=bytes_ / bw, min_us=min_us))
+        ops.append(roofline(name, "moe", family, flops, bytes_,
+                            grouped_gemm_ideal_us(loads, n, k, bm, bn, hw, cd), hw))
         if name == "experts_up":
             ops.append(_mem("activation", slots * (up_n + inter) * 2.0, hw))
             if quant:

@@ -1,9 +1,18 @@
-"""``OpCost``: what one op costs and why. Every cost function returns one."""
+"""``OpCost``: what one op costs and why. Every cost function returns one.
+
+Every kernel is priced by one formula (:func:`kernel_time_us`): a fixed time per kernel plus the
+larger of its compute time and its memory time, each the ideal time at the datasheet peak divided
+by the efficiency its kernel family reaches on this GPU (``hardware.kernels.<family>``). The ideal
+times are kept on the op, so calibration can refit the efficiencies without re-deriving the ops.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from ..spec.hardware import HardwareProfile
 
 Bound = Literal["compute", "memory", "network", "launch"]
 Category = Literal["gemm", "moe", "attention", "comm", "elementwise", "overhead"]
@@ -16,6 +25,8 @@ class OpCost:
     ``time_us`` is GPU time for the op's kernels; ``launch_us`` is the extra time the GPU idles
     because kernels are launched from the host (eager) or replayed from a graph. ``flops`` and
     ``bytes`` are the work modelled (HBM bytes for kernels, bytes sent per GPU for collectives).
+    ``family`` names the kernel family whose fit priced it; ``ideal_*_us`` are its compute and
+    memory times at datasheet peak (wave quantisation included).
     """
 
     name: str
@@ -28,6 +39,9 @@ class OpCost:
     launch_us: float = 0.0
     layer_kind: str = ""
     count: int = 1  # identical layers this op stands for
+    family: str = ""
+    ideal_compute_us: float = 0.0
+    ideal_memory_us: float = 0.0
 
     @property
     def total_us(self) -> float:
@@ -38,14 +52,26 @@ class OpCost:
         return replace(self, count=count, layer_kind=layer_kind)
 
 
-def roofline(name: str, category: Category, flops: float, bytes_: float, compute_us: float,
-             memory_us: float, min_us: float, kernels: int = 1) -> OpCost:
-    """Roofline: the op takes max(compute_us, memory_us, kernels * min_us), and says which.
+def kernel_time_us(t0_us, compute_efficiency, memory_efficiency, ideal_compute_us,
+                   ideal_memory_us, kernels=1):
+    """``kernels * t0 + max(ideal_compute / eff_c, ideal_memory / eff_m)``; works on numpy arrays
+    (calibration evaluates it over whole tables)."""
+    import numpy as np
 
-    ``compute_us`` and ``memory_us`` come from achieved rates (peak x efficiency); ``min_us`` is
-    the shortest kernel the GPU timeline shows (``overheads.kernel_min_gpu_us``).
-    """
-    t_min = kernels * min_us
-    t = max(compute_us, memory_us, t_min)
-    bound: Bound = "compute" if t == compute_us else "memory" if t == memory_us else "launch"
-    return OpCost(name, category, t, flops, bytes_, bound, kernels)
+    return kernels * t0_us + np.maximum(ideal_compute_us / compute_efficiency,
+                                        ideal_memory_us / memory_efficiency)
+
+
+def roofline(name: str, category: Category, family: str, flops: float, bytes_: float,
+             ideal_compute_us: float, hw: "HardwareProfile", kernels: int = 1) -> OpCost:
+    """Price one op of ``kernels`` kernels of ``family``; memory time is ``bytes_`` at HBM peak."""
+    fit = hw.kernel(family)
+    ideal_memory_us = bytes_ / hw.hbm_peak_bytes_per_us
+    eff_c = fit.compute_efficiency.value if fit.compute_efficiency is not None else 1.0
+    t_c = ideal_compute_us / eff_c
+    t_m = ideal_memory_us / fit.memory_efficiency.value
+    fixed = kernels * fit.t0_us.value
+    bound: Bound = "launch" if fixed > max(t_c, t_m) else "compute" if t_c >= t_m else "memory"
+    return OpCost(name, category, fixed + max(t_c, t_m), flops, bytes_, bound, kernels,
+                  family=family, ideal_compute_us=ideal_compute_us,
+                  ideal_memory_us=ideal_memory_us)

@@ -27,6 +27,8 @@ class FrameworkProfile(BaseModel):
     cuda_graph_max_batch: Quantity = Field(..., description="largest captured decode batch")
     max_num_batched_tokens: Quantity = Field(..., description="default prefill chunk, tokens")
     gpu_memory_utilization: Quantity = Field(..., description="default fraction of HBM used")
+    custom_all_reduce: Quantity = Field(
+        ..., description="1 = TP all-reduces of small messages use the engine's own kernel")
     step_overhead_us: Quantity = Field(
         ..., description="host time per engine step not hidden behind the GPU (scheduling, "
                          "input preparation, sampling bookkeeping)")

@@ -45,20 +45,13 @@ class PerDtype(_Strict):
 class Compute(_Strict):
     sm_count: Quantity
     peak_dense_tflops: PerDtype = Field(..., description="tensor-core peak without sparsity")
-    gemm_efficiency: PerDtype = Field(
-        ..., description="fraction of peak a large dense GEMM reaches (MAMF / peak)")
     gemm_tile_m: Quantity = Field(..., description="CTA tile rows assumed for wave quantisation")
     gemm_tile_n: Quantity = Field(..., description="CTA tile columns assumed for wave quantisation")
-    grouped_gemm_efficiency: PerDtype = Field(
-        ..., description="fraction of peak the fused-MoE expert GEMM reaches at full tiles")
-    attention_efficiency: Quantity = Field(
-        ..., description="fraction of bf16 peak a FlashAttention prefill reaches")
 
 
 class Memory(_Strict):
     hbm_capacity_bytes: Quantity
     hbm_peak_gb_per_s: Quantity
-    hbm_efficiency: Quantity = Field(..., description="fraction of peak a streaming kernel reaches")
     l2_bytes: Quantity
 
 
@@ -66,19 +59,51 @@ class Interconnect(_Strict):
     nvlink_gb_per_s_per_direction: Quantity = Field(
         ..., description="per GPU, one direction; 0 when GPUs talk over PCIe only")
     nvlink_domain_size: Quantity = Field(..., description="GPUs reachable at full link speed")
-    collective_latency_us: Quantity = Field(..., description="alpha of an intra-node collective")
-    allreduce_bus_efficiency: Quantity = Field(
-        ..., description="NCCL all-reduce bus bandwidth / nvlink_gb_per_s_per_direction")
-    alltoall_bus_efficiency: Quantity = Field(
-        ..., description="NCCL all-to-all bus bandwidth / nvlink_gb_per_s_per_direction")
     scaleout_gb_per_s_per_direction: Quantity = Field(..., description="NIC bandwidth per GPU")
     scaleout_latency_us: Quantity
     pcie_gb_per_s_per_direction: Quantity
 
 
+class CollectiveFit(_Strict):
+    """t = latency_us + bytes_moved / (link bandwidth x bus_efficiency) (nccl-tests bus model)."""
+
+    latency_us: Quantity
+    bus_efficiency: Quantity = Field(..., description="bus bandwidth / link bandwidth per direction")
+
+
+class Collectives(_Strict):
+    all_reduce: CollectiveFit = Field(..., description="NCCL all-reduce")
+    all_reduce_custom: CollectiveFit = Field(
+        ..., description="the engines' one-shot/two-shot custom all-reduce (vLLM, SGLang)")
+    all_to_all: CollectiveFit
+    all_gather: CollectiveFit = Field(..., description="also used for reduce-scatter")
+
+
+class KernelFit(_Strict):
+    """One kernel family: t = t0_us + max(ideal compute / compute_efficiency,
+    ideal memory / memory_efficiency), ideal times at datasheet peaks (see costs/op.py)."""
+
+    t0_us: Quantity = Field(..., description="fixed time per kernel (launch latency, prologue, tail)")
+    compute_efficiency: Optional[Quantity] = Field(
+        None, description="fraction of tensor-core peak reached at full waves")
+    memory_efficiency: Quantity = Field(..., description="fraction of HBM peak reached")
+
+
+class Kernels(_Strict):
+    gemm_bf16: KernelFit = Field(..., description="dense GEMM, 16-bit (also weight-only int4/mxfp4)")
+    gemm_fp8: Optional[KernelFit] = Field(None, description="dense GEMM, fp8 per-tensor scaled")
+    gemm_fp8_block: Optional[KernelFit] = Field(None, description="dense GEMM, 128x128 block fp8")
+    moe_bf16: KernelFit = Field(..., description="fused-MoE expert GEMMs, 16-bit activations")
+    moe_fp8: Optional[KernelFit] = Field(None, description="fused-MoE expert GEMMs, fp8 activations")
+    moe_aux: KernelFit = Field(..., description="the fused-MoE pipeline's small kernels: "
+                               "token alignment, activation, top-k sum, quantisation")
+    attention_prefill: KernelFit
+    attention_decode: KernelFit
+    elementwise: KernelFit = Field(..., description="memory-bound kernels: norms, activations, ...")
+
+
 class Overheads(_Strict):
     kernel_launch_host_us: Quantity = Field(..., description="host cost per eager kernel launch")
-    kernel_min_gpu_us: Quantity = Field(..., description="shortest kernel on the GPU timeline")
     graph_kernel_us: Quantity = Field(..., description="per-kernel cost inside a CUDA graph")
     runtime_reserved_bytes: Quantity = Field(
         ..., description="CUDA context, allocator and library workspaces per GPU")
@@ -93,6 +118,8 @@ class HardwareProfile(_Strict):
     compute: Compute
     memory: Memory
     interconnect: Interconnect
+    collectives: Collectives
+    kernels: Kernels
     overheads: Overheads
     provenance: dict[str, Any] = Field(default_factory=dict,
                                        description="base sources; calibration run details")
@@ -106,14 +133,16 @@ class HardwareProfile(_Strict):
                              "choose a dtype this GPU supports")
         return q.value * 1e6
 
-    def efficiency(self, table: PerDtype, compute_dtype: str) -> float:
-        q = getattr(table, compute_dtype, None) or table.bf16
-        assert q is not None
-        return q.value
-
     @property
-    def hbm_bytes_per_us(self) -> float:
-        return self.memory.hbm_peak_gb_per_s.value * 1e3 * self.memory.hbm_efficiency.value
+    def hbm_peak_bytes_per_us(self) -> float:
+        return self.memory.hbm_peak_gb_per_s.value * 1e3
+
+    def kernel(self, family: str) -> KernelFit:
+        fit = getattr(self.kernels, family)
+        if fit is None:
+            raise InputError(f"hardware.kernels.{family}", f"{self.id} has no {family} kernels",
+                             "choose a dtype this GPU supports")
+        return fit
 
 
 def _deep_merge(base: dict, overlay: dict) -> dict:

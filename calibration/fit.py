@@ -1,0 +1,281 @@
+"""Fit a hardware profile's kernel and collective parameters to measured tables.
+
+Every op moesim prices is ``kernels * t0 + max(ideal_compute / eff_c, ideal_memory / eff_m)``
+(:func:`moesim.costs.op.kernel_time_us`), where the ideal times come from the datasheet peaks and
+do not depend on the parameters. So a table is turned once into ops (by the same predictors that
+``moesim validate`` uses) and the fit only re-evaluates that formula: a robust least-squares fit
+(scipy ``least_squares``, soft-L1 loss on log(predicted / measured)) per kernel family, with the
+families a table does not exercise held at the base profile's values. No parameter is set by
+hand; the overlay records which tables, how many rows and the residuals of every fit.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import yaml
+from scipy.optimize import least_squares
+
+from moesim.costs.op import OpCost, kernel_time_us
+from moesim.spec.hardware import HardwareProfile, load_profile
+from moesim.validate import table_ops
+
+# Families fitted from each layout (a moe table also exercises the small kernels of the fused-MoE
+# pipeline: alignment, activation, top-k sum).
+FITTED_BY_LAYOUT = {
+    "gemm": ("gemm_bf16", "gemm_fp8", "gemm_fp8_block"),
+    "moe": ("moe_bf16", "moe_fp8", "moe_aux"),
+    "attention_context": ("attention_prefill",),
+    "attention_generation": ("attention_decode",),
+    "collective": ("all_reduce", "all_to_all", "all_gather"),
+    "allreduce_custom": ("all_reduce_custom",),
+}
+COLLECTIVES = ("all_reduce", "all_reduce_custom", "all_to_all", "all_gather")
+LAYOUT_ORDER = ("moe", "gemm", "attention_context", "attention_generation", "collective",
+                "allreduce_custom")
+MAX_ROWS_PER_FIT = 6000  # a seeded stratified sample beyond this keeps each fit to seconds
+
+
+@dataclass
+class Ops:
+    """A table's ops flattened to arrays: op i belongs to row ``row[i]``."""
+
+    row: np.ndarray
+    family: np.ndarray
+    kernels: np.ndarray
+    ideal_c: np.ndarray
+    ideal_m: np.ndarray
+    measured: np.ndarray
+    n_rows: int
+
+    @classmethod
+    def from_lists(cls, ops_list: Sequence[Sequence[OpCost]], measured: Sequence[float]) -> "Ops":
+        row, fam, ker, ic, im = [], [], [], [], []
+        for r, ops in enumerate(ops_list):
+            for o in ops:
+                row.append(r)
+                fam.append(o.family)
+                ker.append(o.kernels)
+                ic.append(o.ideal_compute_us)
+                im.append(o.ideal_memory_us)
+        return cls(np.array(row), np.array(fam), np.array(ker, float), np.array(ic),
+                   np.array(im), np.asarray(measured, float), len(ops_list))
+
+    def subset(self, rows: np.ndarray) -> "Ops":
+        keep = np.isin(self.row, rows)
+        remap = np.full(self.n_rows, -1)
+        remap[rows] = np.arange(len(rows))
+        return Ops(remap[self.row[keep]], self.family[keep], self.kernels[keep],
+                   self.ideal_c[keep], self.ideal_m[keep], self.measured[rows], len(rows))
+
+
+Params = dict[str, dict[str, float]]  # family -> {t0_us, compute_efficiency, memory_efficiency}
+
+
+def profile_params(hw: HardwareProfile) -> Params:
+    out: Params = {}
+    for fam, fit in hw.kernels:
+        if fit is not None:
+            out[fam] = {"t0_us": fit.t0_us.value,
+                        "compute_efficiency": fit.compute_efficiency.value
+                        if fit.compute_efficiency is not None else 1.0,
+                        "memory_efficiency": fit.memory_efficiency.value}
+    for fam in COLLECTIVES:
+        c = getattr(hw.collectives, fam)
+        out[fam] = {"t0_us": c.latency_us.value, "compute_efficiency": 1.0,
+                    "memory_efficiency": c.bus_efficiency.value}
+    return out
+
+
+def predict_rows(ops: Ops, params: Params) -> np.ndarray:
+    """Per-row predicted µs: the cost model's formula over the flattened ops."""
+    t = np.zeros(len(ops.row))
+    for fam in np.unique(ops.family):
+        sel = ops.family == fam
+        p = params[fam]
+        t[sel] = kernel_time_us(p["t0_us"], p["compute_efficiency"], p["memory_efficiency"],
+                                ops.ideal_c[sel], ops.ideal_m[sel], ops.kernels[sel])
+    return np.bincount(ops.row, weights=t, minlength=ops.n_rows)
+
+
+def _free_params(ops: Ops, families: Sequence[str]) -> list[tuple[str, str]]:
+    """The (family, parameter) pairs a table can identify: a family's compute efficiency only
+    where its ops have compute work, none for collectives."""
+    free = []
+    for fam in families:
+        sel = ops.family == fam
+        if not sel.any():
+            continue
+        free.append((fam, "t0_us"))
+        free.append((fam, "memory_efficiency"))
+        if fam not in COLLECTIVES and ops.ideal_c[sel].max() > 0:
+            free.append((fam, "compute_efficiency"))
+    return free
+
+
+def fit_families(ops: Ops, base: Params, families: Sequence[str]) -> tuple[Params, dict]:
+    """Least-squares fit of ``families``' parameters; returns new params and fit statistics."""
+    free = _free_params(ops, families)
+    params = {f: dict(v) for f, v in base.items()}
+    if not free:
+        return params, {}
+
+    # Parameters live in log space: positivity for free, and efficiencies stay <= 1 by bounds.
+    def unpack(x: np.ndarray) -> Params:
+        p = {f: dict(v) for f, v in params.items()}
+        for (fam, name), v in zip(free, x):
+            p[fam][name] = float(np.exp(v))
+        return p
+
+    def resid(x: np.ndarray) -> np.ndarray:
+        return np.log(predict_rows(ops, unpack(x)) / ops.measured)
+
+    x0, lo, hi = [], [], []
+    for fam, name in free:
+        v = params[fam][name]
+        if name == "t0_us":
+            x0.append(np.log(max(v, 0.05)))
+            lo.append(np.log(0.01))
+            hi.append(np.log(500.0))
+        else:
+            x0.append(np.log(min(max(v, 0.02), 1.0)))
+            lo.append(np.log(0.005))
+            hi.append(0.0)
+    sol = least_squares(resid, np.array(x0), bounds=(np.array(lo), np.array(hi)),
+                        loss="soft_l1", f_scale=0.1, x_scale=1.0, max_nfev=400)
+    fitted = unpack(sol.x)
+    ape = np.abs(np.exp(sol.fun) - 1.0) * 100
+    stats = {"rows": int(ops.n_rows), "median_ape_pct": round(float(np.median(ape)), 2),
+             "p90_ape_pct": round(float(np.percentile(ape, 90)), 2),
+             "parameters": [f"{f}.{n}" for f, n in free]}
+    return fitted, stats
+
+
+def sample_rows(n: int, limit: int, seed: int = 0) -> np.ndarray:
+    if n <= limit:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=limit, replace=False))
+
+
+def load_ops(table: Path, hardware: Optional[str]) -> tuple[str, list[dict], Ops]:
+    layout, rows, ops_list, measured = table_ops(str(table), hardware)
+    return layout, rows, Ops.from_lists(ops_list, measured)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+def find_tables(source: Path) -> list[Path]:
+    if source.is_file():
+        return [source]
+    return sorted(p for p in source.glob("*.csv"))
+
+
+def fit_tables(tables: Sequence[Path], base: HardwareProfile, hardware: Optional[str] = None,
+               limit: int = MAX_ROWS_PER_FIT) -> tuple[Params, dict]:
+    """Fit every family the tables exercise, in :data:`LAYOUT_ORDER`. Returns the fitted params
+    and per-table statistics."""
+    params = profile_params(base)
+    loaded = {}
+    for t in tables:
+        try:
+            layout, _, ops = load_ops(t, hardware or base.id)
+        except Exception as exc:  # a table this fit cannot use is reported, not fatal
+            loaded[t] = (None, str(exc).splitlines()[0])
+            continue
+        loaded[t] = (layout, ops)
+    report: dict = {}
+    for layout in LAYOUT_ORDER:
+        for t, (lay, ops) in loaded.items():
+            if lay != layout:
+                continue
+            sub = ops.subset(sample_rows(ops.n_rows, limit))
+            params, stats = fit_families(sub, params, FITTED_BY_LAYOUT[layout])
+            full_ape = np.abs(predict_rows(ops, params) / ops.measured - 1) * 100
+            stats.update(all_rows=int(ops.n_rows),
+                         all_rows_median_ape_pct=round(float(np.median(full_ape)), 2),
+                         all_rows_p90_ape_pct=round(float(np.percentile(full_ape, 90)), 2),
+                         sha256=_sha256(t))
+            report[t.name] = {"layout": layout, **stats}
+    for t, (lay, why) in loaded.items():
+        if lay is None:
+            report[t.name] = {"skipped": why}
+    return params, report
+
+
+def overlay(base: HardwareProfile, params: Params, report: dict, tables: Sequence[Path],
+            transferred_from: Optional[str] = None) -> dict:
+    """The calibrated overlay: only fitted fields, each with its provenance."""
+    fitted_by: dict[str, str] = {}
+    for name, st in report.items():
+        for p in st.get("parameters", []):
+            fitted_by[p] = (f"{name}: {st['rows']} rows fitted, median APE "
+                            f"{st['median_ape_pct']}%, p90 {st['p90_ape_pct']}% "
+                            f"(sha256 {st['sha256']})")
+    kind = "estimate" if transferred_from else "calibrated"
+
+    def q(fam: str, name: str, value: float) -> dict:
+        src = f"python -m calibration fit on {fitted_by[f'{fam}.{name}']}"
+        if transferred_from:
+            src = (f"transferred from {transferred_from}'s fit (same SM architecture and kernel "
+                   f"libraries): {src}")
+        return {"value": round(value, 5), "kind": kind, "source": src}
+
+    kernels: dict = {}
+    collectives: dict = {}
+    for fam, vals in params.items():
+        fields = {}
+        for name in ("t0_us", "compute_efficiency", "memory_efficiency"):
+            if f"{fam}.{name}" in fitted_by:
+                fields[name] = q(fam, name, vals[name])
+        if not fields:
+            continue
+        if fam in COLLECTIVES:
+            ren = {"t0_us": "latency_us", "memory_efficiency": "bus_efficiency"}
+            collectives[fam] = {ren[k]: v for k, v in fields.items()}
+        elif getattr(base.kernels, fam, None) is not None:
+            kernels[fam] = fields
+    out: dict = {}
+    if kernels:
+        out["kernels"] = kernels
+    if collectives:
+        out["collectives"] = collectives
+    out["provenance"] = {
+        "tool": "python -m calibration fit",
+        "date": _dt.date.today().isoformat(),
+        "base_profile": base.id,
+        "tables": [str(t) for t in tables],
+        "fits": report,
+    }
+    if transferred_from:
+        out["provenance"]["transferred_from"] = transferred_from
+    return out
+
+
+def write_overlay(data: dict, path: Path, header: str) -> None:
+    path.write_text(header + yaml.safe_dump(data, sort_keys=False, width=100))
+
+
+def run_fit(source: Path, base_path: Path, out: Path, transfer: Sequence[str] = (),
+            hardware: Optional[str] = None) -> dict:
+    tables = find_tables(source)
+    base = load_profile(str(base_path), calibrated=False)
+    params, report = fit_tables(tables, base, hardware)
+    header = (f"# Calibrated overlay for {base.id}, written by `python -m calibration fit "
+              f"--from {source} --base {base_path}`.\n# Fields here replace the base profile's "
+              "one by one; every value says which table and fit produced it.\n")
+    write_overlay(overlay(base, params, report, tables), out, header)
+    for target in transfer:
+        tgt = load_profile(target, calibrated=False)
+        path = out.parent / f"{tgt.id}.calibrated.yaml"
+        head = (f"# Overlay for {tgt.id}: {base.id}'s fitted kernel parameters, carried over as "
+                "estimates (same SM architecture and kernel libraries).\n# Replace with a fit on "
+                f"{tgt.id} measurements when they exist.\n")
+        write_overlay(overlay(tgt, params, report, tables, transferred_from=base.id), path, head)
+    return report
