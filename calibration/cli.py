@@ -62,14 +62,62 @@ register(Subcommand("run", "run the calibration microbenchmarks and write raw CS
                     _configure_run, _run))
 
 # --- fit ---------------------------------------------------------------------------------------
-# PLACE FOR THE `fit` SUB-COMMAND (written by the fitting code). Register it here, e.g.:
-#
-#     def _configure_fit(p): p.add_argument("--in", dest="inp", required=True); ...
-#     def _fit(args): from .fit import fit; return fit(args)
-#     register(Subcommand("fit", "fit profile parameters to a run's CSVs", _configure_fit, _fit))
-#
-# It can read the CSVs with ``calibration.layouts.LAYOUTS`` (no torch needed).
-# -----------------------------------------------------------------------------------------------
+def _configure_fit(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--from", dest="source", required=True,
+                   help="a folder of measured CSVs (reference layouts) or one CSV")
+    p.add_argument("--base", required=True, help="base profile YAML, e.g. hardware_profiles/h100_sxm.yaml")
+    p.add_argument("--out", required=True, help="overlay to write, e.g. hardware_profiles/h100_sxm.calibrated.yaml")
+    p.add_argument("--transfer", nargs="*", default=[], metavar="ID",
+                   help="also write overlays for these profile ids with the fitted values marked "
+                        "as estimates (same-architecture GPUs without measurements)")
+
+
+def _fit(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .fit import run_fit
+
+    source, base = Path(args.source), Path(args.base)
+    if not source.exists():
+        raise CalibrationError(f"--from: {source} does not exist")
+    if not base.exists():
+        raise CalibrationError(f"--base: {base} does not exist (give a hardware_profiles/*.yaml)")
+    report = run_fit(source, base, Path(args.out), args.transfer)
+    for name, st in report.items():
+        if "skipped" in st:
+            print(f"{name:<28} skipped: {st['skipped']}")
+        else:
+            print(f"{name:<28} {st['all_rows']:>6} rows  median APE {st['all_rows_median_ape_pct']:5.1f}%"
+                  f"  p90 {st['all_rows_p90_ape_pct']:5.1f}%  ({len(st['parameters'])} parameters)")
+    print(f"wrote {args.out}")
+    return 0
+
+
+register(Subcommand("fit", "fit a profile's kernel and collective parameters to measured CSVs",
+                    _configure_fit, _fit))
+
+
+def _configure_accuracy(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tables", default="../shared/reference/measurements",
+                   help="folder with e2e_serving.csv and <system>/*.csv")
+    p.add_argument("--out", default="docs/accuracy.md")
+
+
+def _accuracy(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .accuracy import write_report
+
+    tables = Path(args.tables)
+    if not tables.is_dir():
+        raise CalibrationError(f"--tables: {tables} is not a folder")
+    write_report(tables, Path(args.out))
+    print(f"wrote {args.out}")
+    return 0
+
+
+register(Subcommand("accuracy", "write docs/accuracy.md: validate every table, leave-one-shape-"
+                    "out MoE accuracy", _configure_accuracy, _accuracy))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,6 +137,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args._handler(args) or 0)
     except CalibrationError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:  # moesim.errors.InputError and friends: one line, no traceback
+        if type(e).__name__ != "InputError":
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

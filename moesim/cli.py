@@ -1,5 +1,5 @@
-"""``python -m moesim``: predict, models, hardware (validate, simulate, sweep come with their
-issues). Bad input prints one line and exits 2; nothing else is caught."""
+"""``python -m moesim``: predict, validate, models, hardware. Bad input prints one line and
+exits 2; nothing else is caught."""
 
 from __future__ import annotations
 
@@ -23,6 +23,14 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         print(json.dumps(to_dict(pred), indent=2))
     else:
         print(to_table(pred))
+    return 0
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from .validate import run
+
+    res = run(args.table, hardware=args.hardware, out=args.out, as_json=args.json)
+    print(res.text)
     return 0
 
 
@@ -94,6 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("scenario", help="scenario file (.json or .yaml), see examples/")
     pr.add_argument("--json", action="store_true", help="machine-readable output")
     pr.set_defaults(func=_cmd_predict)
+    pv = sub.add_parser("validate", help="predict every row of a measured table and report errors")
+    pv.add_argument("table", help="CSV in one of the reference layouts (gemm, moe, collective, "
+                    "allreduce_custom, attention_context, attention_generation, moe_a2a, "
+                    "e2e_serving)")
+    pv.add_argument("--hardware", help="profile id or path (default: each row's `system`)")
+    pv.add_argument("--out", help="write every row with its prediction and error to this CSV")
+    pv.add_argument("--json", action="store_true", help="summary as JSON")
+    pv.set_defaults(func=_cmd_validate)
     pm = sub.add_parser("models", help="list model presets with total / active parameters")
     pm.add_argument("--json", action="store_true")
     pm.set_defaults(func=_cmd_models)

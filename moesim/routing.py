@@ -569,9 +569,25 @@ def _fill_lowest(counts: np.ndarray, amount: int, ceiling: ArrayLike) -> tuple[n
             hi = mid
     new = c + np.clip(lo - c, 0, room)
     rest = amount - int((new - c).sum())
-    at_level = np.flatnonzero((new == lo) & (new < u))
+    order = _spread_order(len(c))
+    at_level = order[((new == lo) & (new < u))[order]]
     new[at_level[:rest]] += 1
     return new, amount
+
+
+@lru_cache(maxsize=None)
+def _spread_order(n: int) -> np.ndarray:
+    """Expert ids in bit-reversed order (ids >= n skipped): consecutive entries fall in different
+    contiguous blocks for any power-of-two split, so units handed out one by one to tied experts
+    land on different EP ranks instead of piling onto rank 0 (the collector hands the residue out
+    round-robin over ranks; an order that spreads over every EP size keeps this sampler
+    independent of ``ep``)."""
+    bits = max(1, (n - 1).bit_length())
+    idx = np.arange(1 << bits)
+    rev = np.zeros_like(idx)
+    for b in range(bits):
+        rev |= ((idx >> b) & 1) << (bits - 1 - b)
+    return rev[rev < n]
 
 
 def _drain_highest(counts: np.ndarray, amount: int, floor: int = 0) -> np.ndarray:

@@ -165,16 +165,20 @@ def ranks_per_token(num_experts: int, experts_per_rank: int, top_k: int) -> floa
     return 1.0 - math.comb(e - er, k) / math.comb(e, k)
 
 
-def _moe_layer_ops(sc: Scenario, b: Batch, loads: np.ndarray) -> tuple[list[OpCost], np.ndarray]:
-    """Ops of one MoE layer and the per-rank expert times, for global per-expert ``loads``.
+def _moe_layer_ops(sc: Scenario, b: Batch, loads: np.ndarray
+                   ) -> tuple[list[OpCost], np.ndarray, float, float]:
+    """Ops of one MoE layer, the per-rank expert times, and the dropped and rerouted shares of
+    the token-slots, for global per-expert ``loads``.
 
     ``loads`` are the token-slots routed to each expert by all tokens that meet in this layer:
     with attention_dp == 1 every rank holds the whole batch (TP-style MoE) and the tokens are
     those of the batch; with attention_dp > 1 the groups' tokens are dispatched to the experts.
+    A capacity factor caps each expert first (``routing.apply_capacity``); ``second_pass`` runs
+    the overflow as further rounds of the expert kernels.
     """
-    from .routing import rank_expert_loads  # routing is a peer layer; import once at call time
+    from .routing import apply_capacity, rank_expert_loads  # a peer layer, imported on use
 
-    m, d, hw = sc.model, sc.deployment, sc.hardware
+    m, d, hw, rs = sc.model, sc.deployment, sc.hardware, sc.routing
     mo = m.moe
     assert mo is not None
     H = m.hidden_size
@@ -184,16 +188,26 @@ def _moe_layer_ops(sc: Scenario, b: Batch, loads: np.ndarray) -> tuple[list[OpCo
     inter_r = mo.expert_intermediate_size // d.moe_tp
     ops: list[OpCost] = moe.router(t_group, H, mo.num_experts, mo.top_k, hw, mo.scoring,
                                    d.activation_dtype)
-    per_rank = rank_expert_loads(loads, d.ep, sc.routing)  # [ep, local slots]
-    if dp == 1:
-        tokens_in = np.full(d.ep, t_global)
-    else:
-        e_local = per_rank.shape[1]
-        p = ranks_per_token(mo.num_experts, e_local, mo.top_k)
-        tokens_in = np.maximum(np.ceil(np.minimum(per_rank.sum(axis=1), t_global * p)), 1)
-    rank_ops = [moe.expert_ops(per_rank[r], int(tokens_in[r]), mo.top_k, H, inter_r, hw,
-                               d.experts_dtype, d.activation_dtype, m.gated_mlp, d.strategy)
-                for r in range(d.ep)]
+    capped = apply_capacity(np.asarray(loads, dtype=np.int64), t_global, mo.top_k,
+                            rs.capacity_factor, rs.overflow)
+    slots = max(1, t_global * mo.top_k)
+    rank_ops: list[list[OpCost]] = [[] for _ in range(d.ep)]
+    per_rank = rank_expert_loads(capped.rounds[0], d.ep, rs)
+    for p, round_loads in enumerate(capped.rounds):
+        if p and not round_loads.any():
+            continue
+        per_rank = rank_expert_loads(round_loads, d.ep, rs)  # [ep, local slots]
+        if dp == 1:
+            tokens_in = np.full(d.ep, t_global)
+        else:
+            p_in = ranks_per_token(mo.num_experts, per_rank.shape[1], mo.top_k)
+            tokens_in = np.maximum(np.ceil(np.minimum(per_rank.sum(axis=1), t_global * p_in)), 1)
+        for r in range(d.ep):
+            ops_r = moe.expert_ops(per_rank[r], int(tokens_in[r]), mo.top_k, H, inter_r, hw,
+                                   d.experts_dtype, d.activation_dtype, m.gated_mlp, d.strategy)
+            if p:
+                ops_r = [replace(o, name=f"{o.name}_pass{p + 1}") for o in ops_r]
+            rank_ops[r] += ops_r
     rank_us = np.array([sum(o.total_us for o in ro) for ro in rank_ops])
     slowest = int(np.argmax(rank_us))
     # Dispatch/combine: each token travels once to every rank holding one of its experts
@@ -213,7 +227,7 @@ def _moe_layer_ops(sc: Scenario, b: Batch, loads: np.ndarray) -> tuple[list[OpCo
         ar = _tp_all_reduce(sc, b, "moe_all_reduce")
         if ar is not None:
             ops.append(ar)
-    return ops, rank_us
+    return ops, rank_us, float(capped.dropped) / slots, float(capped.rerouted) / slots
 
 
 def _head_ops(sc: Scenario, b: Batch) -> list[OpCost]:
@@ -252,8 +266,8 @@ def build_step(sc: Scenario, b: Batch, moe_loads: Optional[np.ndarray] = None) -
             moe_loads = np.broadcast_to(balanced_loads(t_global, m.moe.num_experts, m.moe.top_k),
                                         (m.num_moe_layers, m.moe.num_experts))
         moe_idx = 0
-        cache: dict[bytes, tuple[list[OpCost], np.ndarray]] = {}
-        rank_ratio, max_tok, distinct = [], [], []
+        cache: dict[bytes, tuple[list[OpCost], np.ndarray, float, float]] = {}
+        rank_ratio, max_tok, distinct, dropped, rerouted = [], [], [], [], []
         for att, mlp in zip(m.layer_attention, m.layer_mlp):
             if mlp != "moe":
                 continue
@@ -262,14 +276,17 @@ def build_step(sc: Scenario, b: Batch, moe_loads: Optional[np.ndarray] = None) -
             key = row.tobytes()
             if key not in cache:
                 cache[key] = _moe_layer_ops(sc, b, row)
-            ops, rank_us = cache[key]
+            ops, rank_us, drop, rer = cache[key]
+            dropped.append(drop)
+            rerouted.append(rer)
             moe_per_kind.setdefault(_layer_kind(att, mlp), []).append(ops)
             max_tok.append(row.max())
             distinct.append(np.count_nonzero(row))
             rank_ratio.append(rank_us.max() / rank_us.mean() if rank_us.mean() > 0 else 1.0)
         mean_tok = t_global * m.moe.top_k / m.moe.num_experts
         stats["moe"] = MoeLayerStats(float(mean_tok), float(np.mean(max_tok)),
-                                     float(np.mean(rank_ratio)), float(np.mean(distinct)))
+                                     float(np.mean(rank_ratio)), float(np.mean(distinct)),
+                                     float(np.mean(dropped)), float(np.mean(rerouted)))
 
     ops: list[OpCost] = []
     for (att, mlp), n in counts.items():
@@ -301,20 +318,26 @@ def build_step(sc: Scenario, b: Batch, moe_loads: Optional[np.ndarray] = None) -
 
 
 def _average_layers(layers: list[list[OpCost]], kind: str) -> list[OpCost]:
-    """Merge the op lists of several MoE layers (same op names, different loads) into one list
-    whose ``count * time`` sums equal the layers' total."""
+    """Merge the op lists of several MoE layers (different loads, possibly different numbers of
+    overflow passes) into one list, by op name, whose ``count * time`` sums equal the layers'
+    total; an op a layer lacks counts as zero time for that layer."""
     n = len(layers)
     if all(l is layers[0] for l in layers):
         return [o.scaled(n, kind) for o in layers[0]]
+    by_name: dict[str, list[OpCost]] = {}
+    for layer in layers:
+        for o in layer:
+            by_name.setdefault(o.name, []).append(o)
     out = []
-    for i, first in enumerate(layers[0]):
-        items = [l[i] for l in layers]
+    for items in by_name.values():
         bounds: dict[str, float] = {}
         for o in items:
             bounds[o.bound] = bounds.get(o.bound, 0.0) + o.time_us
-        out.append(replace(first, time_us=float(np.mean([o.time_us for o in items])),
-                           flops=float(np.mean([o.flops for o in items])),
-                           bytes=float(np.mean([o.bytes for o in items])),
+        out.append(replace(items[0], time_us=sum(o.time_us for o in items) / n,
+                           launch_us=sum(o.launch_us for o in items) / n,
+                           fixed_us=sum(o.fixed_us for o in items) / n,
+                           flops=sum(o.flops for o in items) / n,
+                           bytes=sum(o.bytes for o in items) / n,
                            bound=max(bounds, key=bounds.get), count=n, layer_kind=kind))
     return out
 
@@ -328,8 +351,18 @@ def _with_launch(sc: Scenario, b: Batch, op: OpCost) -> OpCost:
     graphs = (b.phase == "decode" and sc.cuda_graphs
               and b.num_seqs <= sc.framework.cuda_graph_max_batch.value)
     if graphs:
-        launch = op.kernels * ov.graph_kernel_us.value
+        # A graph replays its kernels back to back: the per-kernel fixed time measured on eager
+        # calls (launch latency, most of t0) shrinks to the graph's per-kernel gap.
+        graph_fixed = op.kernels * ov.graph_kernel_us.value
+        if op.fixed_us > graph_fixed:
+            t = op.time_us - op.fixed_us + graph_fixed
+            bound = op.bound
+            if bound == "launch" and t > 2 * graph_fixed:
+                bound = "compute" if op.ideal_compute_us >= op.ideal_memory_us else "memory"
+            return replace(op, time_us=t, fixed_us=graph_fixed, bound=bound)
+        launch = graph_fixed - op.fixed_us
     else:
-        launch = max(0.0, op.kernels * ov.kernel_launch_host_us.value - op.time_us)
+        host = max(op.kernels * ov.kernel_launch_host_us.value, op.host_floor_us)
+        launch = max(0.0, host - op.time_us)
     bound = "launch" if launch > op.time_us else op.bound
     return replace(op, launch_us=launch, bound=bound)

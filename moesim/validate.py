@@ -59,6 +59,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
+from .costs.op import eager_time_us
 from .errors import InputError
 
 # ---------------------------------------------------------------------------------------------
@@ -364,11 +365,18 @@ def _routing_draws(dist: str, T: int, E: int, k: int, ep: int) -> list[np.ndarra
     return [np.frombuffer(b, dtype=np.int64) for b in _routing_draws_cached(dist, T, E, k, ep)]
 
 
+# moe.csv rows name a shape, not a model. Experts are SwiGLU (3 matrices) in every model we
+# support except NVIDIA Nemotron-3-Nano-30B-A3B (hidden 2688, 128 experts, top-6, expert
+# intermediate 1856), whose experts are squared-ReLU MLPs with 2 matrices (its HF config:
+# mlp_hidden_act "relu2"). An architecture fact, used to pick the expert's matrix count.
+NON_GATED_SHAPES = {(2688, 1856, 128, 6)}
+
+
 def _expert_ops(loads: np.ndarray, T: int, k: int, H: int, inter: int, hw, wd: str,
-                ad: str) -> list:
+                ad: str, gated: bool = True) -> list:
     from .costs.moe import expert_ops
 
-    return expert_ops(loads, T, k, H, inter, hw, wd, ad, True, "fused")
+    return expert_ops(loads, T, k, H, inter, hw, wd, ad, gated, "fused")
 
 
 def _predict_moe(row: dict[str, str], hws: _Hardware) -> list[list]:
@@ -387,7 +395,8 @@ def _predict_moe(row: dict[str, str], hws: _Hardware) -> list[list]:
         # memoise; expert_ops does not depend on the order of the experts.
         key = ("moe", hws.id_of(row), np.sort(d).tobytes(), T, k, H, inter_full // tp, wd, ad)
         if key not in hws.memo:
-            hws.memo[key] = _expert_ops(d, T, k, H, inter_full // tp, hw, wd, ad)
+            gated = (H, inter_full, _int(row, "num_experts"), k) not in NON_GATED_SHAPES
+            hws.memo[key] = _expert_ops(d, T, k, H, inter_full // tp, hw, wd, ad, gated)
         preds.append(hws.memo[key])
     return preds
 
@@ -395,7 +404,7 @@ def _predict_moe(row: dict[str, str], hws: _Hardware) -> list[list]:
 def _median_draw(draws: list[list]) -> tuple[list, float, float, float]:
     """(ops of the median draw, median, min, max) of per-draw total times; an even count takes
     the mean of the middle two as the median and the lower one's ops."""
-    totals = sorted((sum(o.total_us for o in ops), i) for i, ops in enumerate(draws))
+    totals = sorted((eager_time_us(ops), i) for i, ops in enumerate(draws))
     n = len(totals)
     median = totals[n // 2][0] if n % 2 else 0.5 * (totals[n // 2 - 1][0] + totals[n // 2][0])
     mid = totals[(n - 1) // 2][1]
@@ -728,7 +737,7 @@ def run(table_path: str, hardware: Optional[str] = None, out: Optional[str] = No
                     _, preds["latency"], lo, hi = _median_draw(res)
                     out_row["pred_draw_min_us"], out_row["pred_draw_max_us"] = _fmt(lo), _fmt(hi)
                 else:
-                    preds["latency"] = float(sum(o.total_us for o in res))
+                    preds["latency"] = eager_time_us(res)
             for m, v in preds.items():
                 if not math.isfinite(v) or v < 0:
                     raise _Unpredictable(f"the cost model returned {v!r} for {m}")

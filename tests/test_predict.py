@@ -96,16 +96,23 @@ def test_more_tokens_never_cheaper(model):
         prev = t
 
 
-def _scaled(hw: HardwareProfile, path: tuple[str, str], factor: float) -> HardwareProfile:
+def _scaled(hw: HardwareProfile, path: tuple[str, ...], factor: float) -> HardwareProfile:
+    """A copy of ``hw`` with the quantity at ``path`` (``*`` = every entry) times ``factor``."""
     data = hw.model_dump()
-    data[path[0]][path[1]]["value"] *= factor
+    nodes = [data]
+    for key in path:
+        nodes = [v for n in nodes for v in (n.values() if key == "*" else [n[key]])
+                 if isinstance(v, dict)]
+    for n in nodes:
+        n["value"] *= factor
     return HardwareProfile.model_validate(data)
 
 
 @pytest.mark.parametrize("model", MODELS)
 @pytest.mark.parametrize("path", [("memory", "hbm_peak_gb_per_s"),
                                   ("interconnect", "nvlink_gb_per_s_per_direction"),
-                                  ("memory", "hbm_efficiency")])
+                                  ("kernels", "*", "memory_efficiency"),
+                                  ("collectives", "*", "bus_efficiency")])
 def test_more_bandwidth_never_slower(model, path):
     base = _scenario(model, batch=16, tp=2)
     faster = base.model_copy(update={"hardware": _scaled(base.hardware, path, 1.25)})

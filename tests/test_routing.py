@@ -20,6 +20,7 @@ from moesim.errors import InputError
 from moesim.routing import (
     _drain_highest,
     _fill_lowest,
+    _spread_order,
     apply_capacity,
     balanced_loads,
     check_routing_files,
@@ -327,6 +328,19 @@ def test_dirichlet_redraws_popularity_per_layer_and_draw():
 # power law: the reference README's recipe, step by step
 # ---------------------------------------------------------------------------------------------
 
+def _least_with_room(n: np.ndarray, ceiling: int) -> int:
+    """The least-loaded expert below ``ceiling``; ties go in the sampler's spread order (bit-
+    reversed ids), so residue units land on different EP ranks."""
+    order = _spread_order(len(n))
+    room = order[n[order] < ceiling]
+    return int(room[np.argmin(n[room])])
+
+
+def _most_loaded(n: np.ndarray) -> int:
+    order = _spread_order(len(n))
+    return int(order[np.argmax(n[order])])
+
+
 def _recipe(T: int, E: int, k: int, a: float, g: np.random.Generator) -> np.ndarray:
     """The README recipe written out naively (direct inverse CDF, one-slot-at-a-time fixes)."""
     xmin, xmax = (1.0, 0.8 * T) if T * k > E else (0.01, 2.0)
@@ -337,14 +351,12 @@ def _recipe(T: int, E: int, k: int, a: float, g: np.random.Generator) -> np.ndar
     over = int(np.clip(n - T, 0, None).sum())
     n = np.minimum(n, T)
     for _ in range(over):  # overflow, one slot at a time, to the least-loaded expert below T
-        room = np.flatnonzero(n < T)
-        n[room[np.argmin(n[room])]] += 1
+        n[_least_with_room(n, T)] += 1
     delta = T * k - int(n.sum())
     for _ in range(max(delta, 0)):
-        room = np.flatnonzero(n < T)
-        n[room[np.argmin(n[room])]] += 1
+        n[_least_with_room(n, T)] += 1
     for _ in range(max(-delta, 0)):
-        n[np.argmax(n)] -= 1
+        n[_most_loaded(n)] -= 1
     return n
 
 
@@ -382,17 +394,16 @@ def test_water_fill_equals_one_at_a_time(counts, amount, ceiling):
     naive = c.copy()
     placed = 0
     for _ in range(amount):
-        room = np.flatnonzero(naive < ceiling)
-        if room.size == 0:
+        if not (naive < ceiling).any():
             break
-        naive[room[np.argmin(naive[room])]] += 1
+        naive[_least_with_room(naive, ceiling)] += 1
         placed += 1
     got, n = _fill_lowest(c, amount, ceiling)
     assert np.array_equal(got, naive) and n == placed
     drained = c.copy()
     take = min(amount, int(c.sum()))
     for _ in range(take):
-        drained[np.argmax(drained)] -= 1
+        drained[_most_loaded(drained)] -= 1
     assert np.array_equal(_drain_highest(c, take), drained)
 
 

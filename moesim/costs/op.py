@@ -42,6 +42,8 @@ class OpCost:
     family: str = ""
     ideal_compute_us: float = 0.0
     ideal_memory_us: float = 0.0
+    host_floor_us: float = 0.0  # eager calls take at least this long (hardware.kernels.*)
+    fixed_us: float = 0.0  # the kernels' fixed time (kernels * t0) inside time_us
 
     @property
     def total_us(self) -> float:
@@ -74,4 +76,12 @@ def roofline(name: str, category: Category, family: str, flops: float, bytes_: f
     bound: Bound = "launch" if fixed > max(t_c, t_m) else "compute" if t_c >= t_m else "memory"
     return OpCost(name, category, fixed + max(t_c, t_m), flops, bytes_, bound, kernels,
                   family=family, ideal_compute_us=ideal_compute_us,
-                  ideal_memory_us=ideal_memory_us)
+                  ideal_memory_us=ideal_memory_us,
+                  host_floor_us=fit.host_floor_us.value if fit.host_floor_us else 0.0,
+                  fixed_us=fixed)
+
+
+def eager_time_us(ops: "list[OpCost]") -> float:
+    """Time of one eager call of an op sequence (a measured kernel-table row): the GPU time,
+    unless the host's floor for the slowest-to-dispatch op is longer."""
+    return max(sum(o.total_us for o in ops), max((o.host_floor_us for o in ops), default=0.0))

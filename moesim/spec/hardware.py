@@ -87,6 +87,9 @@ class KernelFit(_Strict):
     compute_efficiency: Optional[Quantity] = Field(
         None, description="fraction of tensor-core peak reached at full waves")
     memory_efficiency: Quantity = Field(..., description="fraction of HBM peak reached")
+    host_floor_us: Optional[Quantity] = Field(
+        None, description="shortest time one eager call of this op takes, set by the host "
+                          "(argument checks, JIT dispatch, launches); hidden by CUDA graphs")
 
 
 class Kernels(_Strict):

@@ -1,0 +1,685 @@
+"""One forward step on every rank, as a discrete-event simulation.
+
+Each GPU ("rank") has a compute stream and a communication stream (one per micro-batch); the
+ports of its NVLink / PCIe / NIC links are bandwidth-shared resources (processor sharing between
+the transfers that cross them at the same time); a collective is a barrier over its group
+followed by a latency and a transfer on every member's port, so the slowest member sets the pace
+and the others' time at the barrier is recorded as waiting.
+
+Layering: every op cost comes from :func:`moesim.step.build_step` (the same ``OpCost`` objects the
+closed form sums). The only load-dependent part of a step is each MoE layer's routed-expert
+work; for it the DES asks :func:`moesim.step._moe_layer_ops` — the function ``build_step`` itself
+uses — for the per-EP-rank expert times of each layer's routing sample, and adds the same launch
+cost (``moesim.step._with_launch``). Without overlap and with balanced routing the simulated step
+time equals ``build_step(...).time_us`` (tests/test_des.py).
+
+Two evaluators share one :class:`StepPlan`:
+
+- :func:`closed_form` — no overlap: collectives synchronise the group, so the step is the sum of
+  the ops with each MoE layer's expert time the maximum over ranks; per-rank busy and waiting
+  times follow. Microseconds per call; the serving simulator uses it for every step when
+  nothing overlaps.
+- :func:`simulate_step` — simpy: streams, barriers, link sharing and the overlap options
+  (shared expert || dispatch, two micro-batches, next-layer attention || combine); records an
+  op-level timeline for Chrome traces.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import numpy as np
+import simpy
+
+from ..costs import comm as comm_costs
+from ..costs.op import OpCost
+from ..routing import balanced_loads
+from ..spec.scenario import Scenario
+from ..step import Batch, build_step
+from .spec import OverlapSpec
+
+COMPUTE, COMM = "compute", "comm"
+#: Ops of a MoE layer that are not the routed experts (everything else with category "moe" is).
+_ROUTER_OPS = ("router_gemm", "topk")
+#: Collectives over the tensor-parallel group; any other collective spans the whole stage.
+_TP_COLLECTIVES = ("attn_all_reduce", "mlp_all_reduce", "moe_all_reduce", "logits_gather")
+
+
+# ---------------------------------------------------------------------------------------------
+# topology
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Topology:
+    """The GPUs of one instance: ``pp`` stages of ``tp * attention_dp`` ranks; inside a stage,
+    local rank ``i`` is in attention-DP group ``i // tp`` and holds the experts of EP rank
+    ``i // moe_tp``."""
+
+    tp: int
+    dp: int
+    pp: int
+    ep: int
+    moe_tp: int
+    gpus_per_node: int
+
+    @staticmethod
+    def of(sc: Scenario) -> "Topology":
+        d = sc.deployment
+        return Topology(d.tp, d.attention_dp, d.pp, d.ep, d.moe_tp, sc.gpus_per_node)
+
+    @property
+    def stage_size(self) -> int:
+        return self.tp * self.dp
+
+    @property
+    def n_ranks(self) -> int:
+        return self.stage_size * self.pp
+
+    def stage(self, r: int) -> int:
+        return r // self.stage_size
+
+    def ep_rank(self, r: int) -> int:
+        return (r % self.stage_size) // self.moe_tp
+
+    def group(self, kind: str, r: int) -> tuple[int, ...]:
+        """Members of rank ``r``'s group of ``kind`` ('tp' or 'stage')."""
+        s0 = self.stage(r) * self.stage_size
+        if kind == "tp":
+            g0 = s0 + ((r - s0) // self.tp) * self.tp
+            return tuple(range(g0, g0 + self.tp))
+        return tuple(range(s0, s0 + self.stage_size))
+
+    def group_size(self, kind: str) -> int:
+        return {"tp": self.tp, "stage": self.stage_size, "pp": 2}[kind]
+
+    def label(self, r: int) -> str:
+        parts = [f"rank {r}"]
+        if self.pp > 1:
+            parts.append(f"stage {self.stage(r)}")
+        if self.dp > 1:
+            parts.append(f"dp {(r % self.stage_size) // self.tp}")
+        if self.ep > 1:
+            parts.append(f"ep {self.ep_rank(r)}")
+        return " · ".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# the plan of one step
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class OpSpec:
+    """One op of a layer template as the DES runs it. Compute ops last ``dur_us``; collectives
+    are ``latency_us`` (alpha + launch) then ``transfer_us`` of bandwidth on ``port``."""
+
+    name: str
+    category: str
+    stream: str
+    dur_us: float
+    group: str = ""          # collectives: 'tp', 'stage' or 'pp'
+    latency_us: float = 0.0
+    transfer_us: float = 0.0
+    port: str = ""           # 'nvlink', 'pcie' or 'nic'
+    expert: bool = False     # the routed experts of a MoE layer: duration per EP rank
+    op: Optional[OpCost] = None
+
+
+@dataclass
+class StepPlan:
+    """Everything needed to run one step (one micro-batch) on every rank."""
+
+    batch: Batch
+    topo: Topology
+    templates: dict[str, list[OpSpec]]        # per layer kind, in issue order
+    layers: list[tuple[str, int, int]]        # (kind, stage, MoE layer index or -1) in order
+    head_pre: list[OpSpec]                    # stage 0, before the first layer
+    head_post: list[OpSpec]                   # last stage, after the last layer
+    pp_send: Optional[OpSpec]
+    engine_us: float                          # host time per step (framework step overhead)
+    expert_us: np.ndarray                     # [MoE layers, ep] expert time incl. launch
+    expert_names: tuple[str, ...] = ()
+    dropped_slots: float = 0.0
+    rerouted_slots: float = 0.0
+    routed_slots: float = 0.0
+    _sums: Optional[dict[str, Any]] = field(default=None, repr=False)
+
+
+@dataclass
+class StepCost:
+    """What one step cost: its time and, per rank, compute-busy, comm-busy and barrier-waiting
+    microseconds (the rest of the step the rank idles: host overhead, other pipeline stages,
+    launch gaps). Token-slot counts are those of the capacity policy (0 without one)."""
+
+    time_us: float
+    compute_us: np.ndarray
+    comm_us: np.ndarray
+    wait_us: np.ndarray
+    dropped_slots: float = 0.0
+    rerouted_slots: float = 0.0
+    routed_slots: float = 0.0
+
+    def scaled(self, w: float) -> "StepCost":
+        return StepCost(self.time_us * w, self.compute_us * w, self.comm_us * w, self.wait_us * w,
+                        self.dropped_slots, self.rerouted_slots, self.routed_slots)
+
+
+def _comm_spec(sc: Scenario, topo: Topology, o: OpCost) -> OpSpec:
+    group = "tp" if o.name in _TP_COLLECTIVES else "pp" if o.name == "pp_send" else "stage"
+    n = topo.group_size(group)
+    transfer, port = 0.0, "nvlink"
+    fit = getattr(sc.hardware.collectives, o.family, None) if o.family else None
+    if fit is not None:
+        transfer = o.ideal_memory_us / fit.bus_efficiency.value
+        on_nvlink = comm_costs._link(n, sc.gpus_per_node, sc.hardware, fit)[2]
+        port = "nvlink" if on_nvlink else "pcie" if n <= sc.gpus_per_node else "nic"
+    transfer = min(transfer, o.total_us)
+    return OpSpec(o.name, o.category, COMM, o.total_us, group, o.total_us - transfer, transfer,
+                  port, op=o)
+
+
+def _spec(sc: Scenario, topo: Topology, o: OpCost) -> OpSpec:
+    if o.category == "comm":
+        return _comm_spec(sc, topo, o)
+    return OpSpec(o.name, o.category, COMPUTE, o.total_us, op=o)
+
+
+def _is_expert(o: OpCost) -> bool:
+    return o.category == "moe" and o.name not in _ROUTER_OPS
+
+
+class PlanBuilder:
+    """Builds :class:`StepPlan` objects for one scenario, caching what does not depend on the
+    routing draw (the balanced ``build_step`` of each batch shape) and each MoE layer's expert
+    costs per distinct load row."""
+
+    def __init__(self, sc: Scenario) -> None:
+        from .. import step as step_mod  # the functions build_step uses for one MoE layer
+
+        self.sc = sc
+        self.topo = Topology.of(sc)
+        m = sc.model
+        self._moe_layer_ops: Callable = step_mod._moe_layer_ops
+        self._with_launch: Callable = step_mod._with_launch
+        self._base: dict[Batch, tuple] = {}
+        self._rows: dict[tuple, np.ndarray] = {}
+        pp, L = self.topo.pp, m.num_layers
+        layers, moe_idx = [], 0
+        for i, (att, mlp) in enumerate(zip(m.layer_attention, m.layer_mlp)):
+            stage = min(pp - 1, i * pp // L)
+            if mlp == "moe":
+                layers.append((f"{att}_attention+{mlp}", stage, moe_idx))
+                moe_idx += 1
+            else:
+                layers.append((f"{att}_attention+{mlp}", stage, -1))
+        self.layers = layers
+        self.num_moe_layers = moe_idx
+        self.moe_stage = np.array([s for _, s, j in layers if j >= 0], dtype=np.int64)
+        # Sorting a load row does not change its cost when every expert lives on the one EP
+        # rank (the cost depends on the multiset of loads only): more cache hits.
+        self._sortable = self.topo.ep == 1 and sc.routing.placement != "eplb"
+
+    # -- the load-independent part -------------------------------------------------------------
+    def _base_parts(self, b: Batch):
+        hit = self._base.get(b)
+        if hit is not None:
+            return hit
+        sc, topo = self.sc, self.topo
+        step = build_step(sc, b)  # balanced routing: the experts are replaced per draw below
+        templates: dict[str, list[OpSpec]] = {}
+        head_pre, head_post = [], []
+        pp_send, engine_us = None, 0.0
+        expert_names: list[str] = []
+        for o in step.ops:
+            k = o.layer_kind
+            if o.category == "overhead":
+                engine_us += o.total_us
+            elif k == "head":
+                (head_pre if o.name == "embedding" else head_post).append(_spec(sc, topo, o))
+            elif k == "pipeline":
+                pp_send = _comm_spec(sc, topo, o)
+            else:
+                ops = templates.setdefault(k, [])
+                if _is_expert(o):
+                    if not ops or not ops[-1].expert:
+                        ops.append(OpSpec("experts", "moe", COMPUTE, 0.0, expert=True))
+                    if o.name not in expert_names:
+                        expert_names.append(o.name)
+                else:
+                    if o.category == "comm" and o.total_us == 0.0:
+                        continue
+                    ops.append(_spec(sc, topo, o))
+        hit = (templates, head_pre, head_post, pp_send, engine_us, tuple(expert_names))
+        sums = _stage_sums(topo, templates, self.layers, head_pre, head_post, pp_send)
+        sums["moe_stage"] = self.moe_stage
+        hit = hit + (sums,)
+        self._base[b] = hit
+        return hit
+
+    # -- the routed experts ----------------------------------------------------------------------
+    def _expert_row(self, b: Batch, row: np.ndarray) -> tuple[np.ndarray, float, float]:
+        """(per-EP-rank expert time incl. launch [ep], dropped share, rerouted share) of one MoE
+        layer with global loads ``row``; the capacity policy is applied by the step model."""
+        if self._sortable:
+            row = np.sort(row)
+        key = (b.phase, b.num_seqs, b.new_tokens, row.tobytes())
+        hit = self._rows.get(key)
+        if hit is not None:
+            return hit
+        res = self._moe_layer_ops(self.sc, b, row)
+        ops, rank_us = res[0], np.asarray(res[1], dtype=float)
+        drop, rer = (float(res[2]), float(res[3])) if len(res) >= 4 else (0.0, 0.0)
+        # The slowest rank's expert ops are in ``ops``; launch / CUDA-graph replay changes their
+        # time by the same amount on every rank running the same kernels.
+        experts = [o for o in ops if _is_expert(o)]
+        launched = sum(self._with_launch(self.sc, b, o).total_us for o in experts)
+        out = (rank_us + (launched - float(rank_us.max())), drop, rer)
+        self._rows[key] = out
+        return out
+
+    def plan(self, b: Batch, loads: Optional[np.ndarray] = None) -> StepPlan:
+        """The plan of batch ``b`` (one attention-DP group's work) with MoE ``loads``
+        ``[num_moe_layers, num_experts]`` of all tokens meeting in each MoE layer (``None``:
+        balanced)."""
+        sc, topo = self.sc, self.topo
+        templates, head_pre, head_post, pp_send, engine_us, names, sums = self._base_parts(b)
+        mo = sc.model.moe
+        dropped = rerouted = routed = 0.0
+        if mo is None or self.num_moe_layers == 0:
+            expert_us = np.zeros((0, topo.ep))
+        else:
+            t_global = b.tokens * topo.dp
+            if loads is None:
+                loads = np.broadcast_to(balanced_loads(t_global, mo.num_experts, mo.top_k),
+                                        (self.num_moe_layers, mo.num_experts))
+            loads = np.asarray(loads)
+            slots = t_global * mo.top_k
+            expert_us = np.empty((self.num_moe_layers, topo.ep))
+            first = loads[0]
+            if loads.strides[0] == 0 or bool(np.all(loads == first)):
+                e, dr, rr = self._expert_row(b, np.ascontiguousarray(first))
+                expert_us[:] = e
+                dropped, rerouted = dr * slots * self.num_moe_layers, rr * slots * \
+                    self.num_moe_layers
+            else:
+                for j in range(self.num_moe_layers):
+                    e, dr, rr = self._expert_row(b, np.ascontiguousarray(loads[j]))
+                    expert_us[j] = e
+                    dropped += dr * slots
+                    rerouted += rr * slots
+            routed = slots * self.num_moe_layers
+        return StepPlan(b, topo, templates, self.layers, head_pre, head_post, pp_send, engine_us,
+                        expert_us, names, dropped, rerouted, routed, sums)
+
+
+# ---------------------------------------------------------------------------------------------
+# closed form (no overlap)
+# ---------------------------------------------------------------------------------------------
+
+def _stage_sums(topo: Topology, templates: dict[str, list[OpSpec]],
+                layers: list[tuple[str, int, int]], head_pre: list[OpSpec],
+                head_post: list[OpSpec], pp_send: Optional[OpSpec]) -> dict[str, Any]:
+    """Per-stage compute and comm microseconds of everything but the routed experts, and the
+    serial time of it all (stages one after the other)."""
+    pp = topo.pp
+    comp = np.zeros(pp)
+    comm = np.zeros(pp)
+    per_kind = {k: (sum(o.dur_us for o in ops if o.stream == COMPUTE and not o.expert),
+                    sum(o.dur_us for o in ops if o.stream == COMM))
+                for k, ops in templates.items()}
+    for kind, stage, _ in layers:
+        c, m = per_kind[kind]
+        comp[stage] += c
+        comm[stage] += m
+    for o in head_pre:
+        (comp if o.stream == COMPUTE else comm)[0] += o.dur_us
+    for o in head_post:
+        (comp if o.stream == COMPUTE else comm)[pp - 1] += o.dur_us
+    pp_us = pp_send.dur_us if pp_send is not None else 0.0
+    serial = float(comp.sum() + comm.sum()) + pp_us * (pp - 1)
+    if pp > 1:  # a send occupies the comm streams of both its stages
+        comm[:-1] += pp_us
+        comm[1:] += pp_us
+    ranks = np.arange(topo.n_ranks)
+    return {"comp": comp, "comm": comm, "serial": serial,
+            "stage_of": ranks // topo.stage_size,
+            "ep_of": (ranks % topo.stage_size) // topo.moe_tp}
+
+
+def closed_form(plan: StepPlan) -> StepCost:
+    """Step time and per-rank busy / waiting times when nothing overlaps: collectives
+    synchronise their group, so each MoE layer lasts as long as its slowest rank's experts."""
+    topo = plan.topo
+    s = plan._sums
+    stage_of, ep_of = s["stage_of"], s["ep_of"]
+    E = plan.expert_us
+    if E.shape[0]:
+        emax = E.max(axis=1)
+        t = s["serial"] + float(emax.sum()) + plan.engine_us
+        # [ranks]: each rank's expert time and waiting over the MoE layers of its stage
+        in_stage = s["moe_stage"][:, None] == stage_of[None, :]             # [L_moe, ranks]
+        mine = E[:, ep_of]                                                   # [L_moe, ranks]
+        expert = (mine * in_stage).sum(axis=0)
+        wait = ((emax[:, None] - mine) * in_stage).sum(axis=0)
+    else:
+        t = s["serial"] + plan.engine_us
+        expert = np.zeros(topo.n_ranks)
+        wait = np.zeros(topo.n_ranks)
+    return StepCost(t, s["comp"][stage_of] + expert, s["comm"][stage_of].copy(), wait,
+                    plan.dropped_slots, plan.rerouted_slots, plan.routed_slots)
+
+
+# ---------------------------------------------------------------------------------------------
+# simpy
+# ---------------------------------------------------------------------------------------------
+
+class Fabric:
+    """Link ports as processor-sharing resources: a transfer of ``work_us`` (its time alone on
+    the link) crossing several ports advances at ``1 / max(active transfers on each port)``."""
+
+    _EPS = 1e-9
+
+    def __init__(self, env: simpy.Environment) -> None:
+        self.env = env
+        self.active: dict[int, list] = {}  # id -> [remaining_us, ports, event]
+        self.load: dict[Any, int] = {}
+        self.last = 0.0
+        self.gen = 0
+        self.next_id = 0
+
+    def _rate(self, ports) -> float:
+        return 1.0 / max(self.load[p] for p in ports)
+
+    def _advance(self) -> None:
+        now = self.env.now
+        dt = now - self.last
+        if dt > 0:
+            for item in self.active.values():
+                item[0] -= dt * self._rate(item[1])
+        self.last = now
+
+    def transfer(self, work_us: float, ports: tuple) -> simpy.Event:
+        ev = self.env.event()
+        if work_us <= 0:
+            ev.succeed()
+            return ev
+        self._advance()
+        self.active[self.next_id] = [work_us, ports, ev]
+        self.next_id += 1
+        for p in ports:
+            self.load[p] = self.load.get(p, 0) + 1
+        self._reschedule()
+        return ev
+
+    def _reschedule(self) -> None:
+        self.gen += 1
+        if not self.active:
+            return
+        gen = self.gen
+        dt = min(item[0] / self._rate(item[1]) for item in self.active.values())
+        timer = self.env.timeout(max(dt, 0.0))
+        timer.callbacks.append(lambda _ev: self._on_timer(gen))
+
+    def _on_timer(self, gen: int) -> None:
+        if gen != self.gen:
+            return
+        self._advance()
+        done = [k for k, item in self.active.items()
+                if item[0] <= self._EPS * max(1.0, abs(self.env.now))]
+        for k in done:
+            _, ports, ev = self.active.pop(k)
+            for p in ports:
+                self.load[p] -= 1
+            ev.succeed()
+        self._reschedule()
+
+
+class _Barrier:
+    __slots__ = ("n", "arrived", "start", "done", "t0", "t1")
+
+    def __init__(self, env: simpy.Environment, n: int) -> None:
+        self.n = n
+        self.arrived = 0
+        self.start = env.event()
+        self.done = env.event()
+        self.t0 = self.t1 = 0.0
+
+
+@dataclass
+class TraceEvent:
+    rank: int      # -1: the engine/host track
+    stream: str    # 'compute', 'comm', 'comm mb1', 'host'
+    name: str
+    start_us: float
+    dur_us: float
+    args: dict
+
+
+def _program(plan: StepPlan, stage: int, ov: OverlapSpec) -> list[tuple]:
+    """The instruction list of one micro-batch on a rank of ``stage``: ('c', op) compute,
+    ('x', op, moe_layer) experts, ('m', op, handle) collective (handle None: blocking),
+    ('w', handle) wait for an async collective, ('recv',) / ('send',) pipeline transfers."""
+    topo = plan.topo
+    prog: list[tuple] = []
+    if stage > 0:
+        prog.append(("recv",))
+    else:
+        prog += [("c", o) if o.stream == COMPUTE else ("m", o, None) for o in plan.head_pre]
+    pending: Optional[int] = None   # an async collective the next layer must wait for
+    handle = 0
+    for kind, s, moe_j in plan.layers:
+        if s != stage:
+            continue
+        ops = plan.templates[kind]
+        if moe_j >= 0 and ov.shared_expert_dispatch:
+            # dispatch runs while the shared experts compute; experts wait for it
+            names = [o.name for o in ops]
+            if "dispatch" in names and any(n.startswith("shared_expert") for n in names):
+                shared = [o for o in ops if o.name.startswith("shared_expert")]
+                rest = [o for o in ops if not o.name.startswith("shared_expert")]
+                new: list[OpSpec] = []
+                for o in rest:
+                    if o.expert:
+                        new.extend(shared)
+                    new.append(o)
+                ops = new
+        last_comm = max((i for i, o in enumerate(ops) if o.stream == COMM), default=-1)
+        dispatch_handle = None
+        for i, o in enumerate(ops):
+            if pending is not None and o.name == "norms_rope":
+                prog.append(("w", pending))
+                pending = None
+            if o.expert:
+                if dispatch_handle is not None:
+                    prog.append(("w", dispatch_handle))
+                    dispatch_handle = None
+                prog.append(("x", o, moe_j))
+            elif o.stream == COMPUTE:
+                prog.append(("c", o))
+            elif o.name == "dispatch" and ov.shared_expert_dispatch:
+                handle += 1
+                dispatch_handle = handle
+                prog.append(("m", o, handle))
+            elif i == last_comm and moe_j >= 0 and ov.attention_combine \
+                    and o.name in ("combine", "moe_all_reduce"):
+                if pending is not None:
+                    prog.append(("w", pending))
+                handle += 1
+                pending = handle
+                prog.append(("m", o, handle))
+            else:
+                if pending is not None:
+                    prog.append(("w", pending))
+                    pending = None
+                prog.append(("m", o, None))
+        if dispatch_handle is not None:
+            prog.append(("w", dispatch_handle))
+    if pending is not None:
+        prog.append(("w", pending))
+    if stage < topo.pp - 1:
+        prog.append(("send",))
+    else:
+        prog += [("c", o) if o.stream == COMPUTE else ("m", o, None) for o in plan.head_post]
+    return prog
+
+
+def simulate_step(plans: list[StepPlan], overlap: OverlapSpec = OverlapSpec(),
+                  record: Optional[list[TraceEvent]] = None) -> StepCost:
+    """Run one step (``plans``: one per micro-batch, run concurrently) on every rank with simpy.
+    ``record``: a list that receives the op-level timeline (start at 0)."""
+    topo = plans[0].topo
+    n = topo.n_ranks
+    env = simpy.Environment()
+    compute = [simpy.Resource(env, 1) for _ in range(n)]
+    comm = [[simpy.Resource(env, 1) for _ in plans] for _ in range(n)]
+    fabric = Fabric(env)
+    barriers: dict[tuple, _Barrier] = {}
+    comp_us = np.zeros(n)
+    comm_us = np.zeros(n)
+    wait_us = np.zeros(n)
+    finish = np.zeros(n)
+    multi = len(plans) > 1
+
+    def comm_stream(mb: int) -> str:
+        return COMM + (f" mb{mb}" if multi else "")
+
+    def collective(r: int, mb: int, o: OpSpec, key: tuple, members: tuple, counts_wait: bool):
+        req = comm[r][mb].request()
+        yield req
+        t_arr = env.now
+        b = barriers.get(key)
+        if b is None:
+            b = barriers[key] = _Barrier(env, len(members))
+        b.arrived += 1
+        if b.arrived == b.n:
+            env.process(run(b, o, members))
+        yield b.start
+        if counts_wait:
+            wait_us[r] += b.t0 - t_arr
+        yield b.done
+        comm_us[r] += b.t1 - b.t0
+        comm[r][mb].release(req)
+        if record is not None:
+            record.append(TraceEvent(r, comm_stream(mb), o.name, b.t0, b.t1 - b.t0,
+                                     {"group": o.group, "port": o.port,
+                                      "latency_us": round(o.latency_us, 3),
+                                      "transfer_us_alone": round(o.transfer_us, 3)}))
+
+    def run(b: _Barrier, o: OpSpec, members: tuple):
+        b.t0 = env.now
+        b.start.succeed()
+        if o.latency_us > 0:
+            yield env.timeout(o.latency_us)
+        if o.transfer_us > 0:
+            yield fabric.transfer(o.transfer_us, tuple((m, o.port) for m in members))
+        b.t1 = env.now
+        b.done.succeed()
+
+    def rank_proc(r: int, mb: int, plan: StepPlan, prog: list[tuple]):
+        ep = topo.ep_rank(r)
+        handles: dict[int, simpy.Process] = {}
+        seq = 0
+        stage = topo.stage(r)
+        for ins in prog:
+            tag = ins[0]
+            if tag == "c" or tag == "x":
+                o = ins[1]
+                d = float(plan.expert_us[ins[2], ep]) if tag == "x" else o.dur_us
+                req = compute[r].request()
+                yield req
+                t0 = env.now
+                if d > 0:
+                    yield env.timeout(d)
+                compute[r].release(req)
+                comp_us[r] += d
+                if record is not None:
+                    args = {"mb": mb} if multi else {}
+                    if tag == "x":
+                        args["ops"] = ", ".join(plan.expert_names)
+                        args["moe_layer"] = ins[2]
+                    elif o.op is not None:
+                        args["bound"] = o.op.bound
+                    record.append(TraceEvent(r, COMPUTE, o.name, t0, d, args))
+            elif tag == "m":
+                o, h = ins[1], ins[2]
+                seq += 1
+                members = topo.group(o.group, r)
+                key = (mb, stage, seq, members[0])
+                p = env.process(collective(r, mb, o, key, members, True))
+                if h is None:
+                    yield p
+                else:
+                    handles[h] = p
+            elif tag == "w":
+                yield handles.pop(ins[1])
+            elif tag in ("send", "recv"):
+                peer = r + topo.stage_size if tag == "send" else r - topo.stage_size
+                lo = min(r, peer)
+                key = ("pp", mb, topo.stage(lo), lo)
+                yield env.process(collective(r, mb, plan.pp_send, key, (lo, lo + topo.stage_size),
+                                             False))
+        finish[r] = max(finish[r], env.now)
+
+    for mb, plan in enumerate(plans):
+        progs = {s: _program(plan, s, overlap) for s in range(topo.pp)}
+        for r in range(n):
+            env.process(rank_proc(r, mb, plan, progs[topo.stage(r)]))
+    env.run()
+    end = float(finish.max())
+    engine = plans[0].engine_us
+    if record is not None and engine > 0:
+        record.append(TraceEvent(-1, "host", "engine_step", end, engine, {}))
+    return StepCost(end + engine, comp_us, comm_us, wait_us,
+                    sum(p.dropped_slots for p in plans), sum(p.rerouted_slots for p in plans),
+                    sum(p.routed_slots for p in plans))
+
+
+# ---------------------------------------------------------------------------------------------
+# convenience
+# ---------------------------------------------------------------------------------------------
+
+def split_batch(b: Batch) -> list[Batch]:
+    """Two micro-batches of ``b`` (two-batch overlap): sequences split in halves; a single
+    prefill sequence is split into two consecutive chunks; a single decode sequence is not
+    split."""
+    if b.num_seqs >= 2:
+        a = (b.num_seqs + 1) // 2
+        return [Batch(b.phase, a, b.new_tokens, b.context),
+                Batch(b.phase, b.num_seqs - a, b.new_tokens, b.context)]
+    if b.new_tokens >= 2:
+        a = (b.new_tokens + 1) // 2
+        return [Batch(b.phase, 1, a, b.context),
+                Batch(b.phase, 1, b.new_tokens - a, b.context + a)]
+    return [b]
+
+
+def step_plans(builder: PlanBuilder, b: Batch, overlap: OverlapSpec,
+               draw: Optional[Callable[[int], Optional[np.ndarray]]] = None) -> list[StepPlan]:
+    """The micro-batch plans of batch ``b``; ``draw(tokens_per_group)`` gives a routing sample
+    (``None``: balanced)."""
+    parts = split_batch(b) if overlap.two_batch else [b]
+    return [builder.plan(p, draw(p.tokens) if draw is not None else None) for p in parts]
+
+
+def step_cost(builder: PlanBuilder, b: Batch, overlap: OverlapSpec = OverlapSpec(),
+              draw=None, record: Optional[list[TraceEvent]] = None,
+              force_simpy: bool = False) -> StepCost:
+    """Cost of one step: the closed form when nothing overlaps (and no timeline is wanted),
+    the simpy simulation otherwise."""
+    plans = step_plans(builder, b, overlap, draw)
+    if overlap.any or record is not None or force_simpy:
+        return simulate_step(plans, overlap, record)
+    return closed_form(plans[0])
+
+
+def simulate_one_step(sc: Scenario, b: Batch, loads: Optional[np.ndarray] = None,
+                      overlap: OverlapSpec = OverlapSpec(),
+                      record: Optional[list[TraceEvent]] = None) -> StepCost:
+    """One step of ``sc`` on every rank with simpy (``loads``: MoE loads of the whole batch,
+    ``[num_moe_layers, num_experts]``; with ``overlap.two_batch`` each micro-batch is priced
+    balanced unless ``loads`` is None)."""
+    builder = PlanBuilder(sc)
+    if overlap.two_batch:
+        return simulate_step(step_plans(builder, b, overlap), overlap, record)
+    return simulate_step([builder.plan(b, loads)], overlap, record)
