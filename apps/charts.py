@@ -1,14 +1,20 @@
 """Tables and altair charts of the explorer, built from moesim's result objects (no Streamlit).
 
-Every function takes plain moesim objects (``Prediction``, ``Step``, numpy loads, a hardware
-profile) or the DataFrames made here, and returns a DataFrame or an ``alt.Chart``; the explorer
-only places them. Units on screen: ms for steps and latencies, us inside one step, GB (1e9 B).
+Frames (``*_frame``) turn moesim objects (``Prediction``, ``Step``, numpy loads, DES trace
+events) into pandas DataFrames. Charts are Vega-Lite specs (dicts) for ``st.vega_lite_chart``:
+each is written with altair once, against *named* datasets, validated, and kept as a template;
+a render copies the template and attaches the current DataFrames under those names. Building and
+validating an altair chart costs 30-150 ms, which on every input change would be most of the
+re-render budget; swapping data costs well under a millisecond.
+
+Units on screen: ms for steps and latencies, us inside one step, GB (1e9 bytes).
 """
 
 from __future__ import annotations
 
+import copy
 import math
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import altair as alt
 import numpy as np
@@ -18,7 +24,42 @@ CATEGORIES = ["attention", "gemm", "moe", "comm", "elementwise", "overhead"]
 CATEGORY_COLORS = ["#4c78a8", "#72b7b2", "#f58518", "#e45756", "#54a24b", "#9d755d"]
 MEMORY_PARTS = ["weights", "kv_cache", "activations", "reserved"]
 MEMORY_COLORS = ["#4c78a8", "#f58518", "#54a24b", "#bab0ac"]
-SCENARIO_COLORS = ["#1f77b4", "#ff7f0e"]  # current, pinned
+SCENARIOS = ["current", "pinned"]
+SCENARIO_COLORS = ["#1f77b4", "#ff7f0e"]
+
+_TEMPLATES: dict[tuple, dict] = {}
+
+
+def _spec(key: tuple, build: Callable[[], alt.TopLevelMixin], **datasets: pd.DataFrame) -> dict:
+    """A copy of the template ``key`` (built and validated once) with ``datasets`` attached."""
+    tpl = _TEMPLATES.get(key)
+    if tpl is None:
+        tpl = _TEMPLATES[key] = build().to_dict()  # validates the template once
+    spec = copy.deepcopy(tpl)
+    spec["datasets"] = {name: _records(df) for name, df in datasets.items()}
+    return spec
+
+
+def _records(df: pd.DataFrame) -> list[dict]:
+    """JSON-safe records (NaN/inf -> None; numpy scalars -> Python)."""
+    out = []
+    for rec in df.to_dict("records"):
+        row = {}
+        for k, v in rec.items():
+            if isinstance(v, (np.floating, float)):
+                v = float(v)
+                v = v if math.isfinite(v) else None
+            elif isinstance(v, np.integer):
+                v = int(v)
+            elif isinstance(v, np.bool_):
+                v = bool(v)
+            row[k] = v
+        out.append(row)
+    return out
+
+
+def _data(name: str) -> alt.Data:
+    return alt.Data(name=name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -53,6 +94,16 @@ def top_ops_table(ops: pd.DataFrame, phase: str, limit: int = 15) -> pd.DataFram
     }).reset_index(drop=True)
 
 
+def category_frame(ops: pd.DataFrame, phase: str) -> pd.DataFrame:
+    d = ops[ops["phase"] == phase]
+    agg = d.groupby(["scenario", "category"], as_index=False)["time_ms"].sum()
+    agg["order"] = agg["category"].map({c: i for i, c in enumerate(CATEGORIES)}).fillna(99)
+    tot = agg.groupby("scenario")["time_ms"].transform("sum")
+    agg["share"] = (100 * agg["time_ms"] / tot.where(tot > 0, 1.0)).round(1)
+    agg["ms"] = agg["time_ms"].round(4)
+    return agg
+
+
 def memory_frame(pred: Any, label: str = "current") -> pd.DataFrame:
     m = pred.memory
     return pd.DataFrame([{"scenario": label, "part": part, "GB": getattr(m, part) / 1e9,
@@ -72,7 +123,9 @@ def sweep_frame(points: Iterable[tuple[int, Any]], label: str, current_batch: in
                      "memory_GB": p.memory.total / 1e9,
                      "fits": "fits" if p.memory.fits else "does not fit",
                      "current": int(b) == int(current_batch)})
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, columns=["scenario", "batch", "ttft_ms", "tpot_ms",
+                                       "tok_s_per_user", "throughput_per_gpu", "throughput",
+                                       "memory_GB", "fits", "current"])
 
 
 def sweep_batches(current: int, attention_dp: int, upper: int = 1024) -> list[int]:
@@ -88,37 +141,6 @@ def sweep_batches(current: int, attention_dp: int, upper: int = 1024) -> list[in
     return sorted(x for x in out if x >= attention_dp)
 
 
-# ---------------------------------------------------------------------------------------------
-# charts
-# ---------------------------------------------------------------------------------------------
-
-def _scenario_scale(labels: Sequence[str]) -> alt.Scale:
-    return alt.Scale(domain=list(labels), range=SCENARIO_COLORS[:len(labels)])
-
-
-def category_chart(ops: pd.DataFrame, steps: Optional[dict[str, str]] = None) -> alt.FacetChart:
-    """Stacked bars of step time per op category, one row per phase (own x scales)."""
-    agg = ops.groupby(["scenario", "phase", "category"], as_index=False)["time_ms"].sum()
-    agg["ms"] = agg["time_ms"].round(4)
-    agg["order"] = agg["category"].map({c: i for i, c in enumerate(CATEGORIES)}).fillna(99)
-    if steps:
-        agg["step"] = agg["phase"].map(steps).fillna("")
-    else:
-        agg["step"] = ""
-    n = agg["scenario"].nunique()
-    return alt.Chart(agg).mark_bar().encode(
-        x=alt.X("sum(time_ms):Q", title="time of one step (ms)"),
-        y=alt.Y("scenario:N", title=None, sort=["current", "pinned"]),
-        color=alt.Color("category:N", scale=alt.Scale(domain=CATEGORIES, range=CATEGORY_COLORS),
-                        legend=alt.Legend(orient="bottom", title=None, columns=6)),
-        order=alt.Order("order:Q"),
-        tooltip=["scenario", "phase", "step", "category", alt.Tooltip("ms:Q", title="ms")],
-    ).properties(height=34 * n + 10, width="container").facet(
-        row=alt.Row("phase:N", sort=["prefill", "decode"], title=None,
-                    header=alt.Header(labelAngle=0, labelAlign="left", labelFontWeight="bold")),
-    ).resolve_scale(x="independent")
-
-
 def roofline_frame(ops: pd.DataFrame) -> pd.DataFrame:
     """Ops that do arithmetic on HBM data: intensity (FLOP/byte) and achieved TFLOP/s of their
     kernel time (launch gaps left out)."""
@@ -127,7 +149,8 @@ def roofline_frame(ops: pd.DataFrame) -> pd.DataFrame:
     d["intensity"] = d["flops"] / d["bytes"]
     d["tflops"] = d["flops"] / d["kernel_us"] / 1e6
     d["kernel_us_r"] = d["kernel_us"].round(2)
-    return d
+    return d[["phase", "name", "category", "layer_kind", "bound", "time_ms", "intensity",
+              "tflops", "kernel_us_r"]]
 
 
 def roofs(hw: Any) -> tuple[float, dict[str, float]]:
@@ -135,181 +158,218 @@ def roofs(hw: Any) -> tuple[float, dict[str, float]]:
     bw_tb_s = hw.memory.hbm_peak_gb_per_s.value / 1e3
     peaks = {}
     pk = hw.compute.peak_dense_tflops
-    for name in ("fp4", "fp8", "int8", "bf16"):
+    for name in ("fp4", "fp8", "bf16"):
         q = getattr(pk, name, None)
-        if q is not None and name != "int8":
+        if q is not None:
             peaks[name] = float(q.value)
     return bw_tb_s, peaks
 
 
-def roofline_chart(ops: pd.DataFrame, hw: Any) -> alt.LayerChart:
-    pts = roofline_frame(ops)
+def roof_frames(pts: pd.DataFrame, hw: Any) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(roof polylines, their labels) spanning the points' intensities."""
     bw, peaks = roofs(hw)
-    lo_i = min([pts["intensity"].min() if len(pts) else 1.0, 1.0]) / 2
+    lo_i = min(float(pts["intensity"].min()) if len(pts) else 1.0, 1.0) / 2
     hi_peak = max(peaks.values()) if peaks else 1000.0
-    ridge_max = hi_peak / bw
-    hi_i = max([pts["intensity"].max() if len(pts) else 1.0, ridge_max * 8])
-    roof_rows = []
+    hi_i = max(float(pts["intensity"].max()) if len(pts) else 1.0, hi_peak / bw * 6)
+    rows, labels = [], []
     for name, p in peaks.items():
         ridge = p / bw
         for x in (lo_i, ridge, hi_i):
-            roof_rows.append({"roof": f"{name} {p:.0f} TFLOP/s", "intensity": x,
-                              "tflops": min(p, bw * x)})
-    roof_df = pd.DataFrame(roof_rows)
-    label_df = roof_df.groupby("roof", as_index=False).last()
-    x = alt.X("intensity:Q", scale=alt.Scale(type="log", domain=[lo_i, hi_i]),
-              title="arithmetic intensity (FLOP / HBM byte)")
-    y_dom = [max(1e-3, (pts["tflops"].min() if len(pts) else 1.0) / 2), hi_peak * 1.6]
-    y = alt.Y("tflops:Q", scale=alt.Scale(type="log", domain=y_dom),
-              title="achieved TFLOP/s (kernel time)")
-    lines = alt.Chart(roof_df).mark_line(color="#888", strokeWidth=1.5).encode(
-        x=x, y=y, detail="roof:N", strokeDash=alt.StrokeDash("roof:N", legend=None))
-    labels = alt.Chart(label_df).mark_text(align="right", dy=-6, fontSize=10,
-                                           color="#555").encode(x=x, y=y, text="roof:N")
-    hbm = pd.DataFrame([{"intensity": lo_i * 1.3, "tflops": bw * lo_i * 1.3,
-                         "t": f"HBM {bw:.2f} TB/s"}])
-    hbm_label = alt.Chart(hbm).mark_text(align="left", dy=-8, fontSize=10, angle=0,
-                                         color="#555").encode(x=x, y=y, text="t:N")
-    dots = alt.Chart(pts).mark_point(filled=True, opacity=0.85).encode(
-        x=x, y=y,
-        color=alt.Color("phase:N", scale=alt.Scale(domain=["prefill", "decode"],
-                                                   range=["#4c78a8", "#e45756"]),
-                        legend=alt.Legend(orient="bottom", title=None)),
-        shape=alt.Shape("category:N", legend=alt.Legend(orient="bottom", title=None)),
-        size=alt.Size("time_ms:Q", scale=alt.Scale(range=[30, 400]), legend=None),
-        tooltip=["phase", "name", "layer_kind", "bound",
-                 alt.Tooltip("kernel_us_r:Q", title="kernel us"),
-                 alt.Tooltip("intensity:Q", format=".1f", title="FLOP/byte"),
-                 alt.Tooltip("tflops:Q", format=".1f", title="TFLOP/s")])
-    return alt.layer(lines, labels, hbm_label, dots).properties(height=340, width="container")
+            rows.append({"roof": f"{name} {p:.0f} TFLOP/s", "intensity": x,
+                         "tflops": min(p, bw * x)})
+        labels.append({"text": f"{name} peak {p:.0f} TFLOP/s", "intensity": hi_i,
+                       "tflops": p, "align": "right"})
+    labels.append({"text": f"HBM {bw:.2f} TB/s", "intensity": lo_i * 1.4,
+                   "tflops": bw * lo_i * 1.4, "align": "left"})
+    return pd.DataFrame(rows), pd.DataFrame(labels)
 
 
 def expert_load_frame(loads: np.ndarray, capacity: Optional[int]) -> pd.DataFrame:
-    """Per expert, sorted by load: token-slots within the cap and above it."""
+    """Per expert, most loaded first: token-slots within the cap and above it."""
+    loads = np.asarray(loads)
     order = np.argsort(-loads, kind="stable")
-    rows = []
-    for pos, e in enumerate(order):
-        n = int(loads[e])
-        kept = n if capacity is None else min(n, capacity)
-        rows.append({"position": pos, "expert": int(e), "part": "within capacity",
-                     "slots": kept, "load": n})
-        if n > kept:
-            rows.append({"position": pos, "expert": int(e), "part": "over capacity",
+    n = loads[order].astype(np.int64)
+    kept = n if capacity is None else np.minimum(n, capacity)
+    pos = np.arange(len(n))
+    within = pd.DataFrame({"position": pos, "expert": order, "part": "within capacity",
+                           "slots": kept, "load": n})
+    over = pd.DataFrame({"position": pos, "expert": order, "part": "over capacity",
                          "slots": n - kept, "load": n})
-    return pd.DataFrame(rows)
+    return pd.concat([within, over[over["slots"] > 0]], ignore_index=True)
 
 
-def expert_load_chart(loads: np.ndarray, mean: float, capacity: Optional[int]) -> alt.LayerChart:
-    df = expert_load_frame(loads, capacity)
-    bars = alt.Chart(df).mark_bar(width={"band": 0.9} if len(loads) <= 64 else alt.Undefined
-                                  ).encode(
-        x=alt.X("position:O", title="experts, most loaded first",
-                axis=alt.Axis(labels=len(loads) <= 32, ticks=len(loads) <= 32)),
-        y=alt.Y("sum(slots):Q", title="token-slots"),
-        color=alt.Color("part:N", scale=alt.Scale(domain=["within capacity", "over capacity"],
-                                                  range=["#4c78a8", "#e45756"]),
-                        legend=alt.Legend(orient="bottom", title=None)),
-        tooltip=["expert", "load", "part", "slots"])
-    rules = [{"what": f"mean {mean:.1f}", "y": mean}]
+def rank_load_frame(rank_loads: np.ndarray) -> pd.DataFrame:
+    rank_loads = np.asarray(rank_loads, dtype=float)
+    mean = float(rank_loads.mean()) if len(rank_loads) else 0.0
+    top = int(np.argmax(rank_loads)) if len(rank_loads) else 0
+    return pd.DataFrame({"rank": [f"EP {r}" for r in range(len(rank_loads))],
+                         "r": np.arange(len(rank_loads)), "slots": rank_loads,
+                         "vs_mean": rank_loads / mean if mean > 0 else np.ones(len(rank_loads)),
+                         "who": ["most loaded" if r == top else "other"
+                                 for r in range(len(rank_loads))],
+                         "mean": mean})
+
+
+# ---------------------------------------------------------------------------------------------
+# chart specs
+# ---------------------------------------------------------------------------------------------
+
+def _legend(**kw) -> alt.Legend:
+    return alt.Legend(orient="bottom", title=None, **kw)
+
+
+def category_chart(ops: pd.DataFrame, phase: str, n_scenarios: int = 1) -> dict:
+    """Stacked bar of one step's time per op category (one bar per scenario)."""
+    def build():
+        return alt.Chart(_data("cat")).mark_bar().encode(
+            x=alt.X("time_ms:Q", stack="zero", title=f"{phase} step (ms)"),
+            y=alt.Y("scenario:N", title=None, sort=SCENARIOS),
+            color=alt.Color("category:N", scale=alt.Scale(domain=CATEGORIES,
+                                                          range=CATEGORY_COLORS),
+                            legend=_legend(columns=6) if phase == "decode" else None),
+            order=alt.Order("order:Q"),
+            tooltip=[alt.Tooltip("scenario:N"), alt.Tooltip("category:N"),
+                     alt.Tooltip("ms:Q", title="ms"), alt.Tooltip("share:Q", title="% of step")],
+        ).properties(height=30 * n_scenarios + 6, width="container")
+    return _spec(("category", phase, n_scenarios), build, cat=category_frame(ops, phase))
+
+
+def roofline_chart(ops: pd.DataFrame, hw: Any) -> dict:
+    pts = roofline_frame(ops)
+    roof_df, label_df = roof_frames(pts, hw)
+
+    def build():
+        x = alt.X("intensity:Q", scale=alt.Scale(type="log"),
+                  title="arithmetic intensity (FLOP / HBM byte)")
+        y = alt.Y("tflops:Q", scale=alt.Scale(type="log"), title="achieved TFLOP/s (kernel time)")
+        lines = alt.Chart(_data("roofs")).mark_line(color="#888", strokeWidth=1.5).encode(
+            x=x, y=y, detail="roof:N")
+        text_r = alt.Chart(_data("labels")).transform_filter("datum.align == 'right'").mark_text(
+            align="right", dy=-7, fontSize=10, color="#555").encode(x=x, y=y, text="text:N")
+        text_l = alt.Chart(_data("labels")).transform_filter("datum.align == 'left'").mark_text(
+            align="left", dx=4, dy=-8, fontSize=10, color="#555").encode(x=x, y=y, text="text:N")
+        dots = alt.Chart(_data("ops")).mark_point(filled=True, opacity=0.8).encode(
+            x=x, y=y,
+            color=alt.Color("phase:N", scale=alt.Scale(domain=["prefill", "decode"],
+                                                       range=["#4c78a8", "#e45756"]),
+                            legend=_legend()),
+            shape=alt.Shape("category:N", scale=alt.Scale(domain=["gemm", "moe", "attention"],
+                                                          range=["circle", "square",
+                                                                 "triangle-up"]),
+                            legend=_legend()),
+            size=alt.Size("time_ms:Q", scale=alt.Scale(range=[25, 350]), legend=None),
+            tooltip=[alt.Tooltip("phase:N"), alt.Tooltip("name:N"),
+                     alt.Tooltip("layer_kind:N"), alt.Tooltip("bound:N"),
+                     alt.Tooltip("kernel_us_r:Q", title="kernel us"),
+                     alt.Tooltip("intensity:Q", format=".1f", title="FLOP/byte"),
+                     alt.Tooltip("tflops:Q", format=".1f", title="TFLOP/s")])
+        return alt.layer(lines, text_r, text_l, dots).properties(height=330, width="container")
+    return _spec(("roofline",), build, roofs=roof_df, labels=label_df, ops=pts)
+
+
+def expert_load_chart(loads: np.ndarray, mean: float, capacity: Optional[int]) -> dict:
+    rules = [{"what": f"mean {mean:.1f}", "y": float(mean)}]
     if capacity is not None:
         rules.append({"what": f"capacity {capacity}", "y": float(capacity)})
-    rdf = pd.DataFrame(rules)
-    rule = alt.Chart(rdf).mark_rule(strokeDash=[4, 3], color="#333").encode(y="y:Q")
-    text = alt.Chart(rdf).mark_text(align="right", baseline="bottom", dy=-2, fontSize=10,
-                                    x="width").encode(y="y:Q", text="what:N")
-    return alt.layer(bars, rule, text).properties(height=220, width="container")
+
+    def build():
+        bars = alt.Chart(_data("loads")).mark_bar().encode(
+            x=alt.X("position:O", title="experts, most loaded first",
+                    axis=alt.Axis(labels=False, ticks=False)),
+            y=alt.Y("slots:Q", stack="zero", title="token-slots"),
+            color=alt.Color("part:N", scale=alt.Scale(domain=["within capacity",
+                                                              "over capacity"],
+                                                      range=["#4c78a8", "#e45756"]),
+                            legend=_legend()),
+            tooltip=[alt.Tooltip("expert:Q"), alt.Tooltip("load:Q"), alt.Tooltip("part:N"),
+                     alt.Tooltip("slots:Q")])
+        rule = alt.Chart(_data("rules")).mark_rule(strokeDash=[4, 3], color="#333").encode(
+            y="y:Q")
+        text = alt.Chart(_data("rules")).mark_text(align="right", baseline="bottom", dy=-2,
+                                                   fontSize=10, x="width").encode(
+            y="y:Q", text="what:N")
+        return alt.layer(bars, rule, text).properties(height=210, width="container")
+    return _spec(("experts",), build, loads=expert_load_frame(loads, capacity),
+                 rules=pd.DataFrame(rules))
 
 
-def rank_load_chart(rank_loads: np.ndarray) -> alt.LayerChart:
-    mean = float(np.mean(rank_loads)) if len(rank_loads) else 0.0
-    top = int(np.argmax(rank_loads)) if len(rank_loads) else 0
-    df = pd.DataFrame({"rank": [f"EP {r}" for r in range(len(rank_loads))],
-                       "r": list(range(len(rank_loads))),
-                       "slots": rank_loads.astype(float),
-                       "vs_mean": rank_loads / mean if mean > 0 else 1.0,
-                       "slowest": ["most loaded" if r == top else "other"
-                                   for r in range(len(rank_loads))]})
-    bars = alt.Chart(df).mark_bar().encode(
-        x=alt.X("rank:N", sort=alt.SortField("r"), title=None),
-        y=alt.Y("slots:Q", title="token-slots on rank"),
-        color=alt.Color("slowest:N", scale=alt.Scale(domain=["most loaded", "other"],
-                                                     range=["#e45756", "#4c78a8"]), legend=None),
-        tooltip=["rank", "slots", alt.Tooltip("vs_mean:Q", format=".2f", title="x mean")])
-    rule = alt.Chart(pd.DataFrame({"y": [mean]})).mark_rule(strokeDash=[4, 3],
-                                                              color="#333").encode(y="y:Q")
-    return alt.layer(bars, rule).properties(height=180, width="container")
+def rank_load_chart(rank_loads: np.ndarray) -> dict:
+    def build():
+        bars = alt.Chart(_data("ranks")).mark_bar().encode(
+            x=alt.X("rank:N", sort=alt.SortField("r"), title=None),
+            y=alt.Y("slots:Q", title="token-slots on the rank"),
+            color=alt.Color("who:N", scale=alt.Scale(domain=["most loaded", "other"],
+                                                     range=["#e45756", "#4c78a8"]),
+                            legend=None),
+            tooltip=[alt.Tooltip("rank:N"), alt.Tooltip("slots:Q"),
+                     alt.Tooltip("vs_mean:Q", format=".2f", title="x mean")])
+        rule = alt.Chart(_data("ranks")).mark_rule(strokeDash=[4, 3], color="#333").encode(
+            y="mean(mean):Q")
+        return alt.layer(bars, rule).properties(height=170, width="container")
+    return _spec(("ranks",), build, ranks=rank_load_frame(rank_loads))
 
 
-def memory_chart(mem: pd.DataFrame) -> alt.LayerChart:
-    n = mem["scenario"].nunique()
+def memory_chart(mem: pd.DataFrame) -> dict:
+    n = int(mem["scenario"].nunique())
     mem = mem.assign(GB_r=mem["GB"].round(2))
-    bars = alt.Chart(mem).mark_bar().encode(
-        x=alt.X("sum(GB):Q", title="GB per GPU"),
-        y=alt.Y("scenario:N", title=None, sort=["current", "pinned"]),
-        color=alt.Color("part:N", scale=alt.Scale(domain=MEMORY_PARTS, range=MEMORY_COLORS),
-                        legend=alt.Legend(orient="bottom", title=None)),
-        order=alt.Order("order:Q"),
-        tooltip=["scenario", "part", alt.Tooltip("GB_r:Q", title="GB")])
     cap = mem.groupby("scenario", as_index=False)["capacity_GB"].first()
     cap["label"] = cap["capacity_GB"].map(lambda v: f"HBM {v:.0f} GB")
-    tick = alt.Chart(cap).mark_tick(color="#d62728", thickness=3, size=30).encode(
-        x="capacity_GB:Q", y=alt.Y("scenario:N", sort=["current", "pinned"]),
-        tooltip=["scenario", "label"])
-    return alt.layer(bars, tick).properties(height=44 * n + 50, width="container")
+
+    def build():
+        bars = alt.Chart(_data("mem")).mark_bar().encode(
+            x=alt.X("GB:Q", stack="zero", title="GB per GPU"),
+            y=alt.Y("scenario:N", title=None, sort=SCENARIOS),
+            color=alt.Color("part:N", scale=alt.Scale(domain=MEMORY_PARTS, range=MEMORY_COLORS),
+                            legend=_legend()),
+            order=alt.Order("order:Q"),
+            tooltip=[alt.Tooltip("scenario:N"), alt.Tooltip("part:N"),
+                     alt.Tooltip("GB_r:Q", title="GB")])
+        tick = alt.Chart(_data("cap")).mark_tick(color="#d62728", thickness=3).encode(
+            x="capacity_GB:Q", y=alt.Y("scenario:N", sort=SCENARIOS),
+            tooltip=[alt.Tooltip("scenario:N"), alt.Tooltip("label:N")])
+        return alt.layer(bars, tick).properties(height=40 * n + 20, width="container")
+    return _spec(("memory", n), build, mem=mem, cap=cap)
 
 
-def sweep_charts(sw: pd.DataFrame) -> tuple[alt.LayerChart, alt.LayerChart]:
-    """(throughput per GPU vs batch size, latency-throughput frontier)."""
-    labels = [s for s in ("current", "pinned") if s in set(sw["scenario"])]
-    color = alt.Color("scenario:N", scale=_scenario_scale(labels),
-                      legend=alt.Legend(orient="bottom", title=None) if len(labels) > 1
-                      else None)
-    tips = ["scenario", "batch", alt.Tooltip("throughput_per_gpu:Q", format=".1f",
-                                              title="tok/s/GPU"),
+def _sweep_layer(x: alt.X, y: alt.Y, labels_on: bool) -> alt.LayerChart:
+    color = alt.Color("scenario:N", scale=alt.Scale(domain=SCENARIOS, range=SCENARIO_COLORS),
+                      legend=_legend())
+    tips = [alt.Tooltip("scenario:N"), alt.Tooltip("batch:Q"),
+            alt.Tooltip("throughput_per_gpu:Q", format=",.1f", title="tok/s/GPU"),
             alt.Tooltip("tpot_ms:Q", format=".2f", title="TPOT ms"),
-            alt.Tooltip("ttft_ms:Q", format=".1f", title="TTFT ms"),
-            alt.Tooltip("memory_GB:Q", format=".1f", title="GB/GPU"), "fits"]
-    fill = alt.Fill("fits:N", scale=alt.Scale(domain=["fits", "does not fit"],
-                                              range=["currentColor", "white"]), legend=None)
-    shape = alt.Shape("fits:N", scale=alt.Scale(domain=["fits", "does not fit"],
-                                                range=["circle", "circle"]),
-                      legend=alt.Legend(orient="bottom", title=None))
-    x_b = alt.X("batch:Q", scale=alt.Scale(type="log", base=2), title="batch size (sequences)")
-    y_t = alt.Y("throughput_per_gpu:Q", title="output tok/s per GPU")
-    base = alt.Chart(sw)
-    thr = alt.layer(
-        base.mark_line(opacity=0.6).encode(x=x_b, y=y_t, color=color, detail="scenario:N"),
-        base.mark_point(size=60, strokeWidth=2).encode(
-            x=x_b, y=y_t, color=color, fill=alt.condition("datum.fits == 'fits'",
-                                                          alt.Color("scenario:N",
-                                                                    scale=_scenario_scale(labels),
-                                                                    legend=None),
-                                                          alt.value("white")),
-            shape=shape, tooltip=tips),
-        base.transform_filter("datum.current").mark_point(size=260, shape="circle",
-                                                          color="#222", strokeWidth=1.5
-                                                          ).encode(x=x_b, y=y_t),
-    ).properties(height=280, width="container")
-    x_u = alt.X("tok_s_per_user:Q", title="output tok/s per user (1000 / TPOT)",
-                scale=alt.Scale(zero=False))
-    front = alt.layer(
-        base.mark_line(opacity=0.6).encode(x=x_u, y=y_t, color=color, order="batch:Q",
-                                           detail="scenario:N"),
-        base.mark_point(size=60, strokeWidth=2).encode(
-            x=x_u, y=y_t, color=color, fill=alt.condition("datum.fits == 'fits'",
-                                                          alt.Color("scenario:N",
-                                                                    scale=_scenario_scale(labels),
-                                                                    legend=None),
-                                                          alt.value("white")),
-            shape=shape, tooltip=tips),
-        base.mark_text(dx=7, dy=-7, fontSize=10, align="left", color="#444").encode(
-            x=x_u, y=y_t, text="batch:Q"),
-        base.transform_filter("datum.current").mark_point(size=260, shape="circle",
-                                                          color="#222", strokeWidth=1.5
-                                                          ).encode(x=x_u, y=y_t),
-    ).properties(height=280, width="container")
-    _ = fill  # the fill rule is expressed with alt.condition above
-    return thr, front
+            alt.Tooltip("ttft_ms:Q", format=",.1f", title="TTFT ms"),
+            alt.Tooltip("memory_GB:Q", format=".1f", title="GB/GPU"), alt.Tooltip("fits:N")]
+    base = alt.Chart(_data("sweep"))
+    layers = [
+        base.mark_line(opacity=0.6).encode(x=x, y=y, color=color, order="batch:Q"),
+        base.transform_filter("datum.fits == 'fits'").mark_point(
+            size=55, filled=True, opacity=1).encode(x=x, y=y, color=color, tooltip=tips),
+        base.transform_filter("datum.fits != 'fits'").mark_point(
+            size=55, filled=False, strokeWidth=1.8).encode(x=x, y=y, color=color, tooltip=tips),
+        base.transform_filter("datum.current").mark_point(size=260, color="#222",
+                                                          strokeWidth=1.5).encode(x=x, y=y),
+    ]
+    if labels_on:
+        layers.append(base.mark_text(dx=7, dy=-7, fontSize=10, align="left",
+                                     color="#444").encode(x=x, y=y, text="batch:Q"))
+    return alt.layer(*layers).properties(height=270, width="container")
+
+
+def throughput_chart(sw: pd.DataFrame) -> dict:
+    def build():
+        return _sweep_layer(
+            alt.X("batch:Q", scale=alt.Scale(type="log", base=2), title="batch size (sequences)"),
+            alt.Y("throughput_per_gpu:Q", title="output tok/s per GPU"), labels_on=False)
+    return _spec(("throughput",), build, sweep=sw)
+
+
+def frontier_chart(sw: pd.DataFrame) -> dict:
+    def build():
+        return _sweep_layer(
+            alt.X("tok_s_per_user:Q", title="output tok/s per user (1000 / TPOT)",
+                  scale=alt.Scale(zero=False)),
+            alt.Y("throughput_per_gpu:Q", title="output tok/s per GPU"), labels_on=True)
+    return _spec(("frontier",), build, sweep=sw)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -333,77 +393,83 @@ def _group(name: str) -> str:
         return _GROUPS[name]
     if name.startswith("shared_expert"):
         return "shared expert"
-    if any(t in name for t in _ATTN) or name.startswith("attention"):
+    if any(t in name for t in _ATTN):
         return "attention"
     return "other"
 
 
 def timeline_frame(events: Sequence[Any], moe_layer: int = 0) -> tuple[pd.DataFrame, dict]:
     """Events of one MoE layer (router .. combine, every rank) from a DES trace, plus the waits
-    each rank spends at collectives (gap between its last compute op and the collective's
-    start). Returns the frame (times in us from the window start) and a summary dict."""
+    each rank spends before its collectives (gap between its last compute op and the
+    collective's start, i.e. waiting for the slowest member). Times in us from the window
+    start; also returns a summary dict."""
     ev = [e for e in events if getattr(e, "rank", -1) >= 0]
     if not ev:
         return pd.DataFrame(), {}
+    by_rank: dict[int, list] = {}
+    for e in sorted(ev, key=lambda e: e.start_us):
+        by_rank.setdefault(e.rank, []).append(e)
     experts = [e for e in ev if e.name == "experts" and e.args.get("moe_layer") == moe_layer]
-    ranks = sorted({e.rank for e in ev})
     if experts:
         t0s, t1s = [], []
         for x in experts:
-            mine = sorted((e for e in ev if e.rank == x.rank), key=lambda e: e.start_us)
+            mine = by_rank[x.rank]
             before = [e for e in mine if e.name == "router_gemm" and e.start_us <= x.start_us]
             t0s.append(before[-1].start_us if before else x.start_us)
-            after = [e for e in mine if e.stream != "compute" and e.start_us >= x.start_us
-                     + x.dur_us - 1e-6]
+            after = [e for e in mine if e.stream != "compute"
+                     and e.start_us >= x.start_us + x.dur_us - 1e-6]
             t1s.append(after[0].start_us + after[0].dur_us if after else x.start_us + x.dur_us)
         t0, t1 = min(t0s), max(t1s)
-    else:  # dense model: the first layer's worth of time
-        end = max(e.start_us + e.dur_us for e in ev)
-        n_layers = max(1, sum(1 for e in ev if e.rank == ranks[0] and e.name == "o_proj"))
+    else:  # a dense model (or no such MoE layer): about the first layer
+        first = by_rank[min(by_rank)]
+        end = max(e.start_us + e.dur_us for e in first)
+        n_layers = max(1, sum(1 for e in first if e.name == "o_proj"))
         t0, t1 = 0.0, end / n_layers * 1.2
-    t0 -= 1e-6
-    sel = [e for e in ev if e.start_us < t1 and e.start_us + e.dur_us > t0]
     rows = []
-    for e in sel:
-        rows.append({"lane": f"GPU {e.rank} {'compute' if e.stream == 'compute' else 'comm'}",
-                     "rank": e.rank, "stream": e.stream, "name": e.name, "group": _group(e.name),
-                     "start": max(e.start_us, t0) - t0,
-                     "end": min(e.start_us + e.dur_us, t1) - t0,
-                     "dur_us": round(e.dur_us, 2)})
+    for e in ev:
+        if e.start_us < t1 and e.start_us + e.dur_us > t0:
+            rows.append({"lane": f"GPU {e.rank} {'compute' if e.stream == 'compute' else 'comm'}",
+                         "rank": e.rank, "name": e.name, "group": _group(e.name),
+                         "start": max(e.start_us, t0) - t0,
+                         "end": min(e.start_us + e.dur_us, t1) - t0, "dur_us": round(e.dur_us, 2)})
     waits: dict[int, float] = {}
-    for r in ranks:
-        mine = sorted((e for e in ev if e.rank == r), key=lambda e: e.start_us)
+    for r, mine in by_rank.items():
         comp_end = 0.0
         for e in mine:
             if e.stream == "compute":
                 comp_end = max(comp_end, e.start_us + e.dur_us)
             elif t0 <= e.start_us <= t1 and e.start_us - comp_end > 0.05:
                 w0 = max(comp_end, t0)
-                rows.append({"lane": f"GPU {r} compute", "rank": r, "stream": "compute",
+                rows.append({"lane": f"GPU {r} compute", "rank": r,
                              "name": f"waits for {e.name}", "group": "waiting",
                              "start": w0 - t0, "end": e.start_us - t0,
                              "dur_us": round(e.start_us - w0, 2)})
                 waits[r] = waits.get(r, 0.0) + e.start_us - w0
     df = pd.DataFrame(rows)
+    df["lane_order"] = df["rank"] * 2 + df["lane"].str.endswith("comm").astype(int)
     exp_us = {x.rank: x.dur_us for x in experts}
-    summary = {"window_us": t1 - t0, "experts_us": exp_us, "waits_us": waits}
+    summary: dict[str, Any] = {"window_us": t1 - t0, "experts_us": exp_us, "waits_us": waits}
     if exp_us:
         summary["slowest_rank"] = max(exp_us, key=exp_us.get)
     return df, summary
 
 
-def timeline_chart(df: pd.DataFrame) -> alt.Chart:
-    lanes = sorted(df["lane"].unique(), key=lambda s: (int(s.split()[1]), s.split()[2]))
-    return alt.Chart(df).mark_bar(height={"band": 0.8}).encode(
-        x=alt.X("start:Q", title="us since the layer's router"),
-        x2="end:Q",
-        y=alt.Y("lane:N", sort=lanes, title=None),
-        color=alt.Color("group:N", scale=alt.Scale(domain=TIMELINE_GROUPS,
-                                                   range=TIMELINE_COLORS),
-                        legend=alt.Legend(orient="bottom", title=None, columns=9)),
-        tooltip=["lane", "name", "group", alt.Tooltip("dur_us:Q", title="us"),
-                 alt.Tooltip("start:Q", format=".1f"), alt.Tooltip("end:Q", format=".1f")],
-    ).properties(height=max(120, 22 * len(lanes)), width="container")
+def timeline_chart(df: pd.DataFrame) -> dict:
+    lanes = int(df["lane"].nunique())
+
+    def build():
+        return alt.Chart(_data("events")).mark_bar(height={"band": 0.8}).encode(
+            x=alt.X("start:Q", title="us since the layer's router"),
+            x2="end:Q",
+            y=alt.Y("lane:N", sort=alt.SortField("lane_order"), title=None),
+            color=alt.Color("group:N", scale=alt.Scale(domain=TIMELINE_GROUPS,
+                                                       range=TIMELINE_COLORS),
+                            legend=_legend(columns=9)),
+            tooltip=[alt.Tooltip("lane:N"), alt.Tooltip("name:N"), alt.Tooltip("group:N"),
+                     alt.Tooltip("dur_us:Q", title="us"),
+                     alt.Tooltip("start:Q", format=".1f"), alt.Tooltip("end:Q", format=".1f")],
+        ).properties(height=max(120, 22 * lanes), width="container")
+    return _spec(("timeline", lanes), build, events=df)
 
 
 def fmt_ms(x: float) -> str:

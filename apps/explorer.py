@@ -442,15 +442,29 @@ def compare_section(current: dict, pred, pinned: Optional[dict], pinned_pred) ->
         c2.info("The current scenario is the pinned one.")
 
 
-def sweep_points(js_scenario: dict, batches: list[int], one_draw: bool):
+@st.cache_resource(show_spinner=False, max_entries=2048)
+def sweep_point(base_js: str, batch: int, one_draw: bool, _js: str):
+    """Prediction of the scenario ``_js`` at another batch size. The scenario is parsed once
+    and copied with the new workload (only ``batch_size >= attention_dp`` depends on it, and
+    :func:`charts.sweep_batches` keeps to that), so a sweep costs predictions only. Keyed on
+    the scenario without its batch size: changing the batch alone reuses the whole sweep."""
+    sc = scenario_of(_js)
+    wl = sc.workload.model_copy(update={"batch_size": int(batch)})
+    rs = sc.routing
+    if one_draw:
+        rs = rs.model_copy(update={"samples": 1})
+    src = sc.source.model_copy(update={"workload": wl, "routing": rs})
+    return predict(sc.model_copy(update={"workload": wl, "routing": rs, "source": src}))
+
+
+def sweep_points(scenario: dict, js: str, batches: list[int], one_draw: bool):
+    base = json.loads(js)
+    base["workload"]["batch_size"] = 0
+    base_js = json.dumps(base, sort_keys=True)
     out = []
     for b in batches:
-        s = json.loads(json.dumps(js_scenario))
-        s["workload"]["batch_size"] = b
-        if one_draw and s.get("routing", {}).get("distribution", "balanced") != "balanced":
-            s["routing"]["samples"] = 1
         try:
-            out.append((b, predict_json(json.dumps(s, sort_keys=True))))
+            out.append((b, sweep_point(base_js, b, one_draw, js)))
         except (InputError, ValueError):
             continue
     return out

@@ -8,13 +8,32 @@ Public API::
     from moesim.des import simulate
     r = simulate(load_scenario("examples/mixtral-8x7b_2xh100_tp2.json"), requests=500, seed=1)
     r.metrics["tpot_ms_mean"], r.detail["gpu"]["busy_fraction"]
+
+Names are imported lazily, so that ``moesim.spec.scenario`` can import
+:class:`moesim.des.spec.SimulationSpec` without an import cycle.
 """
 
-from .serving import RequestRecord, SimResult, simulate
-from .spec import (ArrivalSpec, LengthSpec, OverlapSpec, SimulationSpec, load_simulation,
-                   parse_simulation)
-from .step_sim import PlanBuilder, StepCost, closed_form, simulate_one_step, simulate_step
+from __future__ import annotations
 
-__all__ = ["ArrivalSpec", "LengthSpec", "OverlapSpec", "PlanBuilder", "RequestRecord",
-           "SimResult", "SimulationSpec", "StepCost", "closed_form", "load_simulation",
-           "parse_simulation", "simulate", "simulate_one_step", "simulate_step"]
+from importlib import import_module
+from typing import Any
+
+_EXPORTS = {
+    "simulate": "serving", "SimResult": "serving", "RequestRecord": "serving",
+    "SimulationSpec": "spec", "ArrivalSpec": "spec", "LengthSpec": "spec",
+    "OverlapSpec": "spec", "parse_simulation": "spec", "load_simulation": "spec",
+    "PlanBuilder": "step_sim", "StepCost": "step_sim", "closed_form": "step_sim",
+    "simulate_step": "step_sim", "simulate_one_step": "step_sim",
+    "add_cli": "cli",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    mod = _EXPORTS.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'moesim.des' has no attribute {name!r}")
+    value = getattr(import_module(f".{mod}", __name__), name)
+    globals()[name] = value
+    return value

@@ -27,6 +27,7 @@ step gets a fresh routing draw (only the routed-expert part of the cost depends 
 
 from __future__ import annotations
 
+import copy
 import csv
 import io
 import json
@@ -253,7 +254,7 @@ class SimResult:
     def to_dict(self) -> dict[str, Any]:
         out = {"scenario": self.scenario, "seed": self.seed}
         out.update(self.metrics)
-        out["detail"] = self.detail
+        out["detail"] = copy.deepcopy(self.detail)
         out["wall_s"] = self.wall_s
         return out
 
@@ -335,9 +336,9 @@ class StepPricer:
         return out
 
     def _shape(self, n: int, tokens: int) -> tuple[int, int]:
-        ng = -(-n // self.dp)
-        tg = -(-tokens // self.dp)
-        return ng, max(1, int(round(tg / ng)))
+        """(sequences, tokens per sequence) of the busiest attention-DP group: the sequences
+        are spread over the groups, each keeping its own tokens."""
+        return -(-n // self.dp), max(1, int(round(tokens / n)))
 
     def _parts(self, phase: str, ng: int, new: int, ctx: float) -> list[Batch]:
         b = Batch(phase, ng, new, float(ctx))
@@ -476,7 +477,9 @@ class Engine:
         self.env = simpy.Environment()
         self.pricer = StepPricer(sc, sim, r_route)
         self.bs = sim.block_size
-        self.max_tokens = sim.max_num_batched_tokens or sc.max_num_batched_tokens
+        # the step budget holds per attention-DP group (each group prefills its own chunk)
+        self.max_tokens = (sim.max_num_batched_tokens or sc.max_num_batched_tokens) * \
+            sc.deployment.attention_dp
         self.max_seqs = sim.max_num_seqs
         blocks_per_group, self.block_bytes = kv_blocks(sc, sim)
         self.blocks_per_group = blocks_per_group
@@ -806,7 +809,7 @@ def simulate(sc: Scenario, requests: Optional[int] = None, seed: Optional[int] =
     wall0 = time.perf_counter()
     if sim is None:
         sim = getattr(sc.source, "simulation", None)
-    spec = parse_simulation(sim if not isinstance(sim, SimulationSpec) else sim)
+    spec = parse_simulation(sim)
     if requests is not None and (isinstance(requests, bool) or int(requests) < 1):
         raise InputError("requests", f"must be >= 1; got {requests!r}")
     if seed is not None and (isinstance(seed, bool) or int(seed) < 0):

@@ -160,9 +160,11 @@ class SimulationSpec(_Strict):
     seed: Optional[int] = Field(None, ge=0, description="default: routing.seed")
     scheduler: Literal["prefill_first"] = Field(
         "prefill_first", description="prefill steps (chunked) run before decode steps")
-    max_num_seqs: int = Field(256, ge=1, description="sequences in flight at most")
+    max_num_seqs: int = Field(256, ge=1, description="sequences in flight at most (all "
+                                                       "attention-DP groups together)")
     max_num_batched_tokens: Optional[int] = Field(
-        None, ge=1, description="tokens per prefill step; default the scenario's")
+        None, ge=1, description="tokens per prefill step and attention-DP group; default the "
+                                "scenario's")
     chunked_prefill: bool = Field(True, description="split prompts longer than the step budget")
     block_size: int = Field(16, ge=1, description="KV-cache block size in tokens")
     num_gpu_blocks: Optional[int] = Field(

@@ -457,9 +457,10 @@ class TraceEvent:
 
 
 def _program(plan: StepPlan, stage: int, ov: OverlapSpec) -> list[tuple]:
-    """The instruction list of one micro-batch on a rank of ``stage``: ('c', op) compute,
-    ('x', op, moe_layer) experts, ('m', op, handle) collective (handle None: blocking),
-    ('w', handle) wait for an async collective, ('recv',) / ('send',) pipeline transfers."""
+    """The instruction list of one micro-batch on a rank of ``stage``: ('s', [(op, moe_layer
+    or -1), ...]) a run of compute ops (experts: moe_layer >= 0), ('m', op, handle) collective
+    (handle None: blocking), ('w', handle) wait for an async collective, ('recv',) / ('send',)
+    pipeline transfers."""
     topo = plan.topo
     prog: list[tuple] = []
     if stage > 0:
@@ -521,7 +522,28 @@ def _program(plan: StepPlan, stage: int, ov: OverlapSpec) -> list[tuple]:
         prog.append(("send",))
     else:
         prog += [("c", o) if o.stream == COMPUTE else ("m", o, None) for o in plan.head_post]
-    return prog
+    return _segments(prog)
+
+
+def _segments(prog: list[tuple]) -> list[tuple]:
+    """Merge runs of compute instructions into ('s', [(op, moe_layer or -1), ...]): a run
+    occupies the compute stream back to back (micro-batches interleave between runs, at the
+    points where one waits for a collective — how two-batch overlap schedules them)."""
+    out: list[tuple] = []
+    run: list[tuple[OpSpec, int]] = []
+    for ins in prog:
+        if ins[0] == "c":
+            run.append((ins[1], -1))
+        elif ins[0] == "x":
+            run.append((ins[1], ins[2]))
+        else:
+            if run:
+                out.append(("s", run))
+                run = []
+            out.append(ins)
+    if run:
+        out.append(("s", run))
+    return out
 
 
 def simulate_step(plans: list[StepPlan], overlap: OverlapSpec = OverlapSpec(),
@@ -583,9 +605,12 @@ def simulate_step(plans: list[StepPlan], overlap: OverlapSpec = OverlapSpec(),
         stage = topo.stage(r)
         for ins in prog:
             tag = ins[0]
-            if tag == "c" or tag == "x":
-                o = ins[1]
-                d = float(plan.expert_us[ins[2], ep]) if tag == "x" else o.dur_us
+            if tag == "s":
+                run = ins[1]
+                E = plan.expert_us
+                d = 0.0
+                for o, j in run:
+                    d += o.dur_us if j < 0 else float(E[j, ep])
                 req = compute[r].request()
                 yield req
                 t0 = env.now
@@ -594,13 +619,17 @@ def simulate_step(plans: list[StepPlan], overlap: OverlapSpec = OverlapSpec(),
                 compute[r].release(req)
                 comp_us[r] += d
                 if record is not None:
-                    args = {"mb": mb} if multi else {}
-                    if tag == "x":
-                        args["ops"] = ", ".join(plan.expert_names)
-                        args["moe_layer"] = ins[2]
-                    elif o.op is not None:
-                        args["bound"] = o.op.bound
-                    record.append(TraceEvent(r, COMPUTE, o.name, t0, d, args))
+                    t = t0
+                    for o, j in run:
+                        dj = o.dur_us if j < 0 else float(E[j, ep])
+                        args = {"mb": mb} if multi else {}
+                        if j >= 0:
+                            args["ops"] = ", ".join(plan.expert_names)
+                            args["moe_layer"] = j
+                        elif o.op is not None:
+                            args["bound"] = o.op.bound
+                        record.append(TraceEvent(r, COMPUTE, o.name, t, dj, args))
+                        t += dj
             elif tag == "m":
                 o, h = ins[1], ins[2]
                 seq += 1

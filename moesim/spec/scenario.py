@@ -144,17 +144,25 @@ def resolve(raw: ScenarioFile, *, base_dir: Optional[Path] = None) -> Scenario:
     dep = raw.deployment
     num_gpus = hw_ref.num_gpus if hw_ref.num_gpus is not None else dep.gpus
     _check_consistency(model, hw, num_gpus, hw_ref.gpus_per_node, dep, raw.workload, raw.routing)
+    routing = raw.routing
+    if base_dir is not None:  # files named in a scenario are relative to the scenario's folder
+        update = {f: str(base_dir / getattr(routing, f)) for f in ("histogram_file", "trace_file")
+                  if getattr(routing, f) and (base_dir / getattr(routing, f)).exists()}
+        routing = routing.model_copy(update=update) if update else routing
     if model.moe is not None:
         from ..routing import check_routing_files  # the routing layer validates its own files
 
         try:
-            check_routing_files(raw.routing, model.moe.num_experts, model.num_moe_layers)
+            check_routing_files(routing, model.moe.num_experts, model.num_moe_layers,
+                                top_k=model.moe.top_k)
+        except InputError:
+            raise
         except ValueError as exc:
             raise InputError("routing", str(exc).splitlines()[0]) from None
     return Scenario(
         name=raw.name or f"{model.name} on {num_gpus}x{hw.id}",
         model=model, hardware=hw, num_gpus=num_gpus, gpus_per_node=hw_ref.gpus_per_node,
-        deployment=dep, workload=raw.workload, routing=raw.routing,
+        deployment=dep, workload=raw.workload, routing=routing,
         framework=load_framework(dep.framework), source=raw)
 
 
