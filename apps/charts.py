@@ -36,6 +36,9 @@ def _spec(key: tuple, build: Callable[[], alt.TopLevelMixin], **datasets: pd.Dat
     if tpl is None:
         tpl = _TEMPLATES[key] = build().to_dict()  # validates the template once
     spec = copy.deepcopy(tpl)
+    # width follows the container, height is the plot's own (Streamlit's default "fit" would
+    # squeeze axes and legends into ``height`` and flatten the small bar charts)
+    spec["autosize"] = {"type": "fit-x", "contains": "padding"}
     spec["datasets"] = {name: _records(df) for name, df in datasets.items()}
     return spec
 

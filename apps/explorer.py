@@ -618,7 +618,7 @@ def des_section(sc, js: str, slots) -> None:
         if df.empty:
             st.info("The simulator recorded no events for this step.")
             return
-        st.altair_chart(charts.timeline_chart(df), width="stretch")
+        chart(charts.timeline_chart(df), "timeline_chart")
         waits = summary.get("waits_us", {})
         slow = summary.get("slowest_rank")
         msg = f"Step {cost.time_us / 1e3:.3f} ms simulated (closed form: " \
@@ -637,6 +637,7 @@ def des_section(sc, js: str, slots) -> None:
 def main() -> None:
     st.set_page_config(page_title="moesim explorer", layout="wide",
                        initial_sidebar_state="expanded")
+    t_page = time.perf_counter()
     init_state()
     slots, download_slot = sidebar()
 
@@ -689,51 +690,33 @@ def main() -> None:
     steps = {"prefill": f"{pred.prefill_step.batch.tokens} tokens",
              "decode": f"{pred.decode_step.batch.num_seqs} sequences"}
 
+    n = len(preds)
     c1, c2 = st.columns(2)
     with c1:
-        st.markdown("**Time per op category** — one prefill chunk and one decode step "
-                    "(slowest GPU)")
-        st.altair_chart(charts.category_chart(ops, steps), width="stretch")
+        st.markdown("**Time per op category** — one prefill chunk "
+                    f"({steps['prefill']}) and one decode step ({steps['decode']}), "
+                    "slowest GPU")
+        chart(charts.category_chart(ops, "prefill", n), "cat_prefill")
+        chart(charts.category_chart(ops, "decode", n), "cat_decode")
     with c2:
         st.markdown("**Memory per GPU** — red tick: HBM capacity")
         mem = pd.concat([charts.memory_frame(p, lab) for p, lab in zip(preds, labels)],
                         ignore_index=True)
-        st.altair_chart(charts.memory_chart(mem), width="stretch")
+        chart(charts.memory_chart(mem), "memory_chart")
         kv = pred.memory.kv_bytes_per_seq
         st.caption(f"KV cache {kv / 1e6:.1f} MB per sequence at full length; largest batch "
                    f"that fits: {pred.memory.max_batch_size}.")
 
     c3, c4 = st.columns(2)
     with c3:
-        st.markdown(f"**Roofline** on {sc.hardware.display_name} — every GEMM / MoE / "
-                    "attention op of both steps")
-        st.altair_chart(charts.roofline_chart(ops[ops["scenario"] == "current"], sc.hardware),
-                        width="stretch")
+        st.markdown(f"**Roofline** on {sc.hardware.display_name} — every GEMM, MoE and "
+                    "attention op of both steps (size: time share)")
+        chart(charts.roofline_chart(ops[ops["scenario"] == "current"], sc.hardware),
+              "roofline_chart")
     with c4:
         routing_panel(sc, js, pred)
 
-    st.markdown("**Batch size sweep** — throughput per GPU and the latency-throughput "
-                "frontier (hollow: does not fit in memory; ringed: current batch)")
-    one_draw = sc.model.moe is not None and sc.routing.distribution != "balanced"
-    with st.spinner("sweeping batch sizes..."):
-        sw = [charts.sweep_frame(sweep_points(current, charts.sweep_batches(
-            sc.workload.batch_size, sc.deployment.attention_dp), one_draw), "current",
-            sc.workload.batch_size)]
-        if pinned_pred is not None:
-            psc = pinned_pred.scenario
-            sw.append(charts.sweep_frame(sweep_points(pinned, charts.sweep_batches(
-                psc.workload.batch_size, psc.deployment.attention_dp),
-                psc.model.moe is not None and psc.routing.distribution != "balanced"),
-                "pinned", psc.workload.batch_size))
-        swdf = pd.concat(sw, ignore_index=True)
-    if not swdf.empty:
-        thr, front = charts.sweep_charts(swdf)
-        s1, s2 = st.columns(2)
-        s1.altair_chart(thr, width="stretch")
-        s2.altair_chart(front, width="stretch")
-        if one_draw:
-            st.caption("Sweep points use one routing draw each (the headline uses "
-                       f"{pred.samples}).")
+    sweep_section(sc, current, js, pinned, pinned_pred)
 
     with st.expander("Ops of one step, slowest first"):
         t1, t2 = st.columns(2)
@@ -749,6 +732,51 @@ def main() -> None:
     with st.expander("Scenario JSON (what the download button saves)"):
         st.code(text, language="json")
         st.caption("Run it from a shell: `python -m moesim predict scenario.json`")
+    ss["page_ms"] = (time.perf_counter() - t_page) * 1e3
+    st.caption(f"page computed in {ss['page_ms']:.0f} ms")
+
+
+def chart(spec: dict, key: str) -> None:
+    st.vega_lite_chart(spec=spec, width="stretch", key=key)
+
+
+def stochastic(sc) -> bool:
+    return sc.model.moe is not None and sc.routing.distribution != "balanced"
+
+
+def sweep_section(sc, current: dict, js: str, pinned: Optional[dict], pinned_pred) -> None:
+    import pandas as pd
+
+    st.markdown("**Batch size sweep** — throughput per GPU, and the latency-throughput "
+                "frontier (filled: fits in memory; hollow: does not; ringed: current batch)")
+    skewed = stochastic(sc) or (pinned_pred is not None and stochastic(pinned_pred.scenario))
+    if skewed:
+        on = st.checkbox("sweep with the chosen routing skew (one draw per point; every draw "
+                         "re-prices each MoE layer, so this takes seconds)", key="sweep_skew")
+        if not on:
+            st.caption("Sweep off for random routing; tick the box to compute it.")
+            return
+    frames = []
+    with st.spinner("sweeping batch sizes..."):
+        frames.append(charts.sweep_frame(sweep_points(
+            current, js, charts.sweep_batches(sc.workload.batch_size,
+                                              sc.deployment.attention_dp), stochastic(sc)),
+            "current", sc.workload.batch_size))
+        if pinned_pred is not None:
+            psc = pinned_pred.scenario
+            frames.append(charts.sweep_frame(sweep_points(
+                pinned, json.dumps(pinned, sort_keys=True),
+                charts.sweep_batches(psc.workload.batch_size, psc.deployment.attention_dp),
+                stochastic(psc)), "pinned", psc.workload.batch_size))
+    sw = pd.concat(frames, ignore_index=True)
+    if sw.empty:
+        st.info("No batch size of the sweep could be predicted.")
+        return
+    s1, s2 = st.columns(2)
+    with s1:
+        chart(charts.throughput_chart(sw), "throughput_chart")
+    with s2:
+        chart(charts.frontier_chart(sw), "frontier_chart")
 
 
 def routing_panel(sc, js: str, pred) -> None:
@@ -768,12 +796,12 @@ def routing_panel(sc, js: str, pred) -> None:
         st.error(str(exc).splitlines()[0])
         return
     mean = tokens * m.moe.top_k / m.moe.num_experts
-    st.altair_chart(charts.expert_load_chart(row, mean, cap), width="stretch")
+    chart(charts.expert_load_chart(row, mean, cap), "expert_chart")
     ratio = per_rank.max() / per_rank.mean() if per_rank.mean() > 0 else 1.0
     st.markdown(f"**Per EP rank** — max/mean {ratio:.2f}" +
                 (f" (EP=1: every GPU holds every expert, split by MoE-TP "
                  f"{sc.deployment.moe_tp})" if sc.deployment.ep == 1 else ""))
-    st.altair_chart(charts.rank_load_chart(per_rank), width="stretch")
+    chart(charts.rank_load_chart(per_rank), "rank_chart")
     step = pred.decode_step if phase == "decode" else pred.prefill_step
     st_ = step.moe_stats.get("moe")
     parts = [f"{tokens} tokens x top-{m.moe.top_k} over {m.moe.num_experts} experts",

@@ -54,7 +54,7 @@ WIDGET_DEFAULTS: dict[str, Any] = {
     "batch_size": 64,
     "input_len": 1024,
     "output_len": 512,
-    "distribution": "zipf",
+    "distribution": "balanced",
     "alpha": 1.2,
     "s": 0.8,
     "hot_experts": "0, 1",

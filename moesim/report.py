@@ -119,7 +119,10 @@ def to_table(p: Prediction) -> str:
                          f"max {st.tokens_per_expert_max:.1f}, rank load max/mean "
                          f"{st.rank_load_max_over_mean:.2f}, distinct experts "
                          f"{st.distinct_experts:.1f}, dropped {100 * st.dropped_fraction:.2f}%, "
-                         f"rerouted {100 * st.rerouted_fraction:.2f}%")
+                         f"rerouted {100 * st.rerouted_fraction:.2f}%"
+                         + (f", rank tokens max/mean {st.rank_tokens_max_over_mean:.2f} with EPLB "
+                            f"vs {st.rank_tokens_max_over_mean_before_eplb:.2f} without"
+                            if st.rank_tokens_max_over_mean_before_eplb is not None else ""))
     lines.append("")
     lines += _op_table(p.prefill_step, f"prefill step: {p.prefill_step.batch.tokens} tokens, "
                                        f"{_fmt_us(p.prefill_step.time_us)}")

@@ -50,7 +50,6 @@ from pathlib import Path
 from typing import Optional, Union
 
 import numpy as np
-from scipy import stats
 
 from .errors import InputError
 from .spec.routing import RoutingSpec
@@ -1099,7 +1098,7 @@ def _check_ek(num_experts: int, top_k: int) -> None:
 @lru_cache(maxsize=256)
 def _normal_max(n: int) -> float:
     """E[max of n i.i.d. standard normals] (quadrature)."""
-    from scipy import integrate
+    from scipy import integrate, stats  # lazy: scipy.stats costs ~1 s to import
 
     if n == 1:
         return 0.0
@@ -1134,6 +1133,7 @@ def _window_chunks(start: np.ndarray, stop: np.ndarray):
 def _binom_pmf(c: np.ndarray, t: np.ndarray, p: float) -> np.ndarray:
     """Binomial(t, p) pmf at integer ``c`` (0 outside ``0..t``), via log-gamma: much faster than
     ``scipy.stats.binom`` on large grids and accurate to ~1e-13 relative."""
+    from scipy import stats  # lazy: scipy.stats costs ~1 s to import
     from scipy.special import gammaln
 
     ok = (c >= 0) & (c <= t)
@@ -1218,6 +1218,7 @@ def expected_max_rank_load(num_tokens: ArrayLike, num_experts: int, top_k: int, 
     Measured error vs Monte Carlo: within 0.8 % for ``T >= 3`` (independence alone: down to
     -4 %); -3.7 % at ``T = 1, E = 64, k = 6, ep = 8`` (tiny discrete loads).
     """
+    from scipy import stats  # lazy: scipy.stats costs ~1 s to import
     _check_ek(num_experts, top_k)
     if isinstance(ep, bool) or not isinstance(ep, (int, np.integer)) or ep < 1:
         raise ValueError(f"ep must be an integer >= 1; got {ep!r}")
@@ -1266,6 +1267,7 @@ def expected_padded_rows(num_tokens: ArrayLike, num_experts: int, top_k: int, bl
     ``n ~ Binomial(T, k/E)`` (exact under uniform routing, by linearity; notes §2.2), evaluated as
     ``E · block_m · Σ_{j≥0} P(n > j·block_m)``. When ``sd > 170·block_m`` the residue is uniform
     and ``mean + (block_m - 1)/2`` per expert is used. Vectorised over ``num_tokens``."""
+    from scipy import stats  # lazy: scipy.stats costs ~1 s to import
     _check_ek(num_experts, top_k)
     if isinstance(block_m, bool) or not isinstance(block_m, (int, np.integer)) or block_m < 1:
         raise ValueError(f"block_m must be an integer >= 1; got {block_m!r}")

@@ -51,6 +51,8 @@ class MoeLayerStats:
     distinct_experts: float
     dropped_fraction: float = 0.0
     rerouted_fraction: float = 0.0
+    rank_tokens_max_over_mean: float = 1.0
+    rank_tokens_max_over_mean_before_eplb: Optional[float] = None  # contiguous placement
 
 
 @dataclass(frozen=True)
@@ -155,20 +157,34 @@ def _dense_mlp_ops(sc: Scenario, b: Batch, inter: int, prefix: str = "mlp") -> l
                  d.activation_dtype)]
 
 
-def ranks_per_token(num_experts: int, experts_per_rank: int, top_k: int) -> float:
-    """Probability that a token has at least one of its top-k (distinct, uniformly chosen)
-    experts on a given rank: 1 - C(E - E_r, k) / C(E, k). Times the rank count it is the
-    expected dispatch fan-out (DeepEP sends a token once per destination rank)."""
-    e, er, k = num_experts, experts_per_rank, top_k
-    if e - er < k:
-        return 1.0
-    return 1.0 - math.comb(e - er, k) / math.comb(e, k)
+def received_tokens(rank_loads: np.ndarray, num_tokens: int) -> np.ndarray:
+    """Distinct tokens each rank receives, from its experts' token-slots ``[ep, slots]``: a token
+    with several experts on one rank arrives once. Expected value when each expert's tokens are
+    an independent draw of ``n_e`` of the ``num_tokens``: ``T * (1 - prod_e (1 - n_e / T))``."""
+    if num_tokens <= 0:
+        return np.zeros(rank_loads.shape[0])
+    frac = np.clip(rank_loads / num_tokens, 0.0, 1.0)
+    return num_tokens * (1.0 - np.prod(1.0 - frac, axis=1))
 
 
-def _moe_layer_ops(sc: Scenario, b: Batch, loads: np.ndarray
-                   ) -> tuple[list[OpCost], np.ndarray, float, float]:
-    """Ops of one MoE layer, the per-rank expert times, and the dropped and rerouted shares of
-    the token-slots, for global per-expert ``loads``.
+@dataclass(frozen=True)
+class _MoeLayer:
+    ops: list[OpCost]
+    rank_us: np.ndarray  # expert time per EP rank
+    dropped: float  # shares of the token-slots
+    rerouted: float
+    rank_tokens_ratio: float  # max / mean token-slots per rank, after placement
+    rank_tokens_ratio_contiguous: Optional[float]  # the same without EPLB (eplb only)
+
+
+def _max_over_mean(x: np.ndarray) -> float:
+    m = float(np.mean(x))
+    return float(np.max(x)) / m if m > 0 else 1.0
+
+
+def _moe_layer_ops(sc: Scenario, b: Batch, loads: np.ndarray) -> _MoeLayer:
+    """Ops of one MoE layer, the per-rank expert times, what the capacity cap did and the rank
+    balance, for global per-expert ``loads``.
 
     ``loads`` are the token-slots routed to each expert by all tokens that meet in this layer:
     with attention_dp == 1 every rank holds the whole batch (TP-style MoE) and the tokens are
@@ -200,8 +216,7 @@ def _moe_layer_ops(sc: Scenario, b: Batch, loads: np.ndarray
         if dp == 1:
             tokens_in = np.full(d.ep, t_global)
         else:
-            p_in = ranks_per_token(mo.num_experts, per_rank.shape[1], mo.top_k)
-            tokens_in = np.maximum(np.ceil(np.minimum(per_rank.sum(axis=1), t_global * p_in)), 1)
+            tokens_in = np.maximum(np.ceil(received_tokens(per_rank, t_global)), 1)
         for r in range(d.ep):
             ops_r = moe.expert_ops(per_rank[r], int(tokens_in[r]), mo.top_k, H, inter_r, hw,
                                    d.experts_dtype, d.activation_dtype, m.gated_mlp, d.strategy)
@@ -211,9 +226,9 @@ def _moe_layer_ops(sc: Scenario, b: Batch, loads: np.ndarray
     rank_us = np.array([sum(o.total_us for o in ro) for ro in rank_ops])
     slowest = int(np.argmax(rank_us))
     # Dispatch/combine: each token travels once to every rank holding one of its experts
-    # (DeepEP de-duplicates per rank); a TP group's ranks split its tokens between them.
-    fanout = d.ep * ranks_per_token(mo.num_experts, per_rank.shape[1], mo.top_k)
-    a2a_tokens = t_group / d.tp * fanout
+    # (DeepEP de-duplicates per rank); the all-to-all waits for the rank receiving the most.
+    a2a_tokens = float(received_tokens(rank_expert_loads(capped.processed, d.ep, rs),
+                                       t_global).max())
     if dp > 1:
         ops.append(comm.all_to_all("dispatch", a2a_tokens * H * ELEMENT_BYTES[d.activation_dtype],
                                    d.ep, hw, sc.gpus_per_node))
@@ -227,7 +242,12 @@ def _moe_layer_ops(sc: Scenario, b: Batch, loads: np.ndarray
         ar = _tp_all_reduce(sc, b, "moe_all_reduce")
         if ar is not None:
             ops.append(ar)
-    return ops, rank_us, float(capped.dropped) / slots, float(capped.rerouted) / slots
+    placed = rank_expert_loads(capped.processed, d.ep, rs).sum(axis=1)
+    before = None
+    if rs.placement == "eplb" and mo.num_experts % d.ep == 0:
+        before = _max_over_mean(np.asarray(capped.processed).reshape(d.ep, -1).sum(axis=1))
+    return _MoeLayer(ops, rank_us, float(capped.dropped) / slots,
+                     float(capped.rerouted) / slots, _max_over_mean(placed), before)
 
 
 def _head_ops(sc: Scenario, b: Batch) -> list[OpCost]:
@@ -266,8 +286,9 @@ def build_step(sc: Scenario, b: Batch, moe_loads: Optional[np.ndarray] = None) -
             moe_loads = np.broadcast_to(balanced_loads(t_global, m.moe.num_experts, m.moe.top_k),
                                         (m.num_moe_layers, m.moe.num_experts))
         moe_idx = 0
-        cache: dict[bytes, tuple[list[OpCost], np.ndarray, float, float]] = {}
-        rank_ratio, max_tok, distinct, dropped, rerouted = [], [], [], [], []
+        cache: dict[bytes, _MoeLayer] = {}
+        layers: list[_MoeLayer] = []
+        max_tok, distinct = [], []
         for att, mlp in zip(m.layer_attention, m.layer_mlp):
             if mlp != "moe":
                 continue
@@ -276,17 +297,20 @@ def build_step(sc: Scenario, b: Batch, moe_loads: Optional[np.ndarray] = None) -
             key = row.tobytes()
             if key not in cache:
                 cache[key] = _moe_layer_ops(sc, b, row)
-            ops, rank_us, drop, rer = cache[key]
-            dropped.append(drop)
-            rerouted.append(rer)
-            moe_per_kind.setdefault(_layer_kind(att, mlp), []).append(ops)
+            layer = cache[key]
+            layers.append(layer)
+            moe_per_kind.setdefault(_layer_kind(att, mlp), []).append(layer.ops)
             max_tok.append(row.max())
             distinct.append(np.count_nonzero(row))
-            rank_ratio.append(rank_us.max() / rank_us.mean() if rank_us.mean() > 0 else 1.0)
         mean_tok = t_global * m.moe.top_k / m.moe.num_experts
-        stats["moe"] = MoeLayerStats(float(mean_tok), float(np.mean(max_tok)),
-                                     float(np.mean(rank_ratio)), float(np.mean(distinct)),
-                                     float(np.mean(dropped)), float(np.mean(rerouted)))
+        before = [l.rank_tokens_ratio_contiguous for l in layers]
+        stats["moe"] = MoeLayerStats(
+            float(mean_tok), float(np.mean(max_tok)),
+            float(np.mean([_max_over_mean(l.rank_us) for l in layers])),
+            float(np.mean(distinct)), float(np.mean([l.dropped for l in layers])),
+            float(np.mean([l.rerouted for l in layers])),
+            float(np.mean([l.rank_tokens_ratio for l in layers])),
+            None if before[0] is None else float(np.mean(before)))
 
     ops: list[OpCost] = []
     for (att, mlp), n in counts.items():

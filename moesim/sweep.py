@@ -321,6 +321,8 @@ def _axis(name: str, raw: Any, sampling: str) -> Axis:
     if not isinstance(name, str) or not name:
         raise InputError("axes", f"axis name {name!r} is not a string")
     is_path = name.split(".")[0] in _scenario_fields()
+    if "." in name and not is_path:
+        _check_path(name, where)  # a dotted name must be a field path: say which part is wrong
     if isinstance(raw, dict):
         if not is_path:
             raise InputError(where, f"{name!r} is not a scenario field, so it is a linked axis "
@@ -536,6 +538,62 @@ class _WithWorkload:
         return getattr(self._sc, name)
 
 
+_MISS = object()
+
+
+class _ReadRecorder:
+    """A workload that notes which of its fields are read (``*`` for anything else: a method
+    could read every field)."""
+
+    __slots__ = ("_wl", "_reads")
+
+    def __init__(self, wl: Any) -> None:
+        self._wl = wl
+        self._reads: dict[str, None] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        from .spec.workload import Workload
+
+        self._reads[name if name in Workload.model_fields else "*"] = None
+        return getattr(self._wl, name)
+
+
+class WorkloadMemo:
+    """Memo of ``fn(scenario_with_workload)`` for one resolved scenario, keyed by the workload
+    fields ``fn`` actually read (recorded on the first call of each shape).
+
+    Exact for any deterministic ``fn`` that sees the workload only through ``sc.workload``: a
+    call whose read fields have the values an earlier call read takes the same path and returns
+    the same result. An ``InputError`` raised by ``fn`` is memoised and re-raised."""
+
+    def __init__(self, sc: Any, fn: Callable[[Any], Any]) -> None:
+        self.sc, self.fn = sc, fn
+        self.tables: dict[tuple[str, ...], dict[tuple[Any, ...], Any]] = {}
+        self.calls = 0
+
+    def __call__(self, wl: Any) -> Any:
+        for reads, table in self.tables.items():
+            hit = table.get(tuple(getattr(wl, r) for r in reads), _MISS)
+            if hit is not _MISS:
+                break
+        else:
+            rec = _ReadRecorder(wl)
+            self.calls += 1
+            try:
+                hit = self.fn(_WithWorkload(self.sc, rec))
+            except InputError as exc:
+                hit = exc
+            reads = tuple(rec._reads)
+            if "*" in reads:
+                from .spec.workload import Workload
+
+                reads = tuple(Workload.model_fields)
+            self.tables.setdefault(reads, {})[tuple(getattr(wl, r) for r in reads)] = hit
+        if isinstance(hit, InputError):
+            raise hit
+        return hit
+
+
 def deterministic(sc: Any) -> bool:
     """True when ``predict(sc)`` makes no routing draws (the fast path's domain)."""
     return sc.model.moe is None or sc.routing.distribution == "balanced"
@@ -581,6 +639,10 @@ class FastEvaluator:
         self._reserved = (1.0 - sc.gpu_memory_utilization) * cap + \
             sc.hardware.overheads.runtime_reserved_bytes.value
         self.step_builds = 0
+        from .memory import activation_bytes
+
+        self._prefill = WorkloadMemo(sc, self._prefill_timeline)
+        self._activations = WorkloadMemo(sc, activation_bytes)
 
     def _launched(self, b: Any, ops: Iterable[Any], n: int, v: list[float]) -> None:
         """Add ``n`` x the launched cost of ``ops`` to ``v``."""
@@ -625,18 +687,11 @@ class FastEvaluator:
         out = self._steps[key] = tuple(r + a + h for r, a, h in zip(rest, att, head))
         return out
 
-    def outputs(self, workload: Any) -> Outputs:
-        """The output columns of ``predict`` for this scenario with ``workload`` (a validated
-        :class:`~moesim.spec.workload.Workload` that passed the scenario's checks)."""
-        from .analytic import _warnings, prefill_plan
-        from .memory import MemoryBreakdown, activation_bytes, kv_bytes_per_seq
-        from .step import Batch
+    def _prefill_timeline(self, psc: Any) -> tuple[float, float, int, tuple[float, ...]]:
+        """(mean TTFT µs, prefill total µs, largest prefill step's tokens and vector):
+        analytic._timeline's prefill loop, each repeated block summed in closed form."""
+        from .analytic import prefill_plan
 
-        sc = self.sc
-        psc = _WithWorkload(sc, workload)
-        dp = sc.deployment.attention_dp
-        bs, isl, osl = workload.batch_size, workload.input_len, workload.output_len
-        # Prefill: analytic._timeline's loop, each repeated block summed in closed form.
         clock = ttft_sum = 0.0
         finished = 0
         big_tokens, big_vec = -1, (0.0,) * 5
@@ -653,24 +708,38 @@ class FastEvaluator:
             ttft_sum += repeat * inner + dsum * block * repeat * (repeat - 1) / 2.0
             finished += dsum * repeat
             clock += repeat * block
+        return ttft_sum / finished, clock, big_tokens, big_vec
+
+    def outputs(self, workload: Any) -> Outputs:
+        """The output columns of ``predict`` for this scenario with ``workload`` (a validated
+        :class:`~moesim.spec.workload.Workload` that passed the scenario's checks)."""
+        from .analytic import _warnings
+        from .memory import MemoryBreakdown, kv_bytes_per_seq
+        from .step import Batch
+
+        sc = self.sc
+        dp = sc.deployment.attention_dp
+        bs, isl, osl = workload.batch_size, workload.input_len, workload.output_len
+        ttft_us, clock, big_tokens, big_vec = self._prefill(workload)
+        # analytic._timeline's decode step and predict's throughput
         seqs = -(-bs // dp)
         dvec = self.step(Batch("decode", seqs, 1, isl + osl / 2.0))
         tpot = dvec[0] / 1e3
         prefill_ms = clock / 1e3
         throughput = bs * osl / ((prefill_ms + (osl - 1) * tpot) / 1e3)
-        # Memory: memory.memory_per_gpu with its workload-independent parts computed once.
+        # memory.memory_per_gpu, its workload-independent parts computed once
         seq_len = isl + osl
         per_seq = self._kv.get(seq_len)
         if per_seq is None:
             per_seq = self._kv[seq_len] = kv_bytes_per_seq(sc, seq_len)
-        act = activation_bytes(psc)
+        act = self._activations(workload)
         free = self._cap - self._weights - act - self._reserved
         max_batch = max(0, int(free // per_seq)) * dp if per_seq > 0 else 0
         mem = MemoryBreakdown(self._weights, seqs * per_seq, act, self._reserved, self._cap,
                               per_seq, max_batch)
-        return _outputs("fast", ttft_sum / finished / 1e3, tpot, throughput, prefill_ms,
-                        sc.num_gpus, mem, big_tokens, big_vec, seqs, dvec, 1,
-                        _warnings(psc, mem))
+        return _outputs("fast", ttft_us / 1e3, tpot, throughput, prefill_ms, sc.num_gpus, mem,
+                        big_tokens, big_vec, seqs, dvec, 1,
+                        _warnings(_WithWorkload(sc, workload), mem))
 
 
 def outputs_agree(fast: Outputs, ref: Outputs, rtol: float = VERIFY_RTOL) -> Optional[str]:
@@ -788,6 +857,11 @@ def evaluate_group(base: dict[str, Any], base_dir: Optional[Path], task: GroupTa
     checked = not verify
     wl_cache: dict[Any, Any] = {}
     out = res.outputs
+    check = None
+    if sc is not None:
+        check = WorkloadMemo(sc, lambda s: _check_consistency(
+            sc.model, sc.hardware, sc.num_gpus, sc.gpus_per_node, sc.deployment, s.workload,
+            sc.routing))
 
     for idx, assigns in task.points:
         wl_doc = _merged_workload(doc, assigns)
@@ -815,8 +889,7 @@ def evaluate_group(base: dict[str, Any], base_dir: Optional[Path], task: GroupTa
             out.append((idx, error_outputs(group_err)))
             continue
         try:
-            _check_consistency(sc.model, sc.hardware, sc.num_gpus, sc.gpus_per_node,
-                               sc.deployment, wl, sc.routing)
+            check(wl)
         except InputError as exc:
             out.append((idx, error_outputs(exc)))
             continue
@@ -1085,601 +1158,6 @@ def evaluate(base: dict[str, Any], points: Sequence[Sequence[tuple[str, Any]]], 
     results, _, _ = _execute(list(groups.values()), len(points), base, base_dir,
                              workers=workers, progress=False, verify=verify, fast=fast)
     return [outputs_dict(o) for o in results]
-
-
-# =============================================================================================
-# Outputs of one point: from a prediction (the reference) or from the fast evaluator
-# =============================================================================================
-
-_COL = {c: i for i, c in enumerate(OUTPUT_COLUMNS)}
-_BOUND_INDEX = {b: i + 1 for i, b in enumerate(BOUNDS)}
-Outputs = tuple  # one value per OUTPUT_COLUMNS entry
-
-
-def outputs_dict(out: Outputs) -> Row:
-    return dict(zip(OUTPUT_COLUMNS, out))
-
-
-def _bound_vector(ops: Iterable[Any]) -> list[float]:
-    """[time, compute, memory, network, launch] µs of a list of (count-scaled) ops."""
-    v = [0.0] * 5
-    for o in ops:
-        t = o.count * o.total_us
-        v[0] += t
-        v[_BOUND_INDEX[o.bound]] += t
-    return v
-
-
-def _shares(v: Sequence[float]) -> tuple[float, float, float, float]:
-    total = v[1] + v[2] + v[3] + v[4]
-    if total <= 0:
-        return (0.0, 0.0, 0.0, 0.0)
-    return (v[1] / total, v[2] / total, v[3] / total, v[4] / total)
-
-
-def _outputs(evaluator: str, ttft: float, tpot: float, throughput: float, prefill_ms: float,
-             num_gpus: int, mem: Any, prefill_tokens: int, pvec: Sequence[float],
-             decode_batch: int, dvec: Sequence[float], samples: int, warnings: list[str]
-             ) -> Outputs:
-    return (True, "", evaluator, ttft, tpot, throughput, throughput / num_gpus, prefill_ms,
-            num_gpus, mem.weights, mem.kv_cache, mem.activations, mem.reserved, mem.total,
-            mem.capacity, mem.fits, mem.max_batch_size, prefill_tokens, float(pvec[0]),
-            decode_batch, float(dvec[0])) + _shares(pvec) + _shares(dvec) + \
-        (samples, " | ".join(warnings))
-
-
-def prediction_outputs(p: Any) -> Outputs:
-    """The output columns of one :class:`~moesim.analytic.Prediction` (the reference that the
-    fast path reproduces)."""
-    assert p.throughput_output_tok_per_s_per_gpu == \
-        p.throughput_output_tok_per_s / p.scenario.num_gpus
-    return _outputs("predict", p.ttft_ms, p.tpot_ms, p.throughput_output_tok_per_s,
-                    p.prefill_total_ms, p.scenario.num_gpus, p.memory,
-                    p.prefill_step.batch.tokens, _bound_vector(p.prefill_step.ops),
-                    p.decode_step.batch.num_seqs, _bound_vector(p.decode_step.ops), p.samples,
-                    p.warnings)
-
-
-def error_outputs(exc: InputError) -> Outputs:
-    out: list[Any] = [""] * len(OUTPUT_COLUMNS)
-    out[_COL["feasible"]] = False
-    out[_COL["error"]] = exc.one_line()
-    out[_COL["evaluator"]] = "parse"
-    return tuple(out)
-
-
-class _WithWorkload:
-    """A resolved scenario seen with another (validated) workload: the drivers' helpers read
-    ``sc.workload`` and otherwise only workload-independent fields."""
-
-    __slots__ = ("_sc", "workload")
-
-    def __init__(self, sc: Any, workload: Any) -> None:
-        self._sc = sc
-        self.workload = workload
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._sc, name)
-
-
-def deterministic(sc: Any) -> bool:
-    """True when ``predict(sc)`` makes no routing draws (the fast path's domain)."""
-    return sc.model.moe is None or sc.routing.distribution == "balanced"
-
-
-def with_workload(sc: Any, wl: Any) -> Any:
-    """``sc`` with another (validated) workload, as :func:`parse_scenario` would build it."""
-    return sc.model_copy(update={"workload": wl,
-                                 "source": sc.source.model_copy(update={"workload": wl})})
-
-
-class FastEvaluator:
-    """``predict`` for many workloads of one resolved scenario with deterministic routing.
-
-    A step's time is split into three memoised parts, each priced by the step builder's own
-    functions: ``rest(phase, tokens)`` (every op but attention and the head: norms, all-reduces,
-    MoE / dense MLP, pipeline sends, engine overhead; one :func:`~moesim.step.build_step` per
-    distinct token count, minus the other two parts), attention (``step._attention_ops`` of the
-    batch shape and context) and the head (``step._head_ops``), each op through
-    ``step._with_launch``. Each part is a vector [time, compute, memory, network, launch] µs, so
-    the bound shares come out too. Exact while ``build_step`` keeps that dependence: the
-    per-group self-check in :func:`evaluate_group` and ``tests/test_sweep.py`` watch it.
-    """
-
-    def __init__(self, sc: Any) -> None:
-        from .memory import weight_bytes_per_gpu
-
-        if not deterministic(sc):
-            raise ValueError("FastEvaluator needs deterministic (balanced) routing")
-        self.sc = sc
-        counts: dict[str, int] = {}
-        for att in sc.model.layer_attention:
-            counts[att] = counts.get(att, 0) + 1
-        self._att_counts = list(counts.items())
-        self._steps: dict[tuple[str, int, int, float], tuple[float, ...]] = {}
-        self._rest: dict[tuple[str, int], list[float]] = {}
-        self._head: dict[tuple[str, int, int], list[float]] = {}
-        self._launch: dict[tuple[str, int, Any], tuple[float, int]] = {}
-        self._kv: dict[int, float] = {}
-        self._weights = weight_bytes_per_gpu(sc)
-        cap = sc.hardware.memory.hbm_capacity_bytes.value
-        self._cap = cap
-        self._reserved = (1.0 - sc.gpu_memory_utilization) * cap + \
-            sc.hardware.overheads.runtime_reserved_bytes.value
-        self.step_builds = 0
-
-    def _launched(self, b: Any, ops: Iterable[Any], n: int, v: list[float]) -> None:
-        """Add ``n`` x the launched cost of ``ops`` to ``v``."""
-        from .step import _with_launch
-
-        for o in ops:
-            key = (b.phase, b.num_seqs, o)
-            hit = self._launch.get(key)
-            if hit is None:
-                lo = _with_launch(self.sc, b, o)
-                hit = self._launch[key] = (lo.total_us, _BOUND_INDEX[lo.bound])
-            t = n * hit[0]
-            v[0] += t
-            v[hit[1]] += t
-
-    def step(self, b: Any) -> tuple[float, ...]:
-        """[time, compute, memory, network, launch] µs of ``build_step(sc, b)``."""
-        key = (b.phase, b.num_seqs, b.new_tokens, b.context)
-        out = self._steps.get(key)
-        if out is not None:
-            return out
-        from .step import _attention_ops, _head_ops, build_step
-
-        att = [0.0] * 5
-        for kind, n in self._att_counts:
-            self._launched(b, _attention_ops(self.sc, b, kind), n, att)
-        hkey = (b.phase, b.num_seqs, b.tokens)
-        head = self._head.get(hkey)
-        if head is None:
-            head = [0.0] * 5
-            self._launched(b, _head_ops(self.sc, b), 1, head)
-            self._head[hkey] = head
-        rkey = (b.phase, b.tokens)
-        rest = self._rest.get(rkey)
-        if rest is None:
-            full = _bound_vector(build_step(self.sc, b).ops)
-            self.step_builds += 1
-            rest = [f - a - h for f, a, h in zip(full, att, head)]
-            tiny = 1e-9 * max(full[0], 1.0)
-            rest[1:] = [0.0 if abs(x) < tiny else x for x in rest[1:]]
-            self._rest[rkey] = rest
-        out = self._steps[key] = tuple(r + a + h for r, a, h in zip(rest, att, head))
-        return out
-
-    def outputs(self, workload: Any) -> Outputs:
-        """The output columns of ``predict`` for this scenario with ``workload`` (a validated
-        :class:`~moesim.spec.workload.Workload` that passed the scenario's checks)."""
-        from .analytic import _warnings, prefill_plan
-        from .memory import MemoryBreakdown, activation_bytes, kv_bytes_per_seq
-        from .step import Batch
-
-        sc = self.sc
-        psc = _WithWorkload(sc, workload)
-        dp = sc.deployment.attention_dp
-        bs, isl, osl = workload.batch_size, workload.input_len, workload.output_len
-        # Prefill: analytic._timeline's loop, each repeated block summed in closed form.
-        clock = ttft_sum = 0.0
-        finished = 0
-        big_tokens, big_vec = -1, (0.0,) * 5
-        for chunks, repeat in prefill_plan(psc):
-            block = inner = 0.0
-            dsum = 0
-            for batch, done in chunks:
-                v = self.step(batch)
-                block += v[0]
-                inner += done * (clock + block)
-                dsum += done
-                if batch.tokens > big_tokens:
-                    big_tokens, big_vec = batch.tokens, v
-            ttft_sum += repeat * inner + dsum * block * repeat * (repeat - 1) / 2.0
-            finished += dsum * repeat
-            clock += repeat * block
-        seqs = -(-bs // dp)
-        dvec = self.step(Batch("decode", seqs, 1, isl + osl / 2.0))
-        tpot = dvec[0] / 1e3
-        prefill_ms = clock / 1e3
-        throughput = bs * osl / ((prefill_ms + (osl - 1) * tpot) / 1e3)
-        # Memory: memory.memory_per_gpu with its workload-independent parts computed once.
-        seq_len = isl + osl
-        per_seq = self._kv.get(seq_len)
-        if per_seq is None:
-            per_seq = self._kv[seq_len] = kv_bytes_per_seq(sc, seq_len)
-        act = activation_bytes(psc)
-        free = self._cap - self._weights - act - self._reserved
-        max_batch = max(0, int(free // per_seq)) * dp if per_seq > 0 else 0
-        mem = MemoryBreakdown(self._weights, seqs * per_seq, act, self._reserved, self._cap,
-                              per_seq, max_batch)
-        return _outputs("fast", ttft_sum / finished / 1e3, tpot, throughput, prefill_ms,
-                        sc.num_gpus, mem, big_tokens, big_vec, seqs, dvec, 1,
-                        _warnings(psc, mem))
-
-
-def outputs_agree(fast: Outputs, ref: Outputs, rtol: float = VERIFY_RTOL) -> Optional[str]:
-    """None when two outputs agree (numbers within ``rtol``); else the first difference."""
-    for c in NUMERIC_OUTPUTS:
-        a, b = fast[_COL[c]], ref[_COL[c]]
-        if not math.isclose(float(a), float(b), rel_tol=rtol, abs_tol=1e-9):
-            return f"{c}: fast {a!r} != predict {b!r}"
-    for c in ("feasible", "fits", "warnings"):
-        if fast[_COL[c]] != ref[_COL[c]]:
-            return f"{c}: fast {fast[_COL[c]]!r} != predict {ref[_COL[c]]!r}"
-    return None
-
-
-# =============================================================================================
-# Evaluating groups of points
-# =============================================================================================
-
-_PROFILE_CACHE: dict[tuple[Any, ...], Any] = {}
-
-
-@contextlib.contextmanager
-def _cached_profiles() -> Iterator[None]:
-    """Memoise hardware profiles while a sweep runs: ``load_profile`` re-reads and re-validates
-    its YAML on every call (~30 ms), which would dominate a sweep that resolves one scenario per
-    group. Scoped (the module attribute is restored on exit; entries are keyed by the file's
-    mtime); to be dropped once ``spec.hardware.load_profile`` caches by itself."""
-    from .spec import scenario as scen
-
-    original = scen.load_profile
-    if getattr(original, "_sweep_cached", False):
-        yield
-        return
-
-    def cached(ref: str, *, calibrated: bool = True, field: str = "hardware") -> Any:
-        p = Path(ref)
-        stamp = p.stat().st_mtime_ns if p.is_file() else None
-        key = (ref, calibrated, field, stamp, id(original))
-        if key not in _PROFILE_CACHE:
-            _PROFILE_CACHE[key] = original(ref, calibrated=calibrated, field=field)
-        return _PROFILE_CACHE[key]
-
-    cached._sweep_cached = True  # type: ignore[attr-defined]
-    scen.load_profile = cached
-    try:
-        yield
-    finally:
-        scen.load_profile = original
-
-
-@dataclass
-class GroupTask:
-    """Points that differ only in their workload: the structural assignments, and per point its
-    index and workload assignments."""
-
-    structural: list[tuple[str, Any]]
-    points: list[tuple[int, list[tuple[str, Any]]]]
-
-
-@dataclass
-class GroupResult:
-    outputs: list[tuple[int, Outputs]]
-    warnings: list[str] = field(default_factory=list)
-    step_builds: int = 0
-
-
-def _merged_workload(doc: dict[str, Any], assigns: list[tuple[str, Any]]) -> Any:
-    wl = doc.get("workload")
-    if not assigns:
-        return wl
-    wl = dict(wl) if isinstance(wl, dict) else {}
-    for path, value in assigns:
-        wl[path.split(".", 1)[1]] = value
-    return wl
-
-
-def _full_parse(doc: dict[str, Any], base_dir: Optional[Path]) -> tuple[Any, Optional[InputError]]:
-    from .spec.scenario import parse_scenario
-
-    try:
-        return parse_scenario(doc, base_dir=base_dir), None
-    except InputError as exc:
-        return None, exc
-
-
-def evaluate_group(base: dict[str, Any], base_dir: Optional[Path], task: GroupTask, *,
-                   verify: bool = True, fast: bool = True) -> GroupResult:
-    """Outputs of one group's points.
-
-    The group is resolved once with a workload that passes every check; each point's workload is
-    then validated and checked against the resolved scenario (``_check_consistency``), which
-    reports the same first error as parsing the point's whole scenario would. Where that order
-    could differ (an invalid workload field, or a routing-file error) the point is parsed whole."""
-    from pydantic import ValidationError
-
-    from .analytic import predict
-    from .errors import from_pydantic
-    from .spec.scenario import _check_consistency
-    from .spec.workload import Workload
-
-    res = GroupResult([])
-    doc = copy.deepcopy(base)
-    group_err: Optional[InputError] = None
-    sc = None
-    try:
-        for path, value in task.structural:
-            set_path(doc, path, value)
-        gdoc = dict(doc)
-        gdoc["workload"] = dict(_NEUTRAL_WORKLOAD)
-        sc, group_err = _full_parse(gdoc, base_dir)
-    except InputError as exc:
-        group_err = exc
-    evaluator = FastEvaluator(sc) if (fast and sc is not None and deterministic(sc)
-                                      and len(task.points) >= 4) else None
-    checked = not verify
-    wl_cache: dict[Any, Any] = {}
-    out = res.outputs
-
-    for idx, assigns in task.points:
-        wl_doc = _merged_workload(doc, assigns)
-        key = tuple(wl_doc.items()) if isinstance(wl_doc, dict) else _freeze(wl_doc)
-        try:
-            wl = wl_cache.get(key)
-        except TypeError:  # unhashable values: let pydantic say what is wrong
-            key, wl = _freeze(wl_doc), None
-            wl = wl_cache.get(key)
-        if wl is None:
-            try:
-                wl = Workload.model_validate(wl_doc)
-            except ValidationError as exc:
-                wl = from_pydantic(exc, prefix="workload")
-            wl_cache[key] = wl
-        if isinstance(wl, InputError) or (group_err is not None and group_err.field == "routing"):
-            # Which error a whole parse reports first depends on both parts: ask it.
-            pdoc = dict(doc)
-            pdoc["workload"] = wl_doc
-            psc, err = _full_parse(pdoc, base_dir)
-            out.append((idx, error_outputs(err) if err is not None
-                        else prediction_outputs(predict(psc))))
-            continue
-        if group_err is not None:
-            out.append((idx, error_outputs(group_err)))
-            continue
-        try:
-            _check_consistency(sc.model, sc.hardware, sc.num_gpus, sc.gpus_per_node,
-                               sc.deployment, wl, sc.routing)
-        except InputError as exc:
-            out.append((idx, error_outputs(exc)))
-            continue
-        if evaluator is None:
-            out.append((idx, prediction_outputs(predict(with_workload(sc, wl)))))
-            continue
-        o = evaluator.outputs(wl)
-        if not checked:
-            checked = True
-            ref = prediction_outputs(predict(with_workload(sc, wl)))
-            diff = outputs_agree(o, ref)
-            if diff is not None:
-                res.warnings.append(f"fast path disagrees with predict ({diff}) for "
-                                    f"{dict(task.structural)}: group evaluated with predict")
-                evaluator = None
-                o = ref
-        out.append((idx, o))
-    if evaluator is not None:
-        res.step_builds = evaluator.step_builds
-    return res
-
-
-def _run_tasks(args: tuple[dict[str, Any], Optional[Path], list[GroupTask], bool, bool]
-               ) -> list[GroupResult]:
-    base, base_dir, tasks, verify, fast = args
-    with _cached_profiles():
-        return [evaluate_group(base, base_dir, t, verify=verify, fast=fast) for t in tasks]
-
-
-def _slot(a: Axis, j: int) -> Any:
-    return j if a.linked else a.values[j]
-
-
-def make_tasks(spec: SweepSpec, limit: Optional[int] = None) -> tuple[list[GroupTask], int]:
-    """Group the points by their non-workload assignments. Returns the groups and the number of
-    points (``limit``: only the first so many)."""
-    axes = spec.axes
-    s_axes = [i for i, a in enumerate(axes) if not a.workload_only]
-    w_axes = [i for i, a in enumerate(axes) if a.workload_only]
-    n = len(spec) if limit is None else min(limit, len(spec))
-    if spec.sampling == "grid":
-        lens = [len(a) for a in axes]
-        strides = [math.prod(lens[i + 1:]) for i in range(len(axes))]
-        w_combos = list(itertools.product(*[range(lens[i]) for i in w_axes]))
-        w_assign: list[list[tuple[str, Any]]] = []
-        w_off = np.zeros(len(w_combos), dtype=np.int64)
-        for c, combo in enumerate(w_combos):
-            lst: list[tuple[str, Any]] = []
-            for i, j in zip(w_axes, combo):
-                lst += axes[i].assignments(_slot(axes[i], j))
-                w_off[c] += j * strides[i]
-            w_assign.append(lst)
-        tasks = []
-        for combo in itertools.product(*[range(lens[i]) for i in s_axes]):
-            off = sum(j * strides[i] for i, j in zip(s_axes, combo))
-            st: list[tuple[str, Any]] = []
-            for i, j in zip(s_axes, combo):
-                st += axes[i].assignments(_slot(axes[i], j))
-            idx = (w_off + off).tolist()
-            pts = [(k, w) for k, w in zip(idx, w_assign) if k < n]
-            if pts:
-                tasks.append(GroupTask(st, pts))
-        return tasks, n
-    groups: dict[tuple[Any, ...], GroupTask] = {}
-    for idx, point in zip(range(n), spec.points()):
-        key = tuple(_freeze(point[i]) for i in s_axes)
-        g = groups.get(key)
-        if g is None:
-            st = []
-            for i in s_axes:
-                st += axes[i].assignments(point[i])
-            g = groups[key] = GroupTask(st, [])
-        wa: list[tuple[str, Any]] = []
-        for i in w_axes:
-            wa += axes[i].assignments(point[i])
-        g.points.append((idx, wa))
-    return list(groups.values()), n
-
-
-def _input_columns(spec: SweepSpec, n: int) -> tuple[list[str], list[list[Any]]]:
-    """The axis columns of the first ``n`` points, column by column."""
-    names = spec.input_columns()
-    pos = {c: i for i, c in enumerate(names)}
-    cols: list[list[Any]] = [[""] * n for _ in names]
-    if spec.sampling == "grid":
-        lens = [len(a) for a in spec.axes]
-        idx = np.arange(n, dtype=np.int64)
-        for i, a in enumerate(spec.axes):
-            j = (idx // math.prod(lens[i + 1:])) % lens[i]
-            if a.linked:
-                cols[pos[a.name]] = j.tolist()
-                for p in a.paths:
-                    vals = np.empty(len(a.values), dtype=object)
-                    vals[:] = [_cell(v.get(p, "")) for v in a.values]
-                    cols[pos[p]] = vals[j].tolist()
-            else:
-                vals = np.empty(len(a.values), dtype=object)
-                vals[:] = [_cell(v) for v in a.values]
-                cols[pos[a.name]] = vals[j].tolist()
-        return names, cols
-    for k, point in zip(range(n), spec.points()):
-        for a, v in zip(spec.axes, point):
-            if a.linked:
-                cols[pos[a.name]][k] = v
-            for p, value in a.assignments(v):
-                cols[pos[p]][k] = _cell(value)
-    return names, cols
-
-
-def _batches(tasks: list[GroupTask], parts: int) -> list[list[GroupTask]]:
-    """Split groups into about ``parts`` batches of similar point counts (big groups first)."""
-    parts = max(1, min(parts, len(tasks)))
-    order = sorted(tasks, key=lambda t: -len(t.points))
-    bins: list[list[GroupTask]] = [[] for _ in range(parts)]
-    loads = [0] * parts
-    for t in order:
-        i = loads.index(min(loads))
-        bins[i].append(t)
-        loads[i] += len(t.points)
-    return [b for b in bins if b]
-
-
-class Progress:
-    """A one-line progress bar on stderr, only when stderr is a terminal."""
-
-    def __init__(self, total: int, enabled: Optional[bool] = None, stream: Any = None) -> None:
-        self.stream = stream or sys.stderr
-        self.enabled = self.stream.isatty() if enabled is None else enabled
-        self.total, self.done = total, 0
-        self.t0 = time.perf_counter()
-        self._last = 0.0
-
-    def update(self, n: int) -> None:
-        self.done += n
-        now = time.perf_counter()
-        if not self.enabled or (now - self._last < 0.1 and self.done < self.total):
-            return
-        self._last = now
-        frac = self.done / self.total if self.total else 1.0
-        rate = self.done / max(now - self.t0, 1e-9)
-        eta = (self.total - self.done) / rate if rate > 0 else 0.0
-        bar = "#" * int(30 * frac)
-        self.stream.write(f"\r  [{bar:<30}] {self.done:,}/{self.total:,} points "
-                          f"{100 * frac:5.1f}%  {rate:,.0f}/s  eta {eta:4.0f}s ")
-        self.stream.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            self.stream.write("\n")
-            self.stream.flush()
-
-
-@dataclass
-class SweepResult:
-    """One row per point: the axis columns, then :data:`OUTPUT_COLUMNS`."""
-
-    columns: list[str]
-    rows: list[tuple[Any, ...]]
-    seconds: float
-    warnings: list[str]
-    step_builds: int = 0
-
-    def column(self, name: str) -> list[Any]:
-        i = self.columns.index(name)
-        return [r[i] for r in self.rows]
-
-    def dicts(self) -> list[Row]:
-        return [dict(zip(self.columns, r)) for r in self.rows]
-
-    @property
-    def feasible(self) -> int:
-        return sum(1 for v in self.column("feasible") if v)
-
-
-def _ray_module() -> Any:
-    try:
-        import ray
-    except ImportError:
-        raise InputError("--ray", "Ray is not installed", "pip install 'ray>=2' (an optional "
-                         "extra), or use --workers N for local processes") from None
-    return ray
-
-
-def run_sweep(spec: SweepSpec, *, workers: int = 1, ray_address: Optional[str] = None,
-              progress: Optional[bool] = None, verify: bool = True, fast: bool = True,
-              limit: Optional[int] = None) -> SweepResult:
-    """Evaluate every point of ``spec`` (or the first ``limit``): in this process, over
-    ``workers`` local processes, or on the Ray cluster at ``ray_address`` (``auto``: the cluster
-    this machine belongs to; ``local``: start one here). ``progress``: a bar on stderr (default:
-    when stderr is a terminal)."""
-    t0 = time.perf_counter()
-    ray = _ray_module() if ray_address else None
-    tasks, n = make_tasks(spec, limit)
-    results: list[Optional[Outputs]] = [None] * n
-    bar = Progress(n, progress)
-    warnings: list[str] = []
-    builds = 0
-
-    def take(batch: list[GroupResult]) -> None:
-        nonlocal builds
-        for g in batch:
-            for idx, o in g.outputs:
-                results[idx] = o
-            warnings.extend(g.warnings)
-            builds += g.step_builds
-            bar.update(len(g.outputs))
-
-    if ray is not None:
-        ray.init(address=None if ray_address == "local" else ray_address,
-                 ignore_reinit_error=True, log_to_driver=False)
-        remote = ray.remote(_run_tasks)
-        size = max(1, int(ray.cluster_resources().get("CPU", 1)))
-        pending = [remote.remote((spec.base, spec.base_dir, b, verify, fast))
-                   for b in _batches(tasks, 4 * size)]
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            take(ray.get(done[0]))
-    elif workers > 1 and len(tasks) > 1:
-        import concurrent.futures as cf
-        import multiprocessing as mp
-
-        ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None
-        with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-            futs = [pool.submit(_run_tasks, (spec.base, spec.base_dir, b, verify, fast))
-                    for b in _batches(tasks, 4 * workers)]
-            for f in cf.as_completed(futs):
-                take(f.result())
-    else:
-        with _cached_profiles():
-            for t in tasks:
-                take([evaluate_group(spec.base, spec.base_dir, t, verify=verify, fast=fast)])
-    bar.close()
-    names, cols = _input_columns(spec, n)
-    rows = [tuple(inp) + o for inp, o in zip(zip(*cols), results)] if cols \
-        else [tuple(o) for o in results]  # type: ignore[arg-type]
-    return SweepResult(names + list(OUTPUT_COLUMNS), rows, time.perf_counter() - t0, warnings,
-                       builds)
 
 
 # =============================================================================================

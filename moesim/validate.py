@@ -38,7 +38,7 @@ How each layout is predicted (the same functions :mod:`moesim.step` calls):
   ``kv_len`` cached tokens and the new one, as :mod:`moesim.step` calls it).
 - ``moe_a2a``: one DeepEP dispatch or combine as an :func:`moesim.costs.comm.all_to_all` over
   ``ep_size`` GPUs: each of a rank's ``num_tokens`` tokens is sent once to every rank holding one
-  of its experts (fan-out ``ep * ranks_per_token(E, E/ep, k)``, as :mod:`moesim.step`), ``hidden``
+  of its experts (the busiest receiver, :func:`moesim.step.received_tokens`), ``hidden``
   values of 2 bytes (bf16: the table does not say whether dispatch was fp8-quantised). ``sms`` and
   the backend flavour (ht / ll / v2) are not modelled.
 - ``e2e_serving``: a scenario per row (model = ``model_path``, hardware = ``system`` x
@@ -467,7 +467,8 @@ def _attention_args(row: dict[str, str]) -> tuple[int, int, int, str, int]:
 
 def _predict_moe_a2a(row: dict[str, str], hws: _Hardware) -> list:
     from .costs import comm
-    from .step import ranks_per_token
+    from .routing import balanced_loads
+    from .step import received_tokens
 
     hw = hws.get(row)
     phase = (row.get("phase") or "").strip().lower()
@@ -480,8 +481,9 @@ def _predict_moe_a2a(row: dict[str, str], hws: _Hardware) -> list:
         raise _Unpredictable("needs ep_size | num_experts, topk <= num_experts, sizes >= 1")
     if ep % nodes:
         raise _Unpredictable(f"ep_size={ep} not divisible over nodes={nodes}")
-    fanout = ep * ranks_per_token(E, E // ep, k)
-    return [comm.all_to_all(phase, T * fanout * H * 2.0, ep, hw, gpus_per_node=ep // nodes)]
+    # Every rank sends num_tokens tokens; the busiest receiver sets the pace (as in step.py).
+    recv = received_tokens(balanced_loads(T * ep, E, k).reshape(ep, -1), T * ep).max()
+    return [comm.all_to_all(phase, recv * H * 2.0, ep, hw, gpus_per_node=ep // nodes)]
 
 
 KERNEL_PREDICTORS: dict[str, Callable[[dict[str, str], _Hardware], Any]] = {

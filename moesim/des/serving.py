@@ -517,11 +517,13 @@ class Engine:
         self.concurrency = (arr.concurrency or wl.batch_size) if arr.process == "closed_loop" \
             else None
         if not sim.chunked_prefill:
-            longest = int(self.in_lens.max()) + int(self.out_lens.max())
+            # a prompt (after a preemption: prompt + generated tokens) must fit one step
+            longest = int((self.in_lens + self.out_lens).max()) - 1
             if longest > self.max_tokens:
                 raise InputError("simulation.chunked_prefill",
                                  f"a request of {longest} tokens does not fit one prefill step "
-                                 f"of max_num_batched_tokens={self.max_tokens}",
+                                 f"of {self.max_tokens} tokens (max_num_batched_tokens x "
+                                 "attention_dp)",
                                  "turn chunked_prefill on or raise max_num_batched_tokens")
         # accounting
         self.last_t = 0.0
@@ -554,6 +556,8 @@ class Engine:
 
     def _new_request(self) -> None:
         i = self.issued
+        if i >= self.n_requests:
+            return
         self.issued += 1
         prompt, out = int(self.in_lens[i]), int(self.out_lens[i])
         r = _Req(i, self.env.now, prompt, out)
@@ -856,10 +860,10 @@ def _summarise(sc: Scenario, spec: SimulationSpec, eng: Engine, seed: int,
         t1 = max(x.finish_ms for x in measured)
         span_s = max(t1 - t0, 1e-9) / 1e3
         out_tok = sum(x.output_len for x in measured)
-        metrics["throughput_output_tok_per_s"] = out_tok / span_s
-        metrics["throughput_requests_per_s"] = len(measured) / span_s
+        metrics["throughput_output_tok_per_s"] = float(out_tok / span_s)
+        metrics["throughput_requests_per_s"] = float(len(measured) / span_s)
         metrics["throughput_total_tok_per_s"] = \
-            sum(x.output_len + x.input_len for x in measured) / span_s
+            float(sum(x.output_len + x.input_len for x in measured) / span_s)
     else:
         metrics["throughput_output_tok_per_s"] = 0.0
         metrics["throughput_requests_per_s"] = 0.0
@@ -938,5 +942,14 @@ def _summarise(sc: Scenario, spec: SimulationSpec, eng: Engine, seed: int,
             "step_shapes_priced": len(eng.pricer._cache),
         },
     }
+    warnings = []
+    if eng.rejected:
+        warnings.append(f"{eng.rejected} request(s) need more KV blocks than the cache holds "
+                        f"({eng.total_blocks} of {eng.bs} tokens) and were refused")
+    if eng.preemptions:
+        warnings.append(f"KV cache ran out: {eng.preemptions} preemption(s) by recompute")
+    if not measured:
+        warnings.append("no request completed: the latency statistics are undefined")
+    detail["warnings"] = warnings
     timeline = {"t_us": t, "waiting": wait_s, "running": run_s, "kv_usage": kv_s}
     return SimResult(sc.name, spec, seed, measured, metrics, detail, timeline)

@@ -6,12 +6,13 @@ the transfers that cross them at the same time); a collective is a barrier over 
 followed by a latency and a transfer on every member's port, so the slowest member sets the pace
 and the others' time at the barrier is recorded as waiting.
 
-Layering: every op cost comes from :func:`moesim.step.build_step` (the same ``OpCost`` objects the
-closed form sums). The only load-dependent part of a step is each MoE layer's routed-expert
-work; for it the DES asks :func:`moesim.step._moe_layer_ops` — the function ``build_step`` itself
-uses — for the per-EP-rank expert times of each layer's routing sample, and adds the same launch
-cost (``moesim.step._with_launch``). Without overlap and with balanced routing the simulated step
-time equals ``build_step(...).time_us`` (tests/test_des.py).
+Layering: no op cost is derived here. The load-independent ops (attention blocks, dense MLPs,
+head, pipeline sends, engine overhead) are those of :func:`moesim.step.build_step` for the batch;
+each MoE layer's ops (router, dispatch, experts, shared experts, combine / all-reduce) come from
+:func:`moesim.step._moe_layer_ops` — the function ``build_step`` itself calls per layer — for
+that layer's routing sample, with the launch cost of ``moesim.step._with_launch``; its per-EP-rank
+expert times give every rank its own expert work. Without overlap the simulated step equals
+``build_step(sc, batch, loads).time_us`` for any loads (tests/test_des.py).
 
 Two evaluators share one :class:`StepPlan`:
 
@@ -26,7 +27,6 @@ Two evaluators share one :class:`StepPlan`:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -128,11 +128,16 @@ class OpSpec:
 
 @dataclass
 class StepPlan:
-    """Everything needed to run one step (one micro-batch) on every rank."""
+    """Everything needed to run one step (one micro-batch) on every rank. A layer of kind ``k``
+    runs ``templates[k]`` (its attention block; a dense layer's MLP too) and, for MoE layer
+    ``j``, then ``moe_ops[j]`` (router, dispatch, experts, shared experts, combine / all-reduce
+    of that layer's routing sample; the experts one placeholder whose duration per EP rank is
+    ``expert_us[j]``)."""
 
     batch: Batch
     topo: Topology
     templates: dict[str, list[OpSpec]]        # per layer kind, in issue order
+    moe_ops: list[list[OpSpec]]               # per MoE layer, in issue order
     layers: list[tuple[str, int, int]]        # (kind, stage, MoE layer index or -1) in order
     head_pre: list[OpSpec]                    # stage 0, before the first layer
     head_post: list[OpSpec]                   # last stage, after the last layer
@@ -160,10 +165,6 @@ class StepCost:
     rerouted_slots: float = 0.0
     routed_slots: float = 0.0
 
-    def scaled(self, w: float) -> "StepCost":
-        return StepCost(self.time_us * w, self.compute_us * w, self.comm_us * w, self.wait_us * w,
-                        self.dropped_slots, self.rerouted_slots, self.routed_slots)
-
 
 def _comm_spec(sc: Scenario, topo: Topology, o: OpCost) -> OpSpec:
     group = "tp" if o.name in _TP_COLLECTIVES else "pp" if o.name == "pp_send" else "stage"
@@ -189,10 +190,30 @@ def _is_expert(o: OpCost) -> bool:
     return o.category == "moe" and o.name not in _ROUTER_OPS
 
 
+def _field(res: Any, name: str, index: int, default: Any = None) -> Any:
+    """A field of ``step._moe_layer_ops``'s result (an object with attributes, or a tuple)."""
+    if hasattr(res, name):
+        return getattr(res, name)
+    if isinstance(res, tuple) and len(res) > index:
+        return res[index]
+    return default
+
+
+@dataclass(frozen=True)
+class _MoeRow:
+    ops: list[OpSpec]          # the layer's MoE ops, experts collapsed into one placeholder
+    expert_us: np.ndarray      # [ep]
+    comp_us: float             # compute of the non-expert MoE ops
+    comm_us: float
+    dropped: float             # shares of the token-slots
+    rerouted: float
+    names: tuple[str, ...]
+
+
 class PlanBuilder:
-    """Builds :class:`StepPlan` objects for one scenario, caching what does not depend on the
-    routing draw (the balanced ``build_step`` of each batch shape) and each MoE layer's expert
-    costs per distinct load row."""
+    """Builds :class:`StepPlan` objects for one scenario, caching the load-independent part of
+    each batch shape (its balanced ``build_step``) and each MoE layer's ops per distinct
+    routing row."""
 
     def __init__(self, sc: Scenario) -> None:
         from .. import step as step_mod  # the functions build_step uses for one MoE layer
@@ -203,16 +224,13 @@ class PlanBuilder:
         self._moe_layer_ops: Callable = step_mod._moe_layer_ops
         self._with_launch: Callable = step_mod._with_launch
         self._base: dict[Batch, tuple] = {}
-        self._rows: dict[tuple, np.ndarray] = {}
+        self._rows: dict[tuple, _MoeRow] = {}
         pp, L = self.topo.pp, m.num_layers
         layers, moe_idx = [], 0
         for i, (att, mlp) in enumerate(zip(m.layer_attention, m.layer_mlp)):
             stage = min(pp - 1, i * pp // L)
-            if mlp == "moe":
-                layers.append((f"{att}_attention+{mlp}", stage, moe_idx))
-                moe_idx += 1
-            else:
-                layers.append((f"{att}_attention+{mlp}", stage, -1))
+            layers.append((f"{att}_attention+{mlp}", stage, moe_idx if mlp == "moe" else -1))
+            moe_idx += mlp == "moe"
         self.layers = layers
         self.num_moe_layers = moe_idx
         self.moe_stage = np.array([s for _, s, j in layers if j >= 0], dtype=np.int64)
@@ -220,17 +238,64 @@ class PlanBuilder:
         # rank (the cost depends on the multiset of loads only): more cache hits.
         self._sortable = self.topo.ep == 1 and sc.routing.placement != "eplb"
 
+    # -- one MoE layer ----------------------------------------------------------------------------
+    def _moe_row(self, b: Batch, row: np.ndarray) -> _MoeRow:
+        if self._sortable:
+            row = np.sort(row)
+        key = (b.phase, b.num_seqs, b.new_tokens, row.tobytes())
+        hit = self._rows.get(key)
+        if hit is not None:
+            return hit
+        sc, topo = self.sc, self.topo
+        res = self._moe_layer_ops(sc, b, row)
+        raw_ops = _field(res, "ops", 0)
+        rank_us = np.asarray(_field(res, "rank_us", 1), dtype=float)
+        drop = float(_field(res, "dropped", 2, 0.0))
+        rer = float(_field(res, "rerouted", 3, 0.0))
+        ops: list[OpSpec] = []
+        names: list[str] = []
+        launched_experts = 0.0
+        comp = comm = 0.0
+        for o in raw_ops:
+            lo = self._with_launch(sc, b, o)
+            if _is_expert(o):
+                launched_experts += lo.total_us
+                names.append(o.name)
+                if not ops or not ops[-1].expert:
+                    ops.append(OpSpec("experts", "moe", COMPUTE, 0.0, expert=True))
+                continue
+            if lo.category == "comm" and lo.total_us == 0.0:
+                continue
+            spec = _spec(sc, topo, lo)
+            ops.append(spec)
+            if spec.stream == COMPUTE:
+                comp += spec.dur_us
+            else:
+                comm += spec.dur_us
+        # ``raw_ops`` holds the slowest rank's experts; launch / CUDA-graph replay changes their
+        # time by the same amount on every rank running the same kernels.
+        expert_us = rank_us + (launched_experts - float(rank_us.max()))
+        out = _MoeRow(ops, expert_us, comp, comm, drop, rer, tuple(names))
+        self._rows[key] = out
+        return out
+
     # -- the load-independent part -------------------------------------------------------------
     def _base_parts(self, b: Batch):
         hit = self._base.get(b)
         if hit is not None:
             return hit
         sc, topo = self.sc, self.topo
-        step = build_step(sc, b)  # balanced routing: the experts are replaced per draw below
+        step = build_step(sc, b)  # balanced routing; each MoE layer's ops come from its row
+        moe_names: set[str] = set()
+        if self.num_moe_layers:
+            mo = sc.model.moe
+            row = balanced_loads(b.tokens * topo.dp, mo.num_experts, mo.top_k)
+            res = self._moe_layer_ops(sc, b, row)
+            moe_names = {o.name for o in _field(res, "ops", 0)}
+        moe_kinds = {k for k, _, j in self.layers if j >= 0}
         templates: dict[str, list[OpSpec]] = {}
         head_pre, head_post = [], []
         pp_send, engine_us = None, 0.0
-        expert_names: list[str] = []
         for o in step.ops:
             k = o.layer_kind
             if o.category == "overhead":
@@ -241,76 +306,57 @@ class PlanBuilder:
                 pp_send = _comm_spec(sc, topo, o)
             else:
                 ops = templates.setdefault(k, [])
-                if _is_expert(o):
-                    if not ops or not ops[-1].expert:
-                        ops.append(OpSpec("experts", "moe", COMPUTE, 0.0, expert=True))
-                    if o.name not in expert_names:
-                        expert_names.append(o.name)
-                else:
-                    if o.category == "comm" and o.total_us == 0.0:
-                        continue
-                    ops.append(_spec(sc, topo, o))
-        hit = (templates, head_pre, head_post, pp_send, engine_us, tuple(expert_names))
+                if k in moe_kinds and (o.name in moe_names or _is_expert(o)):
+                    continue  # priced per layer from its routing sample
+                if o.category == "comm" and o.total_us == 0.0:
+                    continue
+                ops.append(_spec(sc, topo, o))
         sums = _stage_sums(topo, templates, self.layers, head_pre, head_post, pp_send)
-        sums["moe_stage"] = self.moe_stage
-        hit = hit + (sums,)
+        hit = (templates, head_pre, head_post, pp_send, engine_us, sums)
         self._base[b] = hit
         return hit
-
-    # -- the routed experts ----------------------------------------------------------------------
-    def _expert_row(self, b: Batch, row: np.ndarray) -> tuple[np.ndarray, float, float]:
-        """(per-EP-rank expert time incl. launch [ep], dropped share, rerouted share) of one MoE
-        layer with global loads ``row``; the capacity policy is applied by the step model."""
-        if self._sortable:
-            row = np.sort(row)
-        key = (b.phase, b.num_seqs, b.new_tokens, row.tobytes())
-        hit = self._rows.get(key)
-        if hit is not None:
-            return hit
-        res = self._moe_layer_ops(self.sc, b, row)
-        ops, rank_us = res[0], np.asarray(res[1], dtype=float)
-        drop, rer = (float(res[2]), float(res[3])) if len(res) >= 4 else (0.0, 0.0)
-        # The slowest rank's expert ops are in ``ops``; launch / CUDA-graph replay changes their
-        # time by the same amount on every rank running the same kernels.
-        experts = [o for o in ops if _is_expert(o)]
-        launched = sum(self._with_launch(self.sc, b, o).total_us for o in experts)
-        out = (rank_us + (launched - float(rank_us.max())), drop, rer)
-        self._rows[key] = out
-        return out
 
     def plan(self, b: Batch, loads: Optional[np.ndarray] = None) -> StepPlan:
         """The plan of batch ``b`` (one attention-DP group's work) with MoE ``loads``
         ``[num_moe_layers, num_experts]`` of all tokens meeting in each MoE layer (``None``:
         balanced)."""
         sc, topo = self.sc, self.topo
-        templates, head_pre, head_post, pp_send, engine_us, names, sums = self._base_parts(b)
+        templates, head_pre, head_post, pp_send, engine_us, sums = self._base_parts(b)
         mo = sc.model.moe
+        L = self.num_moe_layers
         dropped = rerouted = routed = 0.0
-        if mo is None or self.num_moe_layers == 0:
+        moe_ops: list[list[OpSpec]] = []
+        names: tuple[str, ...] = ()
+        if mo is None or L == 0:
             expert_us = np.zeros((0, topo.ep))
+            moe_comp = moe_comm = np.zeros(0)
         else:
             t_global = b.tokens * topo.dp
             if loads is None:
                 loads = np.broadcast_to(balanced_loads(t_global, mo.num_experts, mo.top_k),
-                                        (self.num_moe_layers, mo.num_experts))
+                                        (L, mo.num_experts))
             loads = np.asarray(loads)
-            slots = t_global * mo.top_k
-            expert_us = np.empty((self.num_moe_layers, topo.ep))
-            first = loads[0]
-            if loads.strides[0] == 0 or bool(np.all(loads == first)):
-                e, dr, rr = self._expert_row(b, np.ascontiguousarray(first))
-                expert_us[:] = e
-                dropped, rerouted = dr * slots * self.num_moe_layers, rr * slots * \
-                    self.num_moe_layers
+            if loads.strides[0] == 0 or bool(np.all(loads == loads[0])):
+                rows = [self._moe_row(b, np.ascontiguousarray(loads[0]))] * L
             else:
-                for j in range(self.num_moe_layers):
-                    e, dr, rr = self._expert_row(b, np.ascontiguousarray(loads[j]))
-                    expert_us[j] = e
-                    dropped += dr * slots
-                    rerouted += rr * slots
-            routed = slots * self.num_moe_layers
-        return StepPlan(b, topo, templates, self.layers, head_pre, head_post, pp_send, engine_us,
-                        expert_us, names, dropped, rerouted, routed, sums)
+                rows = [self._moe_row(b, np.ascontiguousarray(loads[j])) for j in range(L)]
+            moe_ops = [r.ops for r in rows]
+            expert_us = np.stack([r.expert_us for r in rows])
+            moe_comp = np.array([r.comp_us for r in rows])
+            moe_comm = np.array([r.comm_us for r in rows])
+            slots = t_global * mo.top_k
+            dropped = slots * sum(r.dropped for r in rows)
+            rerouted = slots * sum(r.rerouted for r in rows)
+            routed = float(slots * L)
+            names = rows[0].names
+        pp = topo.pp
+        comp = sums["comp"] + np.bincount(self.moe_stage, moe_comp, minlength=pp)[:pp]
+        comm = sums["comm"] + np.bincount(self.moe_stage, moe_comm, minlength=pp)[:pp]
+        plan_sums = dict(sums, comp=comp, comm=comm,
+                         serial=sums["serial"] + float(moe_comp.sum() + moe_comm.sum()),
+                         moe_stage=self.moe_stage)
+        return StepPlan(b, topo, templates, moe_ops, self.layers, head_pre, head_post, pp_send,
+                        engine_us, expert_us, names, dropped, rerouted, routed, plan_sums)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -320,16 +366,16 @@ class PlanBuilder:
 def _stage_sums(topo: Topology, templates: dict[str, list[OpSpec]],
                 layers: list[tuple[str, int, int]], head_pre: list[OpSpec],
                 head_post: list[OpSpec], pp_send: Optional[OpSpec]) -> dict[str, Any]:
-    """Per-stage compute and comm microseconds of everything but the routed experts, and the
-    serial time of it all (stages one after the other)."""
+    """Per-stage compute and comm microseconds of the layer templates, the head and the
+    pipeline sends, and their serial time (stages one after the other)."""
     pp = topo.pp
     comp = np.zeros(pp)
     comm = np.zeros(pp)
-    per_kind = {k: (sum(o.dur_us for o in ops if o.stream == COMPUTE and not o.expert),
+    per_kind = {k: (sum(o.dur_us for o in ops if o.stream == COMPUTE),
                     sum(o.dur_us for o in ops if o.stream == COMM))
                 for k, ops in templates.items()}
     for kind, stage, _ in layers:
-        c, m = per_kind[kind]
+        c, m = per_kind.get(kind, (0.0, 0.0))
         comp[stage] += c
         comm[stage] += m
     for o in head_pre:
@@ -472,7 +518,9 @@ def _program(plan: StepPlan, stage: int, ov: OverlapSpec) -> list[tuple]:
     for kind, s, moe_j in plan.layers:
         if s != stage:
             continue
-        ops = plan.templates[kind]
+        ops = plan.templates.get(kind, [])
+        if moe_j >= 0:
+            ops = ops + plan.moe_ops[moe_j]
         if moe_j >= 0 and ov.shared_expert_dispatch:
             # dispatch runs while the shared experts compute; experts wait for it
             names = [o.name for o in ops]

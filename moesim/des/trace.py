@@ -55,8 +55,11 @@ def chrome_events(events: list["TraceEvent"], eng: "Engine") -> list[dict[str, A
                 tids[key] = tid
                 if e.stream != "compute":
                     out += _meta(pid, tid, "thread_name", e.stream, tid)
-        ev = {"ph": "X", "pid": pid, "tid": tid, "name": e.name, "ts": round(e.start_us, 3),
-              "dur": round(max(e.dur_us, 0.0), 3)}
+        # integer nanoseconds first, so that back-to-back slices share their boundary exactly
+        t0 = round(e.start_us * 1e3)
+        t1 = max(t0, round((e.start_us + max(e.dur_us, 0.0)) * 1e3))
+        ev = {"ph": "X", "pid": pid, "tid": tid, "name": e.name, "ts": t0 / 1e3,
+              "dur": (t1 - t0) / 1e3}
         if e.args:
             ev["args"] = e.args
         out.append(ev)

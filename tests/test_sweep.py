@@ -1,0 +1,426 @@
+"""Sweeps and recommendations: the sweep file, the fast path (it must equal ``predict``),
+infeasible points, workers, output files, the CLI and ``recommend``."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from moesim.analytic import predict
+from moesim.errors import InputError
+from moesim.spec.scenario import parse_scenario
+from moesim.sweep import (
+    OUTPUT_COLUMNS, FastEvaluator, Progress, WorkloadMemo, evaluate, load_sweep,
+    outputs_agree, outputs_dict, parse_sweep, prediction_outputs, run_sweep, set_path,
+    write_table)
+
+ROOT = Path(__file__).resolve().parents[1]
+GRID = ROOT / "examples" / "sweeps" / "mixtral-grid.yaml"
+MIXTRAL = ROOT / "examples" / "mixtral-8x7b_2xh100_tp2.json"
+
+
+@pytest.fixture(autouse=True)
+def _fast_profiles():
+    """Profiles parsed once for the whole module (each parse reads the YAML: ~30 ms)."""
+    from moesim.sweep import _cached_profiles
+
+    with _cached_profiles():
+        yield
+
+
+def _base() -> dict:
+    return json.loads(MIXTRAL.read_text())
+
+
+def _fast_vs_predict(doc: dict, base_dir: Path = ROOT / "examples") -> None:
+    """The fast evaluator's outputs for ``doc`` equal predict's (relative 1e-9)."""
+    sc = parse_scenario(doc, base_dir=base_dir)
+    fast = FastEvaluator(sc).outputs(sc.workload)
+    ref = prediction_outputs(predict(sc))
+    diff = outputs_agree(fast, ref, rtol=1e-9)
+    assert diff is None, f"{doc['model']} {doc['deployment']} {doc['workload']}: {diff}"
+
+
+# ---------------------------------------------------------------------------------------------
+# the fast path equals predict
+# ---------------------------------------------------------------------------------------------
+
+def test_fast_path_equals_predict_on_a_sample_of_the_mixtral_grid():
+    spec = load_sweep(GRID)
+    assert len(spec) >= 50_000
+    rng = np.random.default_rng(7)
+    points = list(spec.points())
+    checked = 0
+    for i in rng.choice(len(points), size=30, replace=False):
+        doc = spec.scenario(points[i])
+        try:
+            parse_scenario(doc, base_dir=spec.base_dir)
+        except InputError:
+            continue
+        _fast_vs_predict(doc, spec.base_dir)
+        checked += 1
+    assert checked >= 25
+
+
+@pytest.mark.parametrize("model,deployment,workload", [
+    # MLA + shared experts, attention-DP with EP, chunked prefill of a long prompt
+    ("deepseek-v2-lite", {"tp": 1, "attention_dp": 2, "ep": 2},
+     {"batch_size": 5, "input_len": 9000, "output_len": 33}),
+    # sliding-window attention, mxfp4 experts, eager decode above the CUDA-graph limit
+    ("gpt-oss-20b", {"tp": 1, "framework": "vllm"},
+     {"batch_size": 600, "input_len": 700, "output_len": 100}),
+    # hybrid linear attention (Gated DeltaNet) + full attention
+    ("qwen3.5-397b-a17b", {"tp": 8, "ep": 8, "weight_dtype": "fp8", "activation_dtype": "fp8"},
+     {"batch_size": 64, "input_len": 2048, "output_len": 512}),
+    # a dense model, pipeline parallel, fp8 KV cache, no CUDA graphs
+    ("llama-3.1-8b", {"tp": 2, "pp": 2, "kv_cache_dtype": "fp8", "cuda_graphs": False},
+     {"batch_size": 3, "input_len": 100, "output_len": 7}),
+    # TP across nodes (warning text), grouped MoE kernels
+    ("mixtral-8x7b", {"tp": 16, "moe_strategy": "grouped"},
+     {"batch_size": 40, "input_len": 3000, "output_len": 1}),
+    # chunked attention layers (Llama-4), sglang defaults
+    ("llama-4-scout", {"tp": 4, "ep": 4, "framework": "sglang"},
+     {"batch_size": 17, "input_len": 10000, "output_len": 300}),
+])
+def test_fast_path_equals_predict_across_models(model, deployment, workload):
+    dep = dict(deployment)
+    gpus = dep.get("tp", 1) * dep.get("attention_dp", 1) * dep.get("pp", 1)
+    doc = {"model": model, "hardware": {"profile": "h100_sxm", "num_gpus": gpus},
+           "deployment": dep, "workload": workload}
+    _fast_vs_predict(doc)
+
+
+def test_sweep_rows_equal_predict_rows():
+    """Whole path (groups, workload checks, memos): every row equals predict's."""
+    spec = parse_sweep({"base": _base(), "axes": {
+        "layout": [{"deployment.tp": 2}, {"deployment.tp": 1, "deployment.attention_dp": 2,
+                                          "deployment.ep": 2}],
+        "workload.batch_size": [1, 3, 64],
+        "workload.input_len": [100, 8192, 9000],
+        "workload.output_len": [1, 300]}}, base_dir=ROOT / "examples")
+    res = run_sweep(spec, progress=False)
+    assert len(res.rows) == len(spec) == 36
+    assert res.warnings == []
+    for point, row in zip(spec.points(), res.dicts()):
+        doc = spec.scenario(point)
+        try:
+            sc = parse_scenario(doc, base_dir=spec.base_dir)
+        except InputError as exc:
+            assert row["feasible"] is False and row["error"] == exc.one_line()
+            continue
+        assert row["evaluator"] == "fast"
+        out = tuple(row[c] for c in OUTPUT_COLUMNS)
+        assert outputs_agree(out, prediction_outputs(predict(sc)), rtol=1e-9) is None
+
+
+def test_stochastic_routing_goes_through_predict():
+    base = _base()
+    base["routing"] = {"distribution": "zipf", "s": 1.0, "samples": 2}
+    spec = parse_sweep({"base": base, "axes": {"workload.batch_size": [1, 2, 4, 8, 16],
+                                               "workload.input_len": [64]}},
+                       base_dir=ROOT / "examples")
+    res = run_sweep(spec, progress=False)
+    rows = res.dicts()
+    assert {r["evaluator"] for r in rows} == {"predict"}
+    assert all(r["routing_samples"] == 2 for r in rows)
+    sc = parse_scenario(spec.scenario(next(iter(spec.points()))), base_dir=spec.base_dir)
+    assert rows[0]["tpot_ms"] == predict(sc).tpot_ms
+
+
+def test_workload_memo_keys_on_what_was_read():
+    sc = parse_scenario(_base(), base_dir=ROOT / "examples")
+    calls = []
+
+    def fn(s):  # reads output_len only on one branch
+        calls.append(1)
+        wl = s.workload
+        return wl.batch_size * 10 + (wl.output_len if wl.batch_size > 4 else 0)
+
+    memo = WorkloadMemo(sc, fn)
+    from moesim.spec.workload import Workload
+    W = lambda b, o: Workload(batch_size=b, input_len=10, output_len=o)  # noqa: E731
+    assert memo(W(2, 1)) == 20 and memo(W(2, 99)) == 20 and len(calls) == 1
+    assert memo(W(8, 1)) == 81 and memo(W(8, 2)) == 82 and len(calls) == 3
+    assert memo(W(8, 1)) == 81 and len(calls) == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# infeasible points
+# ---------------------------------------------------------------------------------------------
+
+def test_infeasible_points_keep_the_reason_parse_would_give():
+    base = _base()
+    spec = parse_sweep({"base": base, "axes": {
+        "deployment.tp": [2, 3],
+        "deployment.attention_dp": [1, 4],
+        "workload.batch_size": [0, 2, 8],
+        "workload.input_len": [16]}}, base_dir=ROOT / "examples")
+    res = run_sweep(spec, progress=False)
+    bad = 0
+    for point, row in zip(spec.points(), res.dicts()):
+        doc = spec.scenario(point)
+        try:
+            parse_scenario(doc, base_dir=spec.base_dir)
+            assert row["feasible"] is True
+        except InputError as exc:
+            bad += 1
+            assert row["feasible"] is False
+            assert row["error"] == exc.one_line()
+            assert row["ttft_ms"] == ""
+    assert bad >= 8
+
+
+def test_routing_file_error_order_matches_parse(tmp_path):
+    base = _base()
+    base["routing"] = {"distribution": "histogram", "histogram_file": str(tmp_path / "no.csv")}
+    spec = parse_sweep({"base": base, "axes": {"deployment.attention_dp": [2],
+                                               "deployment.ep": [2],
+                                               "workload.batch_size": [1, 4, 8, 16]}},
+                       base_dir=ROOT / "examples")
+    for point, row in zip(spec.points(), run_sweep(spec, progress=False).dicts()):
+        with pytest.raises(InputError) as exc:
+            parse_scenario(spec.scenario(point), base_dir=spec.base_dir)
+        assert row["error"] == exc.value.one_line()
+
+
+# ---------------------------------------------------------------------------------------------
+# the sweep file
+# ---------------------------------------------------------------------------------------------
+
+def test_ranges_and_linked_axes():
+    spec = parse_sweep({"base": _base(), "axes": {
+        "workload.batch_size": {"start": 1, "stop": 64, "factor": 4},
+        "workload.input_len": {"start": 128, "stop": 4096, "num": 6, "scale": "log"},
+        "workload.output_len": {"start": 10, "stop": 30, "step": 10},
+        "routing.capacity_factor": {"start": 1.0, "stop": 2.0, "num": 3},
+        "prec": [{"deployment.weight_dtype": "fp8"}, {"deployment.kv_cache_dtype": "fp8"}]}})
+    ax = {a.name: a for a in spec.axes}
+    assert ax["workload.batch_size"].values == (1, 4, 16, 64)
+    assert ax["workload.input_len"].values == (128, 256, 512, 1024, 2048, 4096)
+    assert ax["workload.output_len"].values == (10, 20, 30)
+    assert ax["routing.capacity_factor"].values == (1.0, 1.5, 2.0)
+    assert ax["prec"].linked and ax["prec"].paths == ("deployment.weight_dtype",
+                                                      "deployment.kv_cache_dtype")
+    assert len(spec) == 4 * 6 * 3 * 3 * 2
+    first = next(iter(spec.points()))
+    doc = spec.scenario(first)
+    assert doc["workload"] == {"batch_size": 1, "input_len": 128, "output_len": 10}
+    assert doc["deployment"]["weight_dtype"] == "fp8"
+    assert spec.input_columns()[-3:] == ["prec", "deployment.weight_dtype",
+                                         "deployment.kv_cache_dtype"]
+
+
+def test_random_sampling_is_seeded_and_in_range():
+    data = {"base": _base(), "sampling": "random", "samples": 50, "seed": 3, "axes": {
+        "workload.batch_size": {"low": 1, "high": 512, "scale": "log"},
+        "workload.input_len": [128, 1024],
+        "layout": [{"deployment.tp": 1, "hardware.num_gpus": 1},
+                   {"deployment.tp": 2, "hardware.num_gpus": 2}]}}
+    a, b = parse_sweep(data), parse_sweep(data)
+    pa, pb = list(a.points()), list(b.points())
+    assert pa == pb and len(pa) == 50
+    assert all(isinstance(p[0], int) and 1 <= p[0] <= 512 for p in pa)
+    assert {p[1] for p in pa} == {128, 1024}
+    assert {p[2] for p in pa} == {0, 1}
+    data["seed"] = 4
+    assert list(parse_sweep(data).points()) != pa
+    res = run_sweep(a, progress=False)
+    assert len(res.rows) == 50 and res.feasible == 50
+
+
+@pytest.mark.parametrize("data,field", [
+    ({"axes": {}}, "base"),
+    ({"base": {}, "axes": {"deployment.tpp": [1]}}, "axes.deployment.tpp"),
+    ({"base": {}, "axes": {"hardwar.num_gpus": [1]}}, "axes.hardwar.num_gpus"),
+    ({"base": {}, "axes": {"workload.batch_size": []}}, "axes.workload.batch_size"),
+    ({"base": {}, "axes": {"workload.batch_size": {"start": 1, "stop": 8}}},
+     "axes.workload.batch_size"),
+    ({"base": {}, "axes": {"workload.batch_size": {"low": 1, "high": 8}}},
+     "axes.workload.batch_size"),
+    ({"base": {}, "axes": {"layout": [1, 2]}}, "axes.layout[0]"),
+    ({"base": {}, "samples": 3, "axes": {}}, "samples"),
+    ({"base": {}, "sampling": "sobol", "axes": {}}, "sampling"),
+    ({"base": {}, "axes": {}, "colour": 1}, "colour"),
+    ({"base": "does/not/exist.json", "axes": {}}, "base"),
+])
+def test_bad_sweep_files_name_the_field(data, field):
+    with pytest.raises(InputError) as exc:
+        parse_sweep(data, base_dir=ROOT)
+    assert exc.value.field == field
+
+
+def test_set_path_promotes_hardware_and_model_presets():
+    doc = {"model": "mixtral-8x7b", "hardware": "h100_sxm"}
+    set_path(doc, "hardware.num_gpus", 4)
+    assert doc["hardware"] == {"profile": "h100_sxm", "num_gpus": 4}
+    set_path(doc, "model.num_local_experts", 4)
+    assert doc["model"]["model_type"] == "mixtral" and doc["model"]["num_local_experts"] == 4
+    with pytest.raises(InputError):
+        set_path({"model": "./nope.json"}, "model.num_local_experts", 4)
+
+
+# ---------------------------------------------------------------------------------------------
+# running and writing
+# ---------------------------------------------------------------------------------------------
+
+def _small_spec():
+    return parse_sweep({"base": _base(), "axes": {
+        "layout": [{"deployment.tp": 1, "hardware.num_gpus": 1},
+                   {"deployment.tp": 2, "hardware.num_gpus": 2}],
+        "workload.batch_size": [1, 2, 4, 8], "workload.input_len": [128, 512]}},
+        base_dir=ROOT / "examples")
+
+
+def test_workers_give_the_same_rows():
+    spec = _small_spec()
+    one = run_sweep(spec, progress=False)
+    two = run_sweep(spec, workers=2, progress=False)
+    assert one.columns == two.columns and one.rows == two.rows
+
+
+def test_evaluate_explicit_points_matches_the_sweep():
+    spec = _small_spec()
+    rows = run_sweep(spec, progress=False).dicts()
+    outs = evaluate(spec.base, [spec.assignments(p) for p in spec.points()],
+                    base_dir=spec.base_dir)
+    assert [o["tpot_ms"] for o in outs] == [r["tpot_ms"] for r in rows]
+
+
+def test_csv_output(tmp_path):
+    res = run_sweep(_small_spec(), progress=False)
+    out = tmp_path / "r.csv"
+    write_table(res, out)
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 16
+    assert list(rows[0])[:5] == ["layout", "deployment.tp", "hardware.num_gpus",
+                                 "workload.batch_size", "workload.input_len"]
+    assert set(OUTPUT_COLUMNS) <= set(rows[0])
+    r = res.dicts()[5]
+    assert float(rows[5]["ttft_ms"]) == pytest.approx(r["ttft_ms"], rel=1e-8)
+    assert rows[5]["fits"] in ("True", "False")
+
+
+def test_parquet_needs_pyarrow(tmp_path):
+    res = run_sweep(_small_spec(), progress=False, limit=4)
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        with pytest.raises(InputError) as exc:
+            write_table(res, tmp_path / "r.parquet")
+        assert "pyarrow" in exc.value.one_line()
+        return
+    write_table(res, tmp_path / "r.parquet")
+    assert pq.read_table(tmp_path / "r.parquet").num_rows == 4
+
+
+def test_progress_bar_only_on_a_terminal():
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    s = Tty()
+    bar = Progress(10, stream=s)
+    bar.update(10)
+    bar.close()
+    assert "\r" in s.getvalue() and "10/10" in s.getvalue()
+    plain = io.StringIO()
+    bar = Progress(10, stream=plain)
+    bar.update(10)
+    bar.close()
+    assert plain.getvalue() == ""
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI (in-process: the sub-commands as cli.py will register them)
+# ---------------------------------------------------------------------------------------------
+
+def _cli(*argv, capsys):
+    from moesim.sweep_cli import main
+
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_cli_sweep_writes_csv(tmp_path, capsys):
+    f = tmp_path / "s.yaml"
+    f.write_text(f"base: {MIXTRAL}\naxes:\n  workload.batch_size: [1, 2, 4, 8]\n")
+    code, out, err = _cli("sweep", str(f), "--out", str(tmp_path / "o.csv"), capsys=capsys)
+    assert code == 0, err
+    assert "4 points (4 feasible" in err
+    assert len((tmp_path / "o.csv").read_text().splitlines()) == 5
+
+
+def test_cli_errors_are_one_line_exit_2(tmp_path, capsys):
+    f = tmp_path / "s.yaml"
+    f.write_text(f"base: {MIXTRAL}\naxes:\n  deployment.tpp: [1]\n")
+    code, _, err = _cli("sweep", str(f), capsys=capsys)
+    assert code == 2 and err.count("\n") == 1 and "deployment.tpp" in err
+    g = tmp_path / "g.yaml"
+    g.write_text(f"base: {MIXTRAL}\naxes:\n  workload.batch_size: [1]\n")
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        code, _, err = _cli("sweep", str(g), "--ray", "auto", capsys=capsys)
+        assert code == 2 and err.count("\n") == 1 and "ray" in err.lower()
+    code, _, err = _cli("recommend", str(MIXTRAL), "--gpus", "2", "--precisions", "fp9",
+                        capsys=capsys)
+    assert code == 2 and err.count("\n") == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# recommend
+# ---------------------------------------------------------------------------------------------
+
+def test_recommend_meets_slos_and_frontier_is_pareto(tmp_path):
+    from moesim.recommend import recommend
+
+    rec = recommend(MIXTRAL, 2, slo_tpot_ms=40.0, slo_ttft_ms=3000.0,
+                    precisions=["bf16", "fp8"], batch_sizes=[1, 8, 64, 256])
+    layouts = {(c["tp"], c["attention_dp"], c["ep"], c["moe_tp"]) for c in rec.candidates}
+    assert layouts == {(1, 2, 1, 2), (1, 2, 2, 1), (2, 1, 1, 2), (2, 1, 2, 1)}
+    assert rec.ranked, "some configuration must meet these SLOs"
+    tputs = [c["throughput_output_tok_per_s_per_gpu"] for c in rec.ranked]
+    assert tputs == sorted(tputs, reverse=True)
+    for c in rec.ranked:
+        assert c["fits"] and c["tpot_ms"] <= 40.0 and c["ttft_ms"] <= 3000.0
+    # the best one, re-predicted on its own
+    best = rec.ranked[0]
+    doc = _base()
+    doc["hardware"]["num_gpus"] = 2
+    doc["deployment"] = {"tp": best["tp"], "attention_dp": best["attention_dp"],
+                         "ep": best["ep"], "moe_tp": best["moe_tp"], "framework": "vllm",
+                         **({"weight_dtype": "fp8", "activation_dtype": "fp8"}
+                            if best["precision"] == "fp8" else {})}
+    doc["workload"]["batch_size"] = best["batch_size"]
+    p = predict(parse_scenario(doc, base_dir=ROOT / "examples"))
+    assert p.throughput_output_tok_per_s_per_gpu == pytest.approx(
+        best["throughput_output_tok_per_s_per_gpu"], rel=1e-9)
+    # frontier: nobody in ranked is better on both axes than a frontier member
+    for f in rec.frontier:
+        assert not any(c["tpot_ms"] < f["tpot_ms"] and c["throughput_output_tok_per_s_per_gpu"]
+                       > f["throughput_output_tok_per_s_per_gpu"] for c in rec.ranked)
+    # the largest batch that fits was tried for each layout and precision
+    assert any(c["batch_size"] not in (1, 8, 64, 256) for c in rec.candidates)
+
+
+def test_cli_recommend_prints_and_writes_frontier(tmp_path, capsys):
+    out = tmp_path / "front.csv"
+    code, text, err = _cli("recommend", str(MIXTRAL), "--gpus", "2", "--slo-tpot-ms", "40",
+                           "--precisions", "fp8", "--batch-sizes", "8,64", "--out", str(out),
+                           capsys=capsys)
+    assert code == 0, err
+    assert "tok/s/GPU" in text and "Pareto frontier" in text
+    rows = list(csv.DictReader(out.open()))
+    assert rows and {"tp", "ep", "attention_dp", "precision", "batch_size",
+                     "throughput_output_tok_per_s_per_gpu"} <= set(rows[0])
+    code, text, _ = _cli("recommend", str(MIXTRAL), "--gpus", "2", "--slo-tpot-ms", "0.01",
+                         "--precisions", "fp8", "--batch-sizes", "8", capsys=capsys)
+    assert code == 1 and "no configuration" in text
