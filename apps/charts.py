@@ -39,7 +39,8 @@ def _spec(key: tuple, build: Callable[[], alt.TopLevelMixin], **datasets: pd.Dat
     # width follows the container, height is the plot's own (Streamlit's default "fit" would
     # squeeze axes and legends into ``height`` and flatten the small bar charts)
     spec["autosize"] = {"type": "fit-x", "contains": "padding"}
-    spec["datasets"] = {name: _records(df) for name, df in datasets.items()}
+    # DataFrames go as they are: Streamlit ships named datasets to the browser as Arrow
+    spec["datasets"] = dict(datasets)
     return spec
 
 
@@ -180,7 +181,8 @@ def roof_frames(pts: pd.DataFrame, hw: Any) -> tuple[pd.DataFrame, pd.DataFrame]
         for x in (lo_i, ridge, hi_i):
             rows.append({"roof": f"{name} {p:.0f} TFLOP/s", "intensity": x,
                          "tflops": min(p, bw * x)})
-        labels.append({"text": f"{name} peak {p:.0f} TFLOP/s", "intensity": hi_i,
+        # each label starts at its own ridge point, so close peaks do not overprint
+        labels.append({"text": f"{name} {p:.0f} TFLOP/s", "intensity": ridge,
                        "tflops": p, "align": "right"})
     labels.append({"text": f"HBM {bw:.2f} TB/s", "intensity": lo_i * 1.4,
                    "tflops": bw * lo_i * 1.4, "align": "left"})
@@ -248,7 +250,8 @@ def roofline_chart(ops: pd.DataFrame, hw: Any) -> dict:
         lines = alt.Chart(_data("roofs")).mark_line(color="#888", strokeWidth=1.5).encode(
             x=x, y=y, detail="roof:N")
         text_r = alt.Chart(_data("labels")).transform_filter("datum.align == 'right'").mark_text(
-            align="right", dy=-7, fontSize=10, color="#555").encode(x=x, y=y, text="text:N")
+            align="right", dx=-4, dy=-6, fontSize=10, color="#555").encode(x=x, y=y,
+                                                                           text="text:N")
         text_l = alt.Chart(_data("labels")).transform_filter("datum.align == 'left'").mark_text(
             align="left", dx=4, dy=-8, fontSize=10, color="#555").encode(x=x, y=y, text="text:N")
         dots = alt.Chart(_data("ops")).mark_point(filled=True, opacity=0.8).encode(
@@ -334,9 +337,9 @@ def memory_chart(mem: pd.DataFrame) -> dict:
     return _spec(("memory", n), build, mem=mem, cap=cap)
 
 
-def _sweep_layer(x: alt.X, y: alt.Y, labels_on: bool) -> alt.LayerChart:
+def _sweep_layer(x: alt.X, y: alt.Y, labels_on: bool, n: int) -> alt.LayerChart:
     color = alt.Color("scenario:N", scale=alt.Scale(domain=SCENARIOS, range=SCENARIO_COLORS),
-                      legend=_legend())
+                      legend=_legend() if n > 1 else None)
     tips = [alt.Tooltip("scenario:N"), alt.Tooltip("batch:Q"),
             alt.Tooltip("throughput_per_gpu:Q", format=",.1f", title="tok/s/GPU"),
             alt.Tooltip("tpot_ms:Q", format=".2f", title="TPOT ms"),
@@ -359,20 +362,67 @@ def _sweep_layer(x: alt.X, y: alt.Y, labels_on: bool) -> alt.LayerChart:
 
 
 def throughput_chart(sw: pd.DataFrame) -> dict:
+    n = int(sw["scenario"].nunique())
+
     def build():
         return _sweep_layer(
             alt.X("batch:Q", scale=alt.Scale(type="log", base=2), title="batch size (sequences)"),
-            alt.Y("throughput_per_gpu:Q", title="output tok/s per GPU"), labels_on=False)
-    return _spec(("throughput",), build, sweep=sw)
+            alt.Y("throughput_per_gpu:Q", title="output tok/s per GPU"), labels_on=False, n=n)
+    return _spec(("throughput", n), build, sweep=sw)
 
 
 def frontier_chart(sw: pd.DataFrame) -> dict:
+    n = int(sw["scenario"].nunique())
+
     def build():
         return _sweep_layer(
             alt.X("tok_s_per_user:Q", title="output tok/s per user (1000 / TPOT)",
                   scale=alt.Scale(zero=False)),
-            alt.Y("throughput_per_gpu:Q", title="output tok/s per GPU"), labels_on=True)
-    return _spec(("frontier",), build, sweep=sw)
+            alt.Y("throughput_per_gpu:Q", title="output tok/s per GPU"), labels_on=True, n=n)
+    return _spec(("frontier", n), build, sweep=sw)
+
+
+def serving_frame(timeline: dict, max_points: int = 600) -> pd.DataFrame:
+    """Long-form series of a serving simulation's ``timeline`` (``t_us`` plus per-time
+    arrays): sequences running and waiting, and KV-cache use in percent."""
+    t = np.asarray(timeline.get("t_us", []), dtype=float)
+    if t.size == 0:
+        return pd.DataFrame(columns=["t_s", "series", "value", "panel"])
+    idx = np.unique(np.linspace(0, t.size - 1, min(max_points, t.size)).astype(int))
+    frames = []
+    for key, label, panel, scale in (("running", "running", "sequences", 1.0),
+                                     ("waiting", "waiting", "sequences", 1.0),
+                                     ("kv_usage", "KV cache used (%)", "KV cache used (%)",
+                                      100.0)):
+        if key in timeline:
+            v = np.asarray(timeline[key], dtype=float)[idx] * scale
+            frames.append(pd.DataFrame({"t_s": t[idx] / 1e6, "series": label, "value": v,
+                                        "panel": panel}))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def serving_chart(df: pd.DataFrame) -> dict:
+    def build():
+        base = alt.Chart(_data("serving"))
+        seqs = base.transform_filter("datum.panel == 'sequences'").mark_line(
+            interpolate="step-after").encode(
+            x=alt.X("t_s:Q", title="simulated time (s)"),
+            y=alt.Y("value:Q", title="sequences"),
+            color=alt.Color("series:N", scale=alt.Scale(domain=["running", "waiting",
+                                                                "KV cache used (%)"],
+                                                        range=["#4c78a8", "#e45756",
+                                                               "#54a24b"]),
+                            legend=_legend()),
+            tooltip=[alt.Tooltip("t_s:Q", format=".3f"), alt.Tooltip("series:N"),
+                     alt.Tooltip("value:Q", format=".1f")])
+        kv = base.transform_filter("datum.panel != 'sequences'").mark_line(
+            strokeDash=[4, 2]).encode(
+            x="t_s:Q", y=alt.Y("value:Q", title="KV cache used (%)",
+                               scale=alt.Scale(domain=[0, 100])),
+            color=alt.Color("series:N"))
+        return alt.layer(seqs, kv).resolve_scale(y="independent").properties(
+            height=220, width="container")
+    return _spec(("serving",), build, serving=df)
 
 
 # ---------------------------------------------------------------------------------------------

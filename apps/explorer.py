@@ -44,14 +44,16 @@ ss = st.session_state
 # ---------------------------------------------------------------------------------------------
 
 @st.cache_resource(show_spinner=False, max_entries=512)
-def predict_json(js: str):
-    """Prediction of a scenario given as JSON text. Predictions are frozen: sharing is safe."""
-    return predict(parse_scenario(json.loads(js)))
+def scenario_of(js: str):
+    """The resolved scenario of a scenario JSON text (parsing reads the model and the hardware
+    profile, so it is cached too)."""
+    return parse_scenario(json.loads(js))
 
 
 @st.cache_resource(show_spinner=False, max_entries=512)
-def scenario_of(js: str):
-    return parse_scenario(json.loads(js))
+def predict_json(js: str):
+    """Prediction of a scenario given as JSON text. Predictions are frozen: sharing is safe."""
+    return predict(scenario_of(js))
 
 
 @st.cache_data(show_spinner=False)
@@ -60,9 +62,8 @@ def preset_labels() -> dict[str, str]:
     for name in list_presets():
         try:
             m = load_model(name)
-            moe = f", {m.moe.num_experts}E top-{m.moe.top_k}" if m.moe else ", dense"
-            out[name] = f"{name}  ({m.total_params / 1e9:.0f}B / {m.active_params / 1e9:.1f}B" \
-                        f" active{moe})"
+            out[name] = f"{name} · {m.total_params / 1e9:.0f}B" + (
+                f"/{m.active_params / 1e9:.1f}B, {m.moe.num_experts}E" if m.moe else " dense")
         except Exception:  # noqa: BLE001 - a broken preset still shows by name
             out[name] = name
     return out
@@ -74,7 +75,7 @@ def profile_labels() -> dict[str, str]:
     for pid in available_profiles():
         try:
             hw = load_profile(pid)
-            out[pid] = f"{hw.display_name} ({hw.memory.hbm_capacity_bytes.value / 1e9:.0f} GB)"
+            out[pid] = hw.display_name
         except Exception:  # noqa: BLE001
             out[pid] = pid
     return out
@@ -243,7 +244,9 @@ def sidebar() -> tuple[dict[str, Any], Any]:
     p1, p2 = sb.columns(2)
     p1.selectbox("weights", WEIGHT_DTYPES, key="weight_dtype",
                  help="attention, dense and shared-expert weights")
-    p2.selectbox("expert weights", (SAME_AS_WEIGHTS,) + WEIGHT_DTYPES, key="expert_weight_dtype")
+    p2.selectbox("expert weights", (SAME_AS_WEIGHTS,) + WEIGHT_DTYPES, key="expert_weight_dtype",
+                 format_func=lambda v: "= weights" if v == SAME_AS_WEIGHTS else v,
+                 help="routed experts (e.g. mxfp4 for gpt-oss)")
     slot("deployment.weight_dtype")
     slot("deployment.expert_weight_dtype")
     p3, p4 = sb.columns(2)
@@ -299,11 +302,11 @@ def sidebar() -> tuple[dict[str, Any], Any]:
         k2.selectbox("overflow", OVERFLOWS, key="overflow")
     slot("routing.capacity_factor")
     slot("routing.overflow")
-    e1, e2 = sb.columns(2)
-    e1.selectbox("placement", PLACEMENTS, key="placement",
-                 help="eplb: replicate and place experts by load (EPLB)")
+    sb.selectbox("Expert placement", PLACEMENTS, key="placement",
+                 help="which EP rank holds which expert; eplb replicates and places experts "
+                      "by load (EPLB)")
     if ss["placement"] == "eplb":
-        e2.number_input("redundant experts", min_value=0, max_value=4096, step=1,
+        sb.number_input("EPLB redundant experts", min_value=0, max_value=4096, step=1,
                         key="redundant_experts", help="extra replica slots over all EP ranks")
     slot("routing.placement")
     slot("routing.redundant_experts")
@@ -518,25 +521,90 @@ def jsonable(x: Any, depth: int = 0) -> Any:
     return str(x)
 
 
-def run_serving_des(simulate: Callable, sc) -> dict:
-    bar = st.progress(0.0, text="simulating requests...")
-
-    def progress(*args, **kwargs):
-        frac = None
-        if len(args) == 1 and isinstance(args[0], (int, float)):
-            frac = float(args[0])
-        elif len(args) >= 2 and all(isinstance(a, (int, float)) for a in args[:2]) and args[1]:
-            frac = float(args[0]) / float(args[1])
-        if frac is not None:
-            bar.progress(min(max(frac, 0.0), 1.0), text=f"simulating... {100 * frac:.0f}%")
+def run_serving_des(simulate: Callable, sc, requests: int) -> Any:
+    """Run ``moesim.des.simulate`` with a progress indicator: a progress bar when it reports
+    progress through a callback, otherwise a status line with the elapsed time (the run
+    happens in a worker thread so that the page stays live)."""
+    import threading
 
     params = inspect.signature(simulate).parameters
-    kwargs = {name: progress for name in ("progress", "progress_callback", "on_progress")
-              if name in params}
-    t = time.perf_counter()
-    res = simulate(sc, **kwargs)
-    bar.progress(1.0, text=f"done in {time.perf_counter() - t:.1f} s")
-    return jsonable(res)
+    kwargs: dict[str, Any] = {}
+    if "requests" in params:
+        kwargs["requests"] = int(requests)
+    frac = {"v": None}
+
+    def progress(*args, **_kw):
+        if len(args) == 1 and isinstance(args[0], (int, float)):
+            frac["v"] = float(args[0])
+        elif len(args) >= 2 and all(isinstance(a, (int, float)) for a in args[:2]) and args[1]:
+            frac["v"] = float(args[0]) / float(args[1])
+
+    for name in ("progress", "progress_callback", "on_progress"):
+        if name in params:
+            kwargs[name] = progress
+    box: dict[str, Any] = {}
+
+    def work():
+        try:
+            box["result"] = simulate(sc, **kwargs)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the script thread
+            box["error"] = exc
+
+    status = st.status(f"Simulating {requests} requests...", expanded=False)
+    bar = st.progress(0.0)
+    worker = threading.Thread(target=work, daemon=True)
+    t0 = time.perf_counter()
+    worker.start()
+    while worker.is_alive():
+        worker.join(0.25)
+        el = time.perf_counter() - t0
+        if frac["v"] is not None:
+            bar.progress(min(max(frac["v"], 0.0), 1.0), text=f"{100 * frac['v']:.0f}% · "
+                                                             f"{el:.1f} s")
+        else:
+            bar.progress(min(0.95, el / (el + 5.0)), text=f"{el:.1f} s elapsed")
+    el = time.perf_counter() - t0
+    bar.empty()
+    if "error" in box:
+        status.update(label="Simulation failed", state="error")
+        raise box["error"]
+    status.update(label=f"Simulated {requests} requests in {el:.1f} s", state="complete")
+    return box["result"]
+
+
+def show_serving_result(res: Any, pred) -> None:
+    metrics = getattr(res, "metrics", None)
+    if not isinstance(metrics, dict):
+        st.json(jsonable(res), expanded=False)
+        return
+    n = pred.scenario.num_gpus
+
+    def card(col, label, key, closed, fmt, inverse=True):
+        v = metrics.get(key)
+        if not isinstance(v, (int, float)):
+            return
+        delta = f"{(v - closed) / closed * 100:+.1f}% vs closed form" if closed else None
+        col.metric(label, fmt(v), delta=delta, delta_color="inverse" if inverse else "normal",
+                   border=True)
+
+    c1, c2, c3, c4 = st.columns(4)
+    card(c1, "DES TTFT (mean)", "ttft_ms_mean", pred.ttft_ms, charts.fmt_ms)
+    card(c2, "DES TPOT (mean)", "tpot_ms_mean", pred.tpot_ms, charts.fmt_ms)
+    thr = metrics.get("throughput_output_tok_per_s")
+    if isinstance(thr, (int, float)):
+        c3.metric("DES throughput per GPU", f"{thr / n:,.0f} tok/s",
+                  delta=f"{(thr - pred.throughput_output_tok_per_s) / pred.throughput_output_tok_per_s * 100:+.1f}% vs closed form",  # noqa: E501
+                  border=True)
+    c4.metric("requests completed", f"{metrics.get('requests_completed', '-')}",
+              help=f"p50/p90/p99 TTFT {metrics.get('ttft_ms_p50', float('nan')):.0f} / "
+                   f"{metrics.get('ttft_ms_p90', float('nan')):.0f} / "
+                   f"{metrics.get('ttft_ms_p99', float('nan')):.0f} ms", border=True)
+    timeline = getattr(res, "timeline", None)
+    if isinstance(timeline, dict) and len(timeline.get("t_us", [])):
+        st.markdown("**Sequences running and waiting, KV-cache use** (dashed, right axis)")
+        chart(charts.serving_chart(charts.serving_frame(timeline)), "serving_chart")
+    with st.expander("All simulation results (JSON)"):
+        st.json(jsonable(res), expanded=False)
 
 
 @st.cache_resource(show_spinner=False, max_entries=16)
@@ -587,47 +655,55 @@ def des_section(sc, js: str, slots) -> None:
                              f"{str(exc).splitlines()[0] if str(exc) else ''}")
     with c2:
         st.markdown("**Serving simulation** — requests arriving, continuous batching, paged "
-                    "KV cache.")
+                    "KV cache (`moesim.des.simulate`).")
+        requests = st.number_input("requests", min_value=10, max_value=100_000, step=50,
+                                   key="des_requests", value=200)
         run = st.button("Simulate serving", disabled=simulate is None, key="des_serving_button",
                         icon=":material/play_arrow:",
                         help=None if simulate else "moesim.des.simulate is not there yet")
         if simulate is None:
             st.caption(f"Disabled: {why}. The closed form above does not need it.")
-        if run and simulate is not None:
-            try:
-                ss["des_serving"] = (js, run_serving_des(simulate, sc))
-            except InputError as exc:
-                st.error(exc.one_line())
-            except Exception as exc:  # noqa: BLE001
-                st.error(f"the simulator failed: {type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0] if str(exc) else ''}")
-        got = ss.get("des_serving")
-        if got and got[0] == js:
-            res = got[1]
-            if isinstance(res, dict):
-                cols = st.columns(3)
-                for i, k in enumerate([k for k in ("ttft_ms", "tpot_ms",
-                                                   "throughput_output_tok_per_s")
-                                       if isinstance(res.get(k), (int, float))]):
-                    cols[i].metric(f"DES {k}", f"{res[k]:,.2f}")
-            st.json(res, expanded=False)
     got = ss.get("des_step")
     if got and got[0] == (js, phase):
-        cost, record = got[1]
-        df, summary = charts.timeline_frame(record, int(layer))
-        if df.empty:
-            st.info("The simulator recorded no events for this step.")
-            return
-        chart(charts.timeline_chart(df), "timeline_chart")
-        waits = summary.get("waits_us", {})
-        slow = summary.get("slowest_rank")
-        msg = f"Step {cost.time_us / 1e3:.3f} ms simulated (closed form: " \
-              f"{(predict_json(js).decode_step if phase == 'decode' else predict_json(js).prefill_step).time_us / 1e3:.3f} ms)."  # noqa: E501
-        if slow is not None and waits:
-            msg += f" In MoE layer {int(layer)} GPU {slow} is slowest (experts " \
-                   f"{summary['experts_us'][slow]:.1f} us); the others wait up to " \
-                   f"{max(waits.values()):.1f} us at its collectives."
-        st.caption(msg)
+        show_step_timeline(got[1], js, phase, int(layer))
+    if run and simulate is not None:
+        try:
+            ss["des_serving"] = ((js, int(requests)), run_serving_des(simulate, sc,
+                                                                      int(requests)))
+        except InputError as exc:
+            slot = error_slot(exc.field, slots)
+            st.error(exc.one_line(), icon=":material/error:")
+            if slot:
+                slots[slot].error(exc.one_line(), icon=":material/error:")
+        except Exception as exc:  # noqa: BLE001 - a simulator in progress: one line
+            st.error(f"the simulator failed: {type(exc).__name__}: "
+                     f"{str(exc).splitlines()[0] if str(exc) else ''}")
+    got = ss.get("des_serving")
+    if got and got[0] == (js, int(requests)):
+        show_serving_result(got[1], predict_json(js))
+
+
+def show_step_timeline(result, js: str, phase: str, layer: int) -> None:
+    cost, record = result
+    df, summary = charts.timeline_frame(record, layer)
+    if df.empty:
+        st.info("The simulator recorded no events for this step.")
+        return
+    p = predict_json(js)
+    closed = (p.decode_step if phase == "decode" else p.prefill_step).time_us
+    st.markdown(f"**{phase.capitalize()} step, MoE layer {layer}, every GPU** — grey: a GPU "
+                "idle at a collective, waiting for the slowest member")
+    chart(charts.timeline_chart(df), "timeline_chart")
+    waits = summary.get("waits_us", {})
+    slow = summary.get("slowest_rank")
+    msg = f"Whole step {cost.time_us / 1e3:.3f} ms simulated; closed form " \
+          f"{closed / 1e3:.3f} ms."
+    if slow is not None and len(summary.get("experts_us", {})) > 1:
+        msg += f" In this layer GPU {slow} has the most expert work " \
+               f"({summary['experts_us'][slow]:.1f} us)"
+        msg += (f"; the others wait up to {max(waits.values()):.1f} us for it."
+                if waits else ".")
+    st.caption(msg)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -638,6 +714,7 @@ def main() -> None:
     st.set_page_config(page_title="moesim explorer", layout="wide",
                        initial_sidebar_state="expanded")
     t_page = time.perf_counter()
+    timings: dict[str, float] = {}
     init_state()
     slots, download_slot = sidebar()
 
@@ -714,9 +791,13 @@ def main() -> None:
         chart(charts.roofline_chart(ops[ops["scenario"] == "current"], sc.hardware),
               "roofline_chart")
     with c4:
+        t_r = time.perf_counter()
         routing_panel(sc, js, pred)
+        timings["routing"] = time.perf_counter() - t_r
 
+    t_s = time.perf_counter()
     sweep_section(sc, current, js, pinned, pinned_pred)
+    timings["sweep"] = time.perf_counter() - t_s
 
     with st.expander("Ops of one step, slowest first"):
         t1, t2 = st.columns(2)
@@ -733,7 +814,11 @@ def main() -> None:
         st.code(text, language="json")
         st.caption("Run it from a shell: `python -m moesim predict scenario.json`")
     ss["page_ms"] = (time.perf_counter() - t_page) * 1e3
-    st.caption(f"page computed in {ss['page_ms']:.0f} ms")
+    timings["predict"] = elapsed
+    ss["timings_ms"] = {k: round(v * 1e3, 1) for k, v in timings.items()}
+    st.caption(f"page computed in {ss['page_ms']:.0f} ms (prediction {elapsed * 1e3:.0f} ms, "
+               f"batch sweep {timings['sweep'] * 1e3:.0f} ms, routing sample "
+               f"{timings.get('routing', 0) * 1e3:.0f} ms)")
 
 
 def chart(spec: dict, key: str) -> None:

@@ -18,9 +18,8 @@ A sweep file (YAML or JSON)::
 Ranges: ``{start, stop, step}`` (arithmetic, ``stop`` included when reached), ``{start, stop,
 factor}`` (geometric), ``{start, stop, num, scale: linear|log}``; values are rounded to integers
 (duplicates dropped) when ``start`` and ``stop`` (and ``step``) are integers, or with
-``integer: true``; in random
-sampling also ``{low, high, scale, integer}``: drawn from the continuous interval. Random sampling
-draws every axis independently and uniformly (over its values, or over the interval).
+``integer: true``. Random sampling draws every axis independently and uniformly, over its values
+or, for ``{low, high, scale, integer}``, over the interval.
 
 ``hardware.<field>`` on a hardware given as a bare profile id turns it into ``{profile: id, ...}``;
 ``model.<key>`` on a preset name edits a copy of the preset's Hugging Face ``config.json``.
@@ -37,10 +36,14 @@ depends on: the ops outside attention and the LM head depend only on the phase a
 the step (one :func:`~moesim.step.build_step` per distinct token count); the attention ops on the
 batch shape and context; the head ops on the sequences. All of them are priced by the very same
 functions (:func:`~moesim.step.build_step`, ``step._attention_ops``, ``step._head_ops``,
-``step._with_launch``); the TTFT sum over a repeated prefill chunk is taken in closed form. The
-first point of every group is also run through :func:`predict` and compared (relative 1e-9); on a
-mismatch the group falls back to ``predict`` and a warning is printed. Stochastic routing draws
-fresh loads for every prefill chunk and sample, so those groups always go through ``predict``.
+``step._with_launch``); the TTFT sum over a repeated prefill chunk is taken in closed form, and
+the driver helpers that read the workload (``analytic.prefill_plan``, ``memory.activation_bytes``,
+the scenario checks) are memoised on the workload fields they actually read
+(:class:`WorkloadMemo`). The first point of every group is also run through :func:`predict` and
+compared (relative 1e-9); on a mismatch the group falls back to ``predict`` with a warning.
+Stochastic routing draws fresh loads for every prefill chunk and sample, so those groups always
+go through ``predict`` (exact, slow). Groups can be spread over local processes (``workers``) or
+a Ray cluster (``ray_address``; Ray is optional).
 """
 
 from __future__ import annotations
@@ -48,11 +51,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import csv
-import io
 import itertools
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -84,8 +85,8 @@ NUMERIC_OUTPUTS: tuple[str, ...] = tuple(
     c for c in OUTPUT_COLUMNS if c not in ("feasible", "error", "evaluator", "fits", "warnings"))
 VERIFY_RTOL = 1e-9
 MAX_POINTS = 20_000_000
-# Group parse uses a workload that passes every check; the points' own workloads are checked one
-# by one (see _GroupEvaluator).
+# A group is resolved with a workload that passes every check; the points' own workloads are
+# checked one by one (see evaluate_group).
 _NEUTRAL_WORKLOAD = {"batch_size": 2 ** 30, "input_len": 1, "output_len": 1}
 
 Row = dict[str, Any]

@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
             state = final or state
         except Exception:  # noqa: BLE001
             pass
-        shot = cdp.call("Page.captureScreenshot", format="png", captureBeyondViewport=True)
+        shot = cdp.call("Page.captureScreenshot", format="png")
         out.write_bytes(base64.b64decode(shot["data"]))
 
         for e in state.get("exceptions", []):

@@ -3,11 +3,9 @@ infeasible points, workers, output files, the CLI and ``recommend``."""
 
 from __future__ import annotations
 
-import copy
 import csv
 import io
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +16,7 @@ from moesim.errors import InputError
 from moesim.spec.scenario import parse_scenario
 from moesim.sweep import (
     OUTPUT_COLUMNS, FastEvaluator, Progress, WorkloadMemo, evaluate, load_sweep,
-    outputs_agree, outputs_dict, parse_sweep, prediction_outputs, run_sweep, set_path,
-    write_table)
+    outputs_agree, parse_sweep, prediction_outputs, run_sweep, set_path, write_table)
 
 ROOT = Path(__file__).resolve().parents[1]
 GRID = ROOT / "examples" / "sweeps" / "mixtral-grid.yaml"
@@ -283,6 +280,16 @@ def test_workers_give_the_same_rows():
     one = run_sweep(spec, progress=False)
     two = run_sweep(spec, workers=2, progress=False)
     assert one.columns == two.columns and one.rows == two.rows
+
+
+def test_ray_local_cluster_gives_the_same_rows():
+    ray = pytest.importorskip("ray")  # an optional extra: CI without it skips
+    spec = _small_spec()
+    try:
+        assert run_sweep(spec, ray_address="local", progress=False).rows == \
+            run_sweep(spec, progress=False).rows
+    finally:
+        ray.shutdown()
 
 
 def test_evaluate_explicit_points_matches_the_sweep():

@@ -27,11 +27,18 @@ def attended_pairs(q_len: int, prefix: int, window: int = 0, chunk: int = 0) -> 
     return float(keys.sum())
 
 
+# FlashAttention-3 decode tiles (Shah et al. 2024; hopper/tile_size.h): the query heads sharing
+# one KV head are packed into a 64-row tile that walks the keys in 128-key blocks.
+TILE_K, DECODE_TILE_Q = 128, 64
+
+
 def _attend(name: str, family: str, pairs: float, heads: int, qk_dim: int, v_dim: int,
-            io_bytes: float, hw: HardwareProfile) -> OpCost:
+            io_bytes: float, hw: HardwareProfile, tiled_flops: float = 0.0) -> OpCost:
+    """``pairs``: query-key pairs attended (useful work); ``tiled_flops``: the work the kernel's
+    tiles actually compute (padding included), which sets the ideal compute time."""
     flops = 2.0 * pairs * heads * (qk_dim + v_dim)
     return roofline(name, "attention", family, flops, io_bytes,
-                    flops / hw.peak_flops_per_us("bf16"), hw)
+                    max(flops, tiled_flops) / hw.peak_flops_per_us("bf16"), hw)
 
 
 def prefill(num_seqs: int, q_len: int, prefix: int, heads: int, kv_heads: int, qk_dim: int,
@@ -56,7 +63,13 @@ def decode(num_seqs: int, kv_len: float, heads: int, kv_heads: int, qk_dim: int,
     io = num_seqs * (keys * kv_heads * (qk_dim + v_dim) * ELEMENT_BYTES[kv_dtype]
                      + heads * (qk_dim + v_dim) * 2.0)
     pairs = num_seqs * keys
-    return _attend("attention_decode", "attention_decode", pairs, heads, qk_dim, v_dim, io, hw)
+    # One 64-row tile per (sequence, KV head) holds that head group's queries; it walks the
+    # keys in 128-key blocks whatever the group size.
+    group_tiles = kv_heads * np.ceil(heads / kv_heads / DECODE_TILE_Q)
+    tiled = 2.0 * num_seqs * group_tiles * DECODE_TILE_Q * np.ceil(max(keys, 1.0) / TILE_K) * \
+        TILE_K * (qk_dim + v_dim)
+    return _attend("attention_decode", "attention_decode", pairs, heads, qk_dim, v_dim, io, hw,
+                   float(tiled))
 
 
 def mla_decode(num_seqs: int, kv_len: float, heads: int, latent_dim: int, rope_dim: int,

@@ -5,11 +5,13 @@ Processes (simpy): the arrival process (Poisson or trace; a closed loop needs no
 request issues its client's next one) and the engine loop, which repeatedly schedules one step,
 prices it, advances the clock by its duration and applies its effects.
 
-Scheduler (``prefill_first``, the policy of vLLM's V0 engine and of SGLang): a step is a prefill
-step whenever a prompt can make progress — partially prefilled requests first, then waiting
-requests in arrival order while ``max_num_seqs`` and the ``max_num_batched_tokens`` budget allow,
-a prompt longer than the remaining budget being cut into chunks (chunked prefill) — otherwise a
-decode step of every running request. The KV cache holds ``num_gpu_blocks`` blocks of
+Scheduler (``prefill_first``: separate prefill and decode steps, as SGLang's default scheduler
+and vLLM's V0 scheduler without chunked prefill run them, and as the closed form assumes): a step
+is a prefill step whenever a prompt can make progress — partially prefilled requests first, then
+waiting requests in arrival order while ``max_num_seqs`` and the token budget
+(``max_num_batched_tokens`` per attention-DP group) allow, a prompt longer than the remaining
+budget being cut into chunks (chunked prefill) — otherwise a decode step of every running
+request. Mixed steps (decode tokens and a prefill chunk together, vLLM V1) are not modelled. The KV cache holds ``num_gpu_blocks`` blocks of
 ``block_size`` tokens per attention-DP group; a request gets blocks as its tokens enter the cache;
 when a decode step finds no free block the most recently admitted running request is preempted
 (its blocks freed, and later recomputed: it is prefilled again over its prompt and the tokens it
@@ -22,7 +24,9 @@ one attention-DP group's :class:`~moesim.step.Batch` (``ceil(n / dp)`` sequences
 simpy step simulation when something does. Costs are cached per ``(phase, sequences, tokens per
 sequence)`` at context lengths on a grid of ``context_bucket`` tokens and interpolated linearly
 between grid points (``context_bucket = 1``: exact). With a stochastic routing distribution every
-step gets a fresh routing draw (only the routed-expert part of the cost depends on it).
+step gets a fresh routing draw and its MoE layers are priced for it (exact but slow: ~5 ms of
+wall time per step for Mixtral); ``routing_pool = N`` instead prices N draws per step shape once
+and picks one at random per step.
 """
 
 from __future__ import annotations
