@@ -57,7 +57,7 @@ WIDGET_DEFAULTS: dict[str, Any] = {
     "distribution": "balanced",
     "alpha": 1.2,
     "s": 0.8,
-    "hot_experts": "0, 1",
+    "hot_experts": "0, 1, 2, 3",
     "hot_fraction": 0.3,
     "histogram_file": "",
     "trace_file": "",

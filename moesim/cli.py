@@ -1,5 +1,5 @@
-"""``python -m moesim``: predict, validate, models, hardware. Bad input prints one line and
-exits 2; nothing else is caught."""
+"""``python -m moesim``: predict, validate, models, hardware, sweep, recommend. Bad input prints
+one line and exits 2; nothing else is caught."""
 
 from __future__ import annotations
 
@@ -116,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     ph = sub.add_parser("hardware", help="list hardware profiles")
     ph.add_argument("--json", action="store_true")
     ph.set_defaults(func=_cmd_hardware)
+    from .sweep_cli import add_cli as add_sweep_cli
+
+    add_sweep_cli(sub)
     return p
 
 

@@ -48,7 +48,6 @@ a Ray cluster (``ray_address``; Ray is optional).
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import csv
 import itertools
@@ -651,10 +650,15 @@ class FastEvaluator:
 
         for o in ops:
             key = (b.phase, b.num_seqs, o)
-            hit = self._launch.get(key)
+            try:
+                hit = self._launch.get(key)
+            except TypeError:  # an op with an unhashable field: no memo
+                key, hit = None, None
             if hit is None:
                 lo = _with_launch(self.sc, b, o)
-                hit = self._launch[key] = (lo.total_us, _BOUND_INDEX[lo.bound])
+                hit = (lo.total_us, _BOUND_INDEX[lo.bound])
+                if key is not None:
+                    self._launch[key] = hit
             t = n * hit[0]
             v[0] += t
             v[hit[1]] += t
@@ -759,38 +763,6 @@ def outputs_agree(fast: Outputs, ref: Outputs, rtol: float = VERIFY_RTOL) -> Opt
 # Evaluating groups of points
 # =============================================================================================
 
-_PROFILE_CACHE: dict[tuple[Any, ...], Any] = {}
-
-
-@contextlib.contextmanager
-def _cached_profiles() -> Iterator[None]:
-    """Memoise hardware profiles while a sweep runs: ``load_profile`` re-reads and re-validates
-    its YAML on every call (~30 ms), which would dominate a sweep that resolves one scenario per
-    group. Scoped (the module attribute is restored on exit; entries are keyed by the file's
-    mtime); to be dropped once ``spec.hardware.load_profile`` caches by itself."""
-    from .spec import scenario as scen
-
-    original = scen.load_profile
-    if getattr(original, "_sweep_cached", False):
-        yield
-        return
-
-    def cached(ref: str, *, calibrated: bool = True, field: str = "hardware") -> Any:
-        p = Path(ref)
-        stamp = p.stat().st_mtime_ns if p.is_file() else None
-        key = (ref, calibrated, field, stamp, id(original))
-        if key not in _PROFILE_CACHE:
-            _PROFILE_CACHE[key] = original(ref, calibrated=calibrated, field=field)
-        return _PROFILE_CACHE[key]
-
-    cached._sweep_cached = True  # type: ignore[attr-defined]
-    scen.load_profile = cached
-    try:
-        yield
-    finally:
-        scen.load_profile = original
-
-
 @dataclass
 class GroupTask:
     """Points that differ only in their workload: the structural assignments, and per point its
@@ -878,7 +850,8 @@ def evaluate_group(base: dict[str, Any], base_dir: Optional[Path], task: GroupTa
             except ValidationError as exc:
                 wl = from_pydantic(exc, prefix="workload")
             wl_cache[key] = wl
-        if isinstance(wl, InputError) or (group_err is not None and group_err.field == "routing"):
+        if isinstance(wl, InputError) or (group_err is not None and (
+                group_err.field == "routing" or group_err.field.startswith("workload"))):
             # Which error a whole parse reports first depends on both parts: ask it.
             pdoc = dict(doc)
             pdoc["workload"] = wl_doc
@@ -916,8 +889,7 @@ def evaluate_group(base: dict[str, Any], base_dir: Optional[Path], task: GroupTa
 def _run_tasks(args: tuple[dict[str, Any], Optional[Path], list[GroupTask], bool, bool]
                ) -> list[GroupResult]:
     base, base_dir, tasks, verify, fast = args
-    with _cached_profiles():
-        return [evaluate_group(base, base_dir, t, verify=verify, fast=fast) for t in tasks]
+    return [evaluate_group(base, base_dir, t, verify=verify, fast=fast) for t in tasks]
 
 
 def _slot(a: Axis, j: int) -> Any:
@@ -1115,9 +1087,8 @@ def _execute(tasks: list[GroupTask], n: int, base: dict[str, Any], base_dir: Opt
             for f in cf.as_completed(futs):
                 take(f.result())
     else:
-        with _cached_profiles():
-            for t in tasks:
-                take([evaluate_group(base, base_dir, t, verify=verify, fast=fast)])
+        for t in tasks:
+            take([evaluate_group(base, base_dir, t, verify=verify, fast=fast)])
     bar.close()
     assert all(r is not None for r in results)
     return results, warnings, builds  # type: ignore[return-value]
@@ -1172,13 +1143,13 @@ def _cell(v: Any) -> Any:
 
 
 def _format_column(col: list[Any]) -> list[str]:
-    """CSV cells of one column: floats with 9 significant digits (``repr`` of every float costs
+    """CSV cells of one column: floats with 12 significant digits (``repr`` of every float costs
     twice as much and the model is nowhere near that precise; parquet keeps full precision)."""
     out: list[str] = []
     for v in col:
         t = type(v)
         if t is float:
-            out.append("%.9g" % v)
+            out.append("%.12g" % v)
         elif t is str:
             out.append(v)
         else:

@@ -26,6 +26,16 @@ def _workers(text: str) -> int:
     return n
 
 
+def _count(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"needs an integer >= 1; got {text!r}")
+    return n
+
+
 def _positive(text: str) -> float:
     try:
         v = float(text)
@@ -108,7 +118,7 @@ def add_cli(subparsers: Any) -> None:
                     help="local processes (an integer or 'auto'; default 1)")
     ps.add_argument("--ray", metavar="ADDRESS", default=None,
                     help="run on a Ray cluster: its address, 'auto', or 'local' (needs ray)")
-    ps.add_argument("--limit", type=int, default=None, metavar="N",
+    ps.add_argument("--limit", type=_count, default=None, metavar="N",
                     help="only the first N points")
     ps.add_argument("--no-progress", action="store_true", help="no progress bar")
     ps.add_argument("--no-verify", action="store_true",
@@ -124,7 +134,7 @@ def add_cli(subparsers: Any) -> None:
                     "output throughput per GPU that fit in memory and meet the SLOs. Exit 1 "
                     "when none does.")
     pr.add_argument("scenario", help="scenario file (.json or .yaml)")
-    pr.add_argument("--gpus", type=int, required=True, metavar="N", help="GPUs to use")
+    pr.add_argument("--gpus", type=_count, required=True, metavar="N", help="GPUs to use")
     pr.add_argument("--slo-ttft-ms", type=_positive, default=None, metavar="X",
                     help="mean TTFT limit in ms")
     pr.add_argument("--slo-tpot-ms", type=_positive, default=None, metavar="Y",
@@ -137,7 +147,8 @@ def add_cli(subparsers: Any) -> None:
                          "largest that fits)")
     pr.add_argument("--balanced", action="store_true",
                     help="search with balanced routing (fast) whatever the scenario's routing")
-    pr.add_argument("--top", type=int, default=10, metavar="K", help="configurations to print")
+    pr.add_argument("--top", type=_count, default=10, metavar="K",
+                    help="configurations to print")
     pr.add_argument("--out", default=None, metavar="CSV", help="write the Pareto frontier here")
     pr.add_argument("--workers", type=_workers, default=1, metavar="N",
                     help="local processes (default 1)")

@@ -117,6 +117,25 @@ def test_any_routing_draw_equals_build_step(phase, seqs, tokens, ctx, s, seed):
     np.testing.assert_allclose(sim.compute_us, cf.compute_us, rtol=1e-9, atol=1e-6)
 
 
+def test_tp_inside_attention_dp_groups():
+    """tp=2 x attention_dp=4 with EP4 (moe_tp=2): TP all-reduces inside each group, dispatch /
+    combine over all 8 GPUs; ranks of one EP rank share its straggling."""
+    d = json.loads(MIXTRAL.read_text())
+    d["hardware"] = {"profile": "h100_sxm", "num_gpus": 8}
+    d["deployment"] = {"tp": 2, "attention_dp": 4, "ep": 4, "moe_tp": 2, "framework": "sglang"}
+    d["routing"] = {"distribution": "zipf", "s": 1.0}
+    sc = parse_scenario(d, base_dir=MIXTRAL.parent)
+    m = sc.model
+    b = Batch("decode", 16, 1, 500.0)
+    loads = sample_loads(sc.routing, 16 * 4, m.moe.num_experts, m.moe.top_k, m.num_moe_layers,
+                         np.random.default_rng(0))
+    plan = PlanBuilder(sc).plan(b, loads)
+    sim, cf = simulate_step([plan]), closed_form(plan)
+    assert _close(sim.time_us, build_step(sc, b, loads).time_us)
+    np.testing.assert_allclose(sim.wait_us, cf.wait_us, rtol=1e-9, atol=1e-6)
+    assert sim.wait_us[0] == sim.wait_us[1] and sim.wait_us.max() > 0
+
+
 def test_pipeline_stages_match_build_step():
     sc = _small_moe(ep=2, dp=2, pp=2)
     b = Batch("decode", 8, 1, 300.0)

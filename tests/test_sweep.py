@@ -23,15 +23,6 @@ GRID = ROOT / "examples" / "sweeps" / "mixtral-grid.yaml"
 MIXTRAL = ROOT / "examples" / "mixtral-8x7b_2xh100_tp2.json"
 
 
-@pytest.fixture(autouse=True)
-def _fast_profiles():
-    """Profiles parsed once for the whole module (each parse reads the YAML: ~30 ms)."""
-    from moesim.sweep import _cached_profiles
-
-    with _cached_profiles():
-        yield
-
-
 def _base() -> dict:
     return json.loads(MIXTRAL.read_text())
 

@@ -597,9 +597,15 @@ def _segments(prog: list[tuple]) -> list[tuple]:
 def simulate_step(plans: list[StepPlan], overlap: OverlapSpec = OverlapSpec(),
                   record: Optional[list[TraceEvent]] = None) -> StepCost:
     """Run one step (``plans``: one per micro-batch, run concurrently) on every rank with simpy.
-    ``record``: a list that receives the op-level timeline (start at 0)."""
+    ``record``: a list that receives the op-level timeline (start at 0).
+
+    Ranks that hold the same experts in the same stage run identical programs with identical
+    durations and meet the same peers, so one representative of each such class is simulated
+    and its timeline stands for the others (a tensor-parallel group of 8 costs one rank)."""
     topo = plans[0].topo
     n = topo.n_ranks
+    rep = _representatives(topo)
+    reps = sorted(set(rep))
     env = simpy.Environment()
     compute = [simpy.Resource(env, 1) for _ in range(n)]
     comm = [[simpy.Resource(env, 1) for _ in plans] for _ in range(n)]
@@ -681,7 +687,7 @@ def simulate_step(plans: list[StepPlan], overlap: OverlapSpec = OverlapSpec(),
             elif tag == "m":
                 o, h = ins[1], ins[2]
                 seq += 1
-                members = topo.group(o.group, r)
+                members = tuple(sorted({rep[m] for m in topo.group(o.group, r)}))
                 key = (mb, stage, seq, members[0])
                 p = env.process(collective(r, mb, o, key, members, True))
                 if h is None:
@@ -700,9 +706,15 @@ def simulate_step(plans: list[StepPlan], overlap: OverlapSpec = OverlapSpec(),
 
     for mb, plan in enumerate(plans):
         progs = {s: _program(plan, s, overlap) for s in range(topo.pp)}
-        for r in range(n):
+        for r in reps:
             env.process(rank_proc(r, mb, plan, progs[topo.stage(r)]))
     env.run()
+    idx = np.asarray(rep)
+    comp_us, comm_us, wait_us, finish = comp_us[idx], comm_us[idx], wait_us[idx], finish[idx]
+    if record is not None and len(reps) < n:
+        others = {q: [r for r in range(n) if rep[r] == q and r != q] for q in reps}
+        record.extend([TraceEvent(r, e.stream, e.name, e.start_us, e.dur_us, e.args)
+                       for e in list(record) if e.rank >= 0 for r in others[e.rank]])
     end = float(finish.max())
     engine = plans[0].engine_us
     if record is not None and engine > 0:
@@ -710,6 +722,23 @@ def simulate_step(plans: list[StepPlan], overlap: OverlapSpec = OverlapSpec(),
     return StepCost(end + engine, comp_us, comm_us, wait_us,
                     sum(p.dropped_slots for p in plans), sum(p.rerouted_slots for p in plans),
                     sum(p.routed_slots for p in plans))
+
+
+def _representatives(topo: Topology) -> list[int]:
+    """``rep[r]``: the lowest rank of ``r``'s class (same stage, same EP rank), when every member
+    of every class meets the same classes in its TP and stage groups; else every rank is its
+    own representative."""
+    n = topo.n_ranks
+    cls = [(topo.stage(r), topo.ep_rank(r)) for r in range(n)]
+    first: dict[tuple, int] = {}
+    for r in range(n):
+        first.setdefault(cls[r], r)
+    sig: dict[tuple, tuple] = {}
+    for r in range(n):
+        mine = tuple(frozenset(cls[m] for m in topo.group(k, r)) for k in ("tp", "stage"))
+        if sig.setdefault(cls[r], mine) != mine:
+            return list(range(n))
+    return [first[cls[r]] for r in range(n)]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ to a datasheet line, a published measurement, a fit, or an admitted estimate.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -173,22 +174,39 @@ def available_profiles() -> list[str]:
     return sorted(p.stem for p in PROFILES_DIR.glob("*.yaml") if ".calibrated" not in p.name)
 
 
-def load_profile(ref: str, *, calibrated: bool = True, field: str = "hardware") -> HardwareProfile:
-    """Load a profile by id (``h100_sxm``) or path; the id's calibrated overlay is applied when
-    one exists and ``calibrated`` is true."""
+def _resolve_paths(ref: str, field: str) -> Path:
     path = Path(ref)
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.exists():
             raise InputError(field, f"profile file {ref} not found", "give an existing path")
-        base_path = path
-    else:
-        base_path = PROFILES_DIR / f"{ref}.yaml"
-        if not base_path.exists():
-            raise InputError(field, f"unknown hardware profile {ref!r}",
-                             f"valid: {', '.join(available_profiles())}, or a path to a YAML file")
-    data = _read_yaml(base_path, field)
+        return path.resolve()
+    base_path = PROFILES_DIR / f"{ref}.yaml"
+    if not base_path.exists():
+        raise InputError(field, f"unknown hardware profile {ref!r}",
+                         f"valid: {', '.join(available_profiles())}, or a path to a YAML file")
+    return base_path
+
+
+def _mtime(path: Path) -> Optional[int]:
+    return path.stat().st_mtime_ns if path.exists() else None
+
+
+def load_profile(ref: str, *, calibrated: bool = True, field: str = "hardware") -> HardwareProfile:
+    """Load a profile by id (``h100_sxm``) or path; the id's calibrated overlay is applied when
+    one exists and ``calibrated`` is true. Parsed profiles are cached until their files change
+    (sweeps resolve thousands of scenarios; a profile is immutable)."""
+    base_path = _resolve_paths(ref, field)
     overlay_path = base_path.with_name(base_path.stem + ".calibrated.yaml")
-    if calibrated and ".calibrated" not in base_path.name and overlay_path.exists():
+    use_overlay = calibrated and ".calibrated" not in base_path.name and overlay_path.exists()
+    return _load(base_path, _mtime(base_path), overlay_path if use_overlay else None,
+                 _mtime(overlay_path) if use_overlay else None, field)
+
+
+@lru_cache(maxsize=64)
+def _load(base_path: Path, base_mtime: Optional[int], overlay_path: Optional[Path],
+          overlay_mtime: Optional[int], field: str) -> HardwareProfile:
+    data = _read_yaml(base_path, field)
+    if overlay_path is not None:
         overlay = _read_yaml(overlay_path, field)
         prov = overlay.pop("provenance", None)
         data = _deep_merge(data, overlay)
