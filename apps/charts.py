@@ -210,8 +210,8 @@ def rank_load_frame(rank_loads: np.ndarray) -> pd.DataFrame:
     return pd.DataFrame({"rank": [f"EP {r}" for r in range(len(rank_loads))],
                          "r": np.arange(len(rank_loads)), "slots": rank_loads,
                          "vs_mean": rank_loads / mean if mean > 0 else np.ones(len(rank_loads)),
-                         "who": ["most loaded" if r == top else "other"
-                                 for r in range(len(rank_loads))],
+                         "who": ["most loaded" if r == top and rank_loads[r] > mean * 1.001
+                                 else "other" for r in range(len(rank_loads))],
                          "mean": mean})
 
 

@@ -110,6 +110,7 @@ def routing_sample(js: str, phase: str, layer: int):
 # ---------------------------------------------------------------------------------------------
 
 def init_state() -> None:
+    first = "initialised" not in ss
     for k, v in WIDGET_DEFAULTS.items():
         if k not in ss:
             ss[k] = v
@@ -118,6 +119,25 @@ def init_state() -> None:
                  ("config_error", None)):
         if k not in ss:
             ss[k] = v
+    ss["initialised"] = True
+    if first:
+        open_example_from_url()
+
+
+def open_example_from_url() -> None:
+    """``?example=<name>`` opens ``examples/<name>.json`` (a shareable link to a starting
+    point); only when a session starts, so it never overrides the user's edits."""
+    name = st.query_params.get("example")
+    if not name:
+        return
+    path = ROOT / "examples" / f"{Path(str(name)).name.removesuffix('.json')}.json"
+    try:
+        if not path.is_file():
+            names = ", ".join(p.stem for p in sorted((ROOT / "examples").glob("*.json")))
+            raise InputError("example", f"no example named {name!r}", f"one of: {names}")
+        apply_scenario(read_scenario_text(path.read_bytes()))
+    except InputError as exc:
+        ss["upload_error"] = exc.one_line()
 
 
 def apply_scenario(data: dict) -> None:
@@ -698,11 +718,16 @@ def show_step_timeline(result, js: str, phase: str, layer: int) -> None:
     slow = summary.get("slowest_rank")
     msg = f"Whole step {cost.time_us / 1e3:.3f} ms simulated; closed form " \
           f"{closed / 1e3:.3f} ms."
-    if slow is not None and len(summary.get("experts_us", {})) > 1:
-        msg += f" In this layer GPU {slow} has the most expert work " \
-               f"({summary['experts_us'][slow]:.1f} us)"
-        msg += (f"; the others wait up to {max(waits.values()):.1f} us for it."
-                if waits else ".")
+    exp = summary.get("experts_us", {})
+    if slow is not None and len(exp) > 1:
+        lo, hi = min(exp.values()), max(exp.values())
+        if hi > lo * 1.005:
+            msg += f" Expert time per GPU in this layer: {lo:.1f} to {hi:.1f} us, GPU {slow} " \
+                   "the slowest"
+            msg += (f"; the others wait up to {max(waits.values()):.1f} us for it."
+                    if waits else ".")
+        else:
+            msg += f" Expert time is even over the GPUs in this layer ({hi:.1f} us)."
     st.caption(msg)
 
 

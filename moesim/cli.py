@@ -1,4 +1,5 @@
-"""``python -m moesim``: predict, validate, models, hardware, sweep, recommend. Bad input prints
+"""``python -m moesim``: predict, simulate, validate, models, hardware, sweep,
+recommend. Bad input prints
 one line and exits 2; nothing else is caught."""
 
 from __future__ import annotations
@@ -116,8 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     ph = sub.add_parser("hardware", help="list hardware profiles")
     ph.add_argument("--json", action="store_true")
     ph.set_defaults(func=_cmd_hardware)
+    from .des.cli import add_cli as add_simulate_cli
     from .sweep_cli import add_cli as add_sweep_cli
 
+    add_simulate_cli(sub)
     add_sweep_cli(sub)
     return p
 

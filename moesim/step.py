@@ -207,8 +207,7 @@ def _moe_layer_ops(sc: Scenario, b: Batch, loads: np.ndarray) -> _MoeLayer:
     capped = apply_capacity(np.asarray(loads, dtype=np.int64), t_global, mo.top_k,
                             rs.capacity_factor, rs.overflow)
     slots = max(1, t_global * mo.top_k)
-    rank_ops: list[list[OpCost]] = [[] for _ in range(d.ep)]
-    per_rank = rank_expert_loads(capped.rounds[0], d.ep, rs)
+    passes: list[tuple[int, np.ndarray, np.ndarray]] = []
     for p, round_loads in enumerate(capped.rounds):
         if p and not round_loads.any():
             continue
@@ -217,14 +216,24 @@ def _moe_layer_ops(sc: Scenario, b: Batch, loads: np.ndarray) -> _MoeLayer:
             tokens_in = np.full(d.ep, t_global)
         else:
             tokens_in = np.maximum(np.ceil(received_tokens(per_rank, t_global)), 1)
-        for r in range(d.ep):
-            ops_r = moe.expert_ops(per_rank[r], int(tokens_in[r]), mo.top_k, H, inter_r, hw,
-                                   d.experts_dtype, d.activation_dtype, m.gated_mlp, d.strategy)
-            if p:
-                ops_r = [replace(o, name=f"{o.name}_pass{p + 1}") for o in ops_r]
-            rank_ops[r] += ops_r
-    rank_us = np.array([sum(o.total_us for o in ro) for ro in rank_ops])
+        passes.append((p, per_rank, tokens_in))
+    # Every rank's time at once (fused kernels are priced over arrays); the op list only for
+    # the slowest rank, which is what the layer waits for.
+    rank_us = np.zeros(d.ep)
+    for p, per_rank, tokens_in in passes:
+        if d.strategy == "fused":
+            rank_us += moe.fused_expert_us(per_rank, tokens_in, mo.top_k, H, inter_r, hw,
+                                           d.experts_dtype, d.activation_dtype, m.gated_mlp)
+        else:
+            rank_us += [sum(o.total_us for o in moe.expert_ops(
+                per_rank[r], int(tokens_in[r]), mo.top_k, H, inter_r, hw, d.experts_dtype,
+                d.activation_dtype, m.gated_mlp, d.strategy)) for r in range(d.ep)]
     slowest = int(np.argmax(rank_us))
+    slow_ops: list[OpCost] = []
+    for p, per_rank, tokens_in in passes:
+        ops_r = moe.expert_ops(per_rank[slowest], int(tokens_in[slowest]), mo.top_k, H, inter_r,
+                               hw, d.experts_dtype, d.activation_dtype, m.gated_mlp, d.strategy)
+        slow_ops += [replace(o, name=f"{o.name}_pass{p + 1}") for o in ops_r] if p else ops_r
     # Dispatch/combine: each token travels once to every rank holding one of its experts
     # (DeepEP de-duplicates per rank); the all-to-all waits for the rank receiving the most.
     a2a_tokens = float(received_tokens(rank_expert_loads(capped.processed, d.ep, rs),
@@ -232,7 +241,7 @@ def _moe_layer_ops(sc: Scenario, b: Batch, loads: np.ndarray) -> _MoeLayer:
     if dp > 1:
         ops.append(comm.all_to_all("dispatch", a2a_tokens * H * ELEMENT_BYTES[d.activation_dtype],
                                    d.ep, hw, sc.gpus_per_node))
-    ops.extend(rank_ops[slowest])
+    ops.extend(slow_ops)
     if mo.num_shared_experts:
         ops.extend(_dense_mlp_ops(sc, b, mo.num_shared_experts * mo.shared_expert_intermediate_size,
                                   "shared_expert"))

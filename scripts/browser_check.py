@@ -54,20 +54,12 @@ PROBE_JS = r"""
                                                         || e.querySelector('[data-testid="stStatusWidgetRunningIcon"], [data-testid="stStatusWidgetRunningManIcon"]')),
     skeletons: q('[data-testid="stSkeleton"]').length,
     exceptions: q('[data-testid="stException"]').map(text),
-    errors: q('[data-testid="stAlertContentError"]').map(text),
+    errors: q('[data-testid="stAlertContentError"]').map(e => text(
+      e.querySelector('[data-testid="stMarkdownContainer"]') || e)),
     connection: q('[data-testid="stConnectionStatus"]').map(text).filter(t => t),
     traceback: /Traceback \(most recent call last\)/.test(document.body.innerText || ""),
     height: Math.max(main.scrollHeight, document.body.scrollHeight),
     title: document.title,
-    sidebar: (document.querySelector('[data-testid="stSidebar"]') || {getAttribute: () => null}).getAttribute('aria-expanded'),
-    sidebarWidth: (document.querySelector('[data-testid="stSidebar"]') || {offsetWidth: 0}).offsetWidth,
-    sidebarRect: JSON.stringify((document.querySelector('[data-testid="stSidebar"]') || document.body).getBoundingClientRect()),
-    sidebarAttrs: Array.from((document.querySelector('[data-testid="stSidebar"]') || document.body).attributes).map(a => a.name + '=' + a.value).join(' ').slice(0, 300),
-    mainRect: JSON.stringify((document.querySelector('[data-testid="stMain"]') || document.body).getBoundingClientRect()),
-    sbWidget: JSON.stringify((document.querySelector('[data-testid="stSidebar"] [data-testid="stSelectbox"]') || document.body).getBoundingClientRect()),
-    sbTransform: getComputedStyle(document.querySelector('[data-testid="stSidebar"]') || document.body).transform + ' ' + getComputedStyle(document.querySelector('[data-testid="stSidebar"]') || document.body).transition,
-    collapsedCtl: !!document.querySelector('[data-testid="stExpandSidebarButton"], [data-testid="stSidebarCollapsedControl"]'),
-    innerWidth: window.innerWidth,
   });
 })()
 """
@@ -101,13 +93,24 @@ def find_chromium() -> str | None:
     return None
 
 
+CLICK_JS = r"""
+((label) => {
+  const cands = Array.from(document.querySelectorAll('button, label, [role="tab"]'));
+  const el = cands.find(e => (e.innerText || "").trim() === label)
+          || cands.find(e => (e.innerText || "").trim().includes(label));
+  if (!el) return false;
+  el.scrollIntoView({block: "center"});
+  el.click();
+  return true;
+})
+"""
+
+
 class CDP:
     """The few DevTools-protocol calls this check needs, over one page's websocket."""
 
-    def __init__(self, ws_url: str, timeout: float) -> None:
-        from websockets.sync.client import connect
-
-        self.ws = connect(ws_url, open_timeout=timeout, max_size=256 * 1024 * 1024)
+    def __init__(self, ws) -> None:
+        self.ws = ws
         self.next_id = 0
 
     def call(self, method: str, timeout: float = 60.0, **params):
@@ -129,11 +132,35 @@ class CDP:
         res = self.call("Runtime.evaluate", expression=expr, returnByValue=True)
         return res.get("result", {}).get("value")
 
-    def close(self) -> None:
+    def probe(self) -> dict:
         try:
-            self.ws.close()
-        except Exception:  # noqa: BLE001
-            pass
+            return json.loads(self.evaluate(PROBE_JS) or "{}")
+        except Exception:  # noqa: BLE001 - page still loading
+            return {}
+
+    def wait_rendered(self, deadline: float, settle: float, min_charts: int) -> tuple[dict, bool]:
+        """Poll until the page has run the script and drawn its charts, and stayed so for
+        ``settle`` seconds, or shows an error. Returns (last state, finished)."""
+        state: dict = {}
+        stable_since = None
+        while time.monotonic() < deadline:
+            time.sleep(0.5)
+            state = self.probe()
+            failed = bool(state.get("exceptions") or state.get("errors")
+                          or state.get("traceback"))
+            # an error ends the wait too, once the script has finished (so the screenshot
+            # shows the whole failing page)
+            done = (not state.get("running") and not state.get("skeletons")
+                    and state.get("drawn", 0) >= state.get("charts", 0)
+                    and (failed or (state.get("metrics", 0) >= 4
+                                    and state.get("charts", 0) >= min_charts)))
+            if done:
+                stable_since = stable_since or time.monotonic()
+                if time.monotonic() - stable_since >= settle:
+                    return state, True
+            else:
+                stable_since = None
+        return state, False
 
 
 def stop(proc: subprocess.Popen | None) -> None:
@@ -154,6 +181,49 @@ def stop(proc: subprocess.Popen | None) -> None:
         proc.wait(timeout=5)
 
 
+def shoot(cdp: CDP, url: str, args, deadline: float, out: Path, failures: list[str]) -> str:
+    """Open ``url``, wait for the app, do the clicks, screenshot, and check for errors."""
+    cdp.call("Page.enable")
+    cdp.call("Emulation.setDeviceMetricsOverride", width=args.width, height=1200,
+             deviceScaleFactor=1, mobile=False)
+    cdp.call("Page.navigate", url=url)
+    state, ok = cdp.wait_rendered(deadline, args.settle, min_charts=6)
+    if not ok:
+        failures.append(f"the page did not finish rendering in {args.timeout:.0f} s "
+                        f"(last state: {json.dumps(state)[:400]})")
+    for label in args.click if ok else []:
+        before = state.get("charts", 0)
+        if not cdp.evaluate(f"{CLICK_JS}({json.dumps(label)})"):
+            failures.append(f"nothing to click labelled {label!r}")
+            break
+        time.sleep(1.0)
+        state, ok = cdp.wait_rendered(deadline, args.settle, min_charts=before)
+        if not ok:
+            failures.append(f"the page did not settle after clicking {label!r}")
+            break
+    # the whole main page: make the viewport as tall as the content (a capture beyond the
+    # viewport would leave Streamlit's sticky sidebar out)
+    height = int(min(max(state.get("height") or 1200, 800), 16000))
+    cdp.call("Emulation.setDeviceMetricsOverride", width=args.width, height=height,
+             deviceScaleFactor=1, mobile=False)
+    time.sleep(1.0)
+    state = cdp.probe() or state
+    shot = cdp.call("Page.captureScreenshot", format="png")
+    out.write_bytes(base64.b64decode(shot["data"]))
+    for e in state.get("exceptions", []):
+        failures.append(f"exception on the page: {e}")
+    for e in state.get("errors", []):
+        failures.append(f"error box on the page: {e}")
+    if state.get("traceback"):
+        failures.append("a Python traceback is shown on the page")
+    for e in state.get("connection", []):
+        failures.append(f"connection problem: {e}")
+    if state.get("metrics", 0) < 4:
+        failures.append(f"expected 4 headline cards, found {state.get('metrics', 0)}")
+    return (f"{state.get('metrics', 0)} cards, {state.get('charts', 0)} charts "
+            f"({state.get('drawn', 0)} drawn), page height {height}px; screenshot {out}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(Path(tempfile.gettempdir()) / "moesim-explorer.png"),
@@ -162,6 +232,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--width", type=int, default=1600)
     ap.add_argument("--settle", type=float, default=1.5,
                     help="seconds the page must stay finished before the screenshot")
+    ap.add_argument("--query", default="",
+                    help="URL query, e.g. example=deepseek-v3_8xh200_ep8_fp8 (opens an example)")
+    ap.add_argument("--click", action="append", default=[], metavar="TEXT",
+                    help="after the page is ready, click the button / label with this text "
+                         "(repeatable, in order), e.g. --click 'Pin this scenario'")
     args = ap.parse_args(argv)
     t_start = time.monotonic()
     deadline = t_start + args.timeout
@@ -187,7 +262,6 @@ def main(argv: list[str] | None = None) -> int:
                                                                                   "")]).strip(
         os.pathsep), "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false"}
     app = browser = None
-    cdp = None
     failures: list[str] = []
     try:
         app = subprocess.Popen(
@@ -199,77 +273,27 @@ def main(argv: list[str] | None = None) -> int:
         wait_http(f"http://127.0.0.1:{app_port}/_stcore/health", deadline, app, "streamlit")
         url = f"http://127.0.0.1:{app_port}/"
 
-        browser = subprocess.Popen(
-            [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={work / 'profile'}",
-             "--remote-debugging-address=127.0.0.1", f"--remote-debugging-port={cdp_port}",
-             f"--window-size={args.width},1200", "about:blank"],
-            stdout=open(work / "chromium.log", "w"), stderr=subprocess.STDOUT,
-            start_new_session=True)
+        with open(work / "chromium.log", "w") as chromium_log:
+            browser = subprocess.Popen(
+                [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={work / 'profile'}",
+                 "--remote-debugging-address=127.0.0.1", f"--remote-debugging-port={cdp_port}",
+                 f"--window-size={args.width},1200", "about:blank"],
+                stdout=chromium_log, stderr=subprocess.STDOUT, start_new_session=True)
         wait_http(f"http://127.0.0.1:{cdp_port}/json/version", deadline, browser, "chromium")
         pages = json.loads(wait_http(f"http://127.0.0.1:{cdp_port}/json/list", deadline, browser,
                                      "chromium"))
         page = next(p for p in pages if p.get("type") == "page")
-        cdp = CDP(page["webSocketDebuggerUrl"], timeout=max(5.0, deadline - time.monotonic()))
-        cdp.call("Page.enable")
-        cdp.call("Emulation.setDeviceMetricsOverride", width=args.width, height=1200,
-                 deviceScaleFactor=1, mobile=False)
-        cdp.call("Page.navigate", url=url)
+        from websockets.sync.client import connect
 
-        state: dict = {}
-        stable_since = None
-        while time.monotonic() < deadline:
-            time.sleep(0.5)
-            try:
-                state = json.loads(cdp.evaluate(PROBE_JS) or "{}")
-            except Exception:  # noqa: BLE001 - page still loading
-                continue
-            if state.get("exceptions") or state.get("errors") or state.get("traceback"):
-                break
-            done = (state.get("metrics", 0) >= 4 and state.get("charts", 0) >= 6
-                    and state.get("drawn", 0) >= state.get("charts", 0)
-                    and not state.get("running") and not state.get("skeletons"))
-            if done:
-                stable_since = stable_since or time.monotonic()
-                if time.monotonic() - stable_since >= args.settle:
-                    break
-            else:
-                stable_since = None
-        else:
-            failures.append(f"the page did not finish rendering in {args.timeout:.0f} s "
-                            f"(last state: {json.dumps(state)[:400]})")
-
-        # screenshot of the whole main page: make the viewport as tall as the content
-        height = int(min(max(state.get("height") or 1200, 800), 12000))
-        cdp.call("Emulation.setDeviceMetricsOverride", width=args.width, height=height,
-                 deviceScaleFactor=1, mobile=False)
-        time.sleep(1.0)
-        try:
-            final = json.loads(cdp.evaluate(PROBE_JS) or "{}")
-            state = final or state
-        except Exception:  # noqa: BLE001
-            pass
-        shot = cdp.call("Page.captureScreenshot", format="png")
-        out.write_bytes(base64.b64decode(shot["data"]))
-
-        for e in state.get("exceptions", []):
-            failures.append(f"exception on the page: {e}")
-        for e in state.get("errors", []):
-            failures.append(f"error box on the page: {e}")
-        if state.get("traceback"):
-            failures.append("a Python traceback is shown on the page")
-        for e in state.get("connection", []):
-            failures.append(f"connection problem: {e}")
-        if state.get("metrics", 0) < 4:
-            failures.append(f"expected 4 headline cards, found {state.get('metrics', 0)}")
-        print(json.dumps({k: state.get(k) for k in ("sidebar", "sidebarWidth", "innerWidth", "sidebarRect", "sidebarAttrs", "collapsedCtl", "mainRect", "sbWidget", "sbTransform")}))
-        print(f"browser_check: {state.get('metrics', 0)} cards, {state.get('charts', 0)} charts "
-              f"({state.get('drawn', 0)} drawn), page height {height}px, "
-              f"{time.monotonic() - t_start:.1f} s; screenshot {out}")
+        with connect(page["webSocketDebuggerUrl"], max_size=256 * 1024 * 1024,
+                     open_timeout=max(5.0, deadline - time.monotonic())) as ws:
+            cdp = CDP(ws)
+            summary = shoot(cdp, url + (f"?{args.query}" if args.query else ""), args,
+                            deadline, out, failures)
+        print(f"browser_check: {summary}, {time.monotonic() - t_start:.1f} s")
     except Exception as exc:  # noqa: BLE001 - report, clean up, fail
         failures.append(f"{type(exc).__name__}: {exc}")
     finally:
-        if cdp is not None:
-            cdp.close()
         stop(browser)
         stop(app)
         app_log.close()

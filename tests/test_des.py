@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from moesim import InputError, load_scenario, parse_scenario, predict
 from moesim.des import OverlapSpec, PlanBuilder, closed_form, simulate, simulate_step
-from moesim.des.spec import SimulationSpec, parse_simulation
+from moesim.spec.simulation import SimulationSpec, parse_simulation
 from moesim.des.step_sim import Fabric, step_plans
 from moesim.routing import sample_loads
 from moesim.step import Batch, build_step

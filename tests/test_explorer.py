@@ -451,6 +451,34 @@ def test_chart_specs_are_valid_vega_lite():
     assert charts.sweep_batches(48, 4) == [4, 8, 16, 32, 48, 64, 128, 256, 512, 1024]
 
 
+def test_timeline_shows_who_waits_under_skew():
+    _, one = _des()
+    if one is None:
+        pytest.skip("moesim.des.simulate_one_step is not there")
+    import numpy as np
+
+    from moesim.routing import sample_loads
+
+    data = json.loads((ROOT / "examples" / "deepseek-v3_8xh200_ep8_fp8.json").read_text())
+    data["routing"] = {"distribution": "zipf", "s": 1.2}
+    sc = parse_scenario(data)
+    step = predict(sc).decode_step
+    m = sc.model
+    loads = sample_loads(sc.routing, step.batch.tokens * sc.deployment.attention_dp,
+                         m.moe.num_experts, m.moe.top_k, m.num_moe_layers,
+                         np.random.default_rng(0))
+    record: list = []
+    one(sc, step.batch, loads, record=record)
+    df, summary = charts.timeline_frame(record, 0)
+    assert {"dispatch", "experts", "combine"} <= set(df["group"])
+    slow = summary["slowest_rank"]
+    waits = summary["waits_us"]
+    # the slowest GPU waits least before the combine; some other GPU waits for it
+    assert waits and max(waits.values()) > waits.get(slow, 0.0)
+    assert df["end"].max() <= summary["window_us"] + 1e-6
+    assert charts.timeline_chart(df)["datasets"]["events"] is df
+
+
 @pytest.mark.skipif(os.environ.get("MOESIM_BROWSER_CHECK") != "1",
                     reason="set MOESIM_BROWSER_CHECK=1 to run the headless-Chromium check")
 def test_browser_check(tmp_path):

@@ -16,7 +16,7 @@ import numpy as np
 from ..spec.dtypes import ELEMENT_BYTES, WEIGHT_BYTES, gemm_compute_dtype
 from ..spec.hardware import HardwareProfile
 from .gemm import gemm
-from .op import OpCost, roofline
+from .op import OpCost, kernel_time_us, roofline
 
 # BLOCK_M / BLOCK_N chosen by vLLM's tuned fused-MoE configs as a function of the number of
 # tokens M entering the kernel (configs/E=128,N=384,device_name=NVIDIA_H100_80GB_HBM3.json as
@@ -30,12 +30,17 @@ def _mem(name: str, bytes_: float, hw: HardwareProfile, kernels: int = 1,
 _BLOCK_M_BY_TOKENS = ((128, 16, 64), (256, 32, 64), (1024, 64, 64), (math.inf, 128, 128))
 
 
-def block_shape(num_tokens: int) -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_N) of the fused-MoE kernel for ``num_tokens`` tokens (vLLM's choice)."""
-    for limit, bm, bn in _BLOCK_M_BY_TOKENS:
-        if num_tokens <= limit:
-            return bm, bn
-    raise AssertionError("unreachable")
+def block_shape(num_tokens):
+    """(BLOCK_M, BLOCK_N) of the fused-MoE kernel for ``num_tokens`` tokens (vLLM's choice);
+    works element-wise on arrays."""
+    t = np.asarray(num_tokens)
+    bm = np.select([t <= lim for lim, _, _ in _BLOCK_M_BY_TOKENS[:-1]],
+                   [b for _, b, _ in _BLOCK_M_BY_TOKENS[:-1]], _BLOCK_M_BY_TOKENS[-1][1])
+    bn = np.select([t <= lim for lim, _, _ in _BLOCK_M_BY_TOKENS[:-1]],
+                   [b for _, _, b in _BLOCK_M_BY_TOKENS[:-1]], _BLOCK_M_BY_TOKENS[-1][2])
+    if t.ndim == 0:
+        return int(bm), int(bn)
+    return bm, bn
 
 
 def router(num_tokens: int, hidden: int, num_experts: int, top_k: int, hw: HardwareProfile,
@@ -53,17 +58,66 @@ def router(num_tokens: int, hidden: int, num_experts: int, top_k: int, hw: Hardw
     return ops
 
 
-def grouped_gemm_ideal_us(loads: np.ndarray, n: int, k: int, block_m: int, block_n: int,
-                          hw: HardwareProfile, compute_dtype: str) -> float:
+def grouped_gemm_ideal_us(loads: np.ndarray, n: int, k: int, block_m, block_n,
+                          hw: HardwareProfile, compute_dtype: str):
     """Tile/wave compute time in µs at tensor-core peak of one grouped expert GEMM
-    (``[n_e, k] x [k, n]`` per expert, each ``n_e`` padded to ``block_m`` rows)."""
+    (``[n_e, k] x [k, n]`` per expert, each ``n_e`` padded to ``block_m`` rows). ``loads`` is
+    ``[..., E_local]``; ``block_m``/``block_n`` broadcast over the leading axes."""
     sms = int(hw.compute.sm_count.value)
-    m_blocks = int(np.sum(-(-loads // block_m)))
-    tiles = m_blocks * math.ceil(n / block_n)
-    if tiles == 0:
-        return 0.0
+    bm, bn = np.asarray(block_m), np.asarray(block_n)
+    m_blocks = np.sum(-(-np.asarray(loads) // bm[..., None]), axis=-1)
+    tiles = m_blocks * np.ceil(n / bn)
     per_sm = hw.peak_flops_per_us(compute_dtype) / sms
-    return math.ceil(tiles / sms) * (2.0 * block_m * block_n * k) / per_sm
+    return np.ceil(tiles / sms) * (2.0 * bm * bn * k) / per_sm
+
+
+def fused_terms(loads: np.ndarray, num_tokens, top_k: int, hidden: int, inter: int,
+                hw: HardwareProfile, weight_dtype: str, act_dtype: str, gated: bool = True
+                ) -> list[tuple[str, str, np.ndarray, np.ndarray, np.ndarray]]:
+    """The fused pipeline's kernels as ``(name, family, flops, bytes, ideal_compute_us)``, each
+    value an array over the leading axes of ``loads`` (``[..., E_local]``: one row per rank)."""
+    loads = np.asarray(loads, dtype=np.int64)
+    tokens = np.broadcast_to(np.asarray(num_tokens, dtype=np.float64), loads.shape[:-1])
+    cd = gemm_compute_dtype(weight_dtype, act_dtype)
+    ab, wb = ELEMENT_BYTES[act_dtype], WEIGHT_BYTES[weight_dtype]
+    up_n = (2 if gated else 1) * inter
+    slots = loads.sum(axis=-1).astype(np.float64)
+    active = np.count_nonzero(loads, axis=-1).astype(np.float64)
+    family = "moe_fp8" if act_dtype in ("fp8", "fp8_block") else "moe_bf16"
+    quant = act_dtype in ("fp8", "fp8_block")
+    bm, bn = block_shape(tokens)
+    padded = np.sum(-(-loads // np.asarray(bm)[..., None]) * np.asarray(bm)[..., None], axis=-1)
+    zero = np.zeros_like(slots)
+    terms = [("moe_align", "moe_aux", zero, slots * 4.0 * 3 + loads.shape[-1] * 8.0, zero)]
+    if quant:
+        terms.append(("quant_in", "moe_aux", zero, tokens * hidden * (2.0 + ab), zero))
+    for name, n, k in (("experts_up", up_n, hidden), ("experts_down", hidden, inter)):
+        flops = 2.0 * slots * n * k  # useful work; padding shows up in the time only
+        bytes_ = active * n * k * wb + padded * k * ab + slots * n * 2.0
+        terms.append((name, family, flops, bytes_,
+                      grouped_gemm_ideal_us(loads, n, k, bm, bn, hw, cd)))
+        if name == "experts_up":
+            terms.append(("activation", "moe_aux", zero, slots * (up_n + inter) * 2.0, zero))
+            if quant:
+                terms.append(("quant_mid", "moe_aux", zero, slots * inter * (2.0 + ab), zero))
+    terms.append(("moe_sum", "moe_aux", zero,
+                  tokens * top_k * hidden * 2.0 + tokens * hidden * 2.0, zero))
+    return terms
+
+
+def fused_expert_us(loads: np.ndarray, num_tokens, top_k: int, hidden: int, inter: int,
+                    hw: HardwareProfile, weight_dtype: str, act_dtype: str,
+                    gated: bool = True) -> np.ndarray:
+    """GPU time of the fused expert pipeline for each row of ``loads`` ``[R, E_local]`` — the
+    same kernels :func:`expert_ops` returns, priced at once for every rank."""
+    total = 0.0
+    for _, family, _, bytes_, ideal_c in fused_terms(loads, num_tokens, top_k, hidden, inter, hw,
+                                                     weight_dtype, act_dtype, gated):
+        fit = hw.kernel(family)
+        eff_c = fit.compute_efficiency.value if fit.compute_efficiency is not None else 1.0
+        total = total + kernel_time_us(fit.t0_us.value, eff_c, fit.memory_efficiency.value,
+                                       ideal_c, bytes_ / hw.hbm_peak_bytes_per_us)
+    return np.asarray(total)
 
 
 def expert_ops(loads: np.ndarray, num_tokens: int, top_k: int, hidden: int, inter: int,
@@ -81,8 +135,6 @@ def expert_ops(loads: np.ndarray, num_tokens: int, top_k: int, hidden: int, inte
     up_n = (2 if gated else 1) * inter
     slots = int(loads.sum())
     active = int(np.count_nonzero(loads))
-    family = "moe_fp8" if act_dtype in ("fp8", "fp8_block") else "moe_bf16"
-    quant = act_dtype in ("fp8", "fp8_block")
     ops: list[OpCost] = []
 
     if strategy == "naive":
@@ -115,20 +167,6 @@ def expert_ops(loads: np.ndarray, num_tokens: int, top_k: int, hidden: int, inte
                              kernels=2))
         return ops
 
-    bm, bn = block_shape(num_tokens)
-    padded = int(np.sum(-(-loads // bm) * bm))
-    ops.append(_mem("moe_align", slots * 4.0 * 3 + len(loads) * 8.0, hw, kernels=1))
-    if quant:
-        ops.append(_mem("quant_in", num_tokens * hidden * (2.0 + ab), hw))
-    for name, n, k in (("experts_up", up_n, hidden), ("experts_down", hidden, inter)):
-        flops = 2.0 * slots * n * k  # useful work; padding shows up in the time only
-        bytes_ = active * n * k * wb + padded * k * ab + slots * n * 2.0
-        ops.append(roofline(name, "moe", family, flops, bytes_,
-                            grouped_gemm_ideal_us(loads, n, k, bm, bn, hw, cd), hw))
-        if name == "experts_up":
-            ops.append(_mem("activation", slots * (up_n + inter) * 2.0, hw))
-            if quant:
-                ops.append(_mem("quant_mid", slots * inter * (2.0 + ab), hw))
-    ops.append(_mem("moe_sum", num_tokens * top_k * hidden * 2.0 + num_tokens * hidden * 2.0,
-                         hw))
-    return ops
+    return [roofline(name, "moe", family, float(fl), float(by), float(ic), hw)
+            for name, family, fl, by, ic in fused_terms(loads, num_tokens, top_k, hidden, inter,
+                                                        hw, weight_dtype, act_dtype, gated)]

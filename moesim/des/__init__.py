@@ -9,8 +9,8 @@ Public API::
     r = simulate(load_scenario("examples/mixtral-8x7b_2xh100_tp2.json"), requests=500, seed=1)
     r.metrics["tpot_ms_mean"], r.detail["gpu"]["busy_fraction"]
 
-Names are imported lazily, so that ``moesim.spec.scenario`` can import
-:class:`moesim.des.spec.SimulationSpec` without an import cycle.
+Names are imported lazily (simpy is only loaded when a simulation runs). The scenario's
+``simulation`` block is :class:`moesim.spec.simulation.SimulationSpec`.
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ from typing import Any
 
 _EXPORTS = {
     "simulate": "serving", "SimResult": "serving", "RequestRecord": "serving",
-    "SimulationSpec": "spec", "ArrivalSpec": "spec", "LengthSpec": "spec",
-    "OverlapSpec": "spec", "parse_simulation": "spec", "load_simulation": "spec",
+    "SimulationSpec": "..spec.simulation", "ArrivalSpec": "..spec.simulation",
+    "LengthSpec": "..spec.simulation", "OverlapSpec": "..spec.simulation",
+    "parse_simulation": "..spec.simulation", "load_simulation": "..spec.simulation",
     "PlanBuilder": "step_sim", "StepCost": "step_sim", "closed_form": "step_sim",
     "simulate_step": "step_sim", "simulate_one_step": "step_sim",
     "add_cli": "cli",
@@ -34,6 +35,6 @@ def __getattr__(name: str) -> Any:
     mod = _EXPORTS.get(name)
     if mod is None:
         raise AttributeError(f"module 'moesim.des' has no attribute {name!r}")
-    value = getattr(import_module(f".{mod}", __name__), name)
+    value = getattr(import_module(mod if mod.startswith(".") else f".{mod}", __name__), name)
     globals()[name] = value
     return value

@@ -61,7 +61,7 @@ def add_cli(subparsers: Any) -> argparse.ArgumentParser:
 def _load(path: str):
     """The scenario and the ``simulation`` block it carries (None when it has none)."""
     from ..spec.scenario import ScenarioFile, load_scenario, parse_scenario
-    from .spec import read_data_file
+    from ..spec.simulation import read_data_file
 
     p = Path(path)
     if "simulation" in ScenarioFile.model_fields:  # the block is part of the schema
@@ -76,7 +76,7 @@ def _load(path: str):
 
 
 def build_sim_spec(args: argparse.Namespace, block: Any, sc=None):
-    from .spec import SimulationSpec, parse_simulation, read_data_file
+    from ..spec.simulation import SimulationSpec, parse_simulation, read_data_file
 
     raw: dict[str, Any] = {}
     if sc is not None and getattr(sc.source, "simulation", None) is not None:

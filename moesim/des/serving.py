@@ -50,7 +50,7 @@ from ..memory import activation_bytes, kv_bytes_per_seq, weight_bytes_per_gpu
 from ..routing import sample_loads
 from ..spec.scenario import Scenario
 from ..step import Batch
-from .spec import LengthSpec, SimulationSpec, parse_simulation
+from ..spec.simulation import LengthSpec, SimulationSpec, parse_simulation
 from .step_sim import (PlanBuilder, StepCost, TraceEvent, closed_form, simulate_step,
                        split_batch)
 

@@ -38,7 +38,7 @@ from ..costs.op import OpCost
 from ..routing import balanced_loads
 from ..spec.scenario import Scenario
 from ..step import Batch, build_step
-from .spec import OverlapSpec
+from ..spec.simulation import OverlapSpec
 
 COMPUTE, COMM = "compute", "comm"
 #: Ops of a MoE layer that are not the routed experts (everything else with category "moe" is).

@@ -21,6 +21,7 @@ from .hardware import HardwareProfile, load_profile
 from .model import ModelSpec
 from .presets import load_model
 from .routing import RoutingSpec
+from .simulation import SimulationSpec
 from .workload import Workload
 
 
@@ -43,6 +44,8 @@ class ScenarioFile(BaseModel):
     deployment: Deployment = Field(default_factory=Deployment)
     workload: Workload
     routing: RoutingSpec = Field(default_factory=RoutingSpec)
+    simulation: Optional[SimulationSpec] = Field(
+        None, description="discrete-event simulation settings (python -m moesim simulate)")
 
 
 class Scenario(BaseModel):

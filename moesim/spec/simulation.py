@@ -199,7 +199,7 @@ def parse_simulation(data: Any, field: str = "simulation") -> SimulationSpec:
         return data
     if not isinstance(data, dict):
         raise InputError(field, "the simulation block must be an object",
-                         "see moesim/des/spec.py")
+                         "see moesim/spec/simulation.py")
     try:
         return SimulationSpec.model_validate(data)
     except ValidationError as exc:
