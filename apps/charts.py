@@ -132,8 +132,9 @@ def sweep_frame(points: Iterable[tuple[int, Any]], label: str, current_batch: in
                                        "memory_GB", "fits", "current"])
 
 
-def sweep_batches(current: int, attention_dp: int, upper: int = 1024) -> list[int]:
-    """Powers of two from ``attention_dp`` (every attention-DP group needs a sequence) to
+def sweep_batches(current: int, attention_dp: int, upper: int = 1024,
+                  factor: int = 2) -> list[int]:
+    """Powers of ``factor`` from ``attention_dp`` (every attention-DP group needs a sequence) to
     ``max(upper, current)``, plus the current batch size."""
     top = max(upper, current)
     out = {current}
@@ -141,7 +142,7 @@ def sweep_batches(current: int, attention_dp: int, upper: int = 1024) -> list[in
     while b <= top:
         if b >= attention_dp:
             out.add(b)
-        b *= 2
+        b *= factor
     return sorted(x for x in out if x >= attention_dp)
 
 

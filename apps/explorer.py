@@ -97,11 +97,14 @@ def routing_sample(js: str, phase: str, layer: int):
     row = np.asarray(loads[min(layer, m.num_moe_layers - 1)], dtype=np.int64)
     cap = None
     dropped = 0.0
+    processed = row
     if rs.capacity_factor is not None and rs.overflow != "dropless":
         cap = expert_capacity(tokens, m.moe.num_experts, m.moe.top_k, rs.capacity_factor)
         res = apply_capacity(row, tokens, m.moe.top_k, rs.capacity_factor, rs.overflow)
         dropped = float(res.drop_fraction)
-    per_rank = rank_expert_loads(row, d.ep, rs).sum(axis=-1)
+        processed = np.asarray(res.processed)  # what the experts compute (all passes)
+    # as the step model places them: EPLB plans each layer on its own loads
+    per_rank = rank_expert_loads(processed, d.ep, rs).sum(axis=-1)
     return row, per_rank, cap, tokens, dropped
 
 
@@ -381,25 +384,34 @@ def headline(pred, pinned_pred=None) -> None:
     m = pred.memory
     c1, c2, c3, c4 = st.columns(4)
     ref = pinned_pred
-    c1.metric("TTFT", charts.fmt_ms(pred.ttft_ms),
-              delta=pct(pred.ttft_ms, ref.ttft_ms) if ref else None, delta_color="inverse",
-              help=f"mean time to first token; p50 {pred.ttft_ms_p50:.1f} ms, p95 "
-                   f"{pred.ttft_ms_p95:.1f} ms over {pred.samples} routing draw(s)",
-              border=True)
-    c2.metric("TPOT", charts.fmt_ms(pred.tpot_ms),
-              delta=pct(pred.tpot_ms, ref.tpot_ms) if ref else None, delta_color="inverse",
-              help=f"time per output token (one decode step); p95 {pred.tpot_ms_p95:.2f} ms; "
-                   f"{1e3 / pred.tpot_ms:.1f} tok/s per user", border=True)
-    c3.metric("Throughput per GPU", f"{pred.throughput_output_tok_per_s_per_gpu:,.0f} tok/s",
-              delta=pct(pred.throughput_output_tok_per_s_per_gpu,
-                        ref.throughput_output_tok_per_s_per_gpu) if ref else None,
-              help=f"output tokens/s per GPU; {pred.throughput_output_tok_per_s:,.0f} tok/s on "
-                   f"all {pred.scenario.num_gpus} GPU(s)", border=True)
-    c4.metric("Memory per GPU", f"{m.total / 1e9:.1f} / {m.capacity / 1e9:.0f} GB",
-              delta=pct(m.total, ref.memory.total) if ref else None, delta_color="inverse",
-              help=f"weights {m.weights / 1e9:.1f} GB, KV cache {m.kv_cache / 1e9:.1f} GB, "
-                   f"activations {m.activations / 1e9:.1f} GB, reserved {m.reserved / 1e9:.1f} "
-                   f"GB; largest batch that fits: {m.max_batch_size}", border=True)
+
+    def card(col, label, value, cur, old, lower_is_better, help_):
+        kw: dict[str, Any] = {}
+        if ref is not None:
+            d = pct(cur, old)
+            if d is None or abs((cur - old) / old) < 5e-4:
+                kw = {"delta": "no change vs pinned", "delta_color": "off",
+                      "delta_arrow": "off"}
+            else:
+                kw = {"delta": d, "delta_color": "inverse" if lower_is_better else "normal"}
+        col.metric(label, value, help=help_, border=True, **kw)
+
+    card(c1, "TTFT", charts.fmt_ms(pred.ttft_ms), pred.ttft_ms, ref.ttft_ms if ref else 0, True,
+         f"mean time to first token; p50 {pred.ttft_ms_p50:.1f} ms, p95 "
+         f"{pred.ttft_ms_p95:.1f} ms over {pred.samples} routing draw(s)")
+    card(c2, "TPOT", charts.fmt_ms(pred.tpot_ms), pred.tpot_ms, ref.tpot_ms if ref else 0, True,
+         f"time per output token (one decode step); p95 {pred.tpot_ms_p95:.2f} ms; "
+         f"{1e3 / pred.tpot_ms:.1f} tok/s per user")
+    card(c3, "Throughput per GPU", f"{pred.throughput_output_tok_per_s_per_gpu:,.0f} tok/s",
+         pred.throughput_output_tok_per_s_per_gpu,
+         ref.throughput_output_tok_per_s_per_gpu if ref else 0, False,
+         f"output tokens/s per GPU; {pred.throughput_output_tok_per_s:,.0f} tok/s on all "
+         f"{pred.scenario.num_gpus} GPU(s)")
+    card(c4, "Memory per GPU", f"{m.total / 1e9:.1f} / {m.capacity / 1e9:.0f} GB", m.total,
+         ref.memory.total if ref else 0, True,
+         f"weights {m.weights / 1e9:.1f} GB, KV cache {m.kv_cache / 1e9:.1f} GB, activations "
+         f"{m.activations / 1e9:.1f} GB, reserved {m.reserved / 1e9:.1f} GB; largest batch "
+         f"that fits: {m.max_batch_size}")
     if m.fits:
         c4.markdown(f":green-badge[:material/check: fits] &nbsp; up to batch "
                     f"{m.max_batch_size}")
@@ -434,6 +446,7 @@ def compare_section(current: dict, pred, pinned: Optional[dict], pinned_pred) ->
 
     psc = pinned_pred.scenario
     st.markdown(f"**Compare** — pinned: *{psc.name}*")
+
     def row(label, a, b, fmt, better_low):
         ch = (b - a) / a * 100 if a else float("nan")
         return {"metric": label, "pinned": fmt(a), "current": fmt(b),
@@ -612,8 +625,9 @@ def show_serving_result(res: Any, pred) -> None:
     card(c2, "DES TPOT (mean)", "tpot_ms_mean", pred.tpot_ms, charts.fmt_ms)
     thr = metrics.get("throughput_output_tok_per_s")
     if isinstance(thr, (int, float)):
+        ref = pred.throughput_output_tok_per_s
         c3.metric("DES throughput per GPU", f"{thr / n:,.0f} tok/s",
-                  delta=f"{(thr - pred.throughput_output_tok_per_s) / pred.throughput_output_tok_per_s * 100:+.1f}% vs closed form",  # noqa: E501
+                  delta=f"{(thr - ref) / ref * 100:+.1f}% vs closed form" if ref else None,
                   border=True)
     c4.metric("requests completed", f"{metrics.get('requests_completed', '-')}",
               help=f"p50/p90/p99 TTFT {metrics.get('ttft_ms_p50', float('nan')):.0f} / "
@@ -754,10 +768,18 @@ def main() -> None:
                                       key="download_disabled", help="fix the input first")
         show_inline_error(exc, slots)
         return
-    except ValueError as exc:  # a routing feasibility check below the spec: still one line
+    except Exception as exc:  # noqa: BLE001 - never a traceback on the page
         download_slot.download_button("Download scenario JSON", data="{}", disabled=True,
                                       key="download_disabled", help="fix the input first")
-        show_inline_error(InputError("routing", str(exc).splitlines()[0]), slots)
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        if isinstance(exc, ValueError):  # a check below the spec layer: still bad input
+            show_inline_error(InputError("", first), slots)
+        else:  # a bug in moesim: one line here, the traceback in the server log
+            import traceback
+
+            traceback.print_exc()
+            st.error(f"moesim failed on this scenario ({type(exc).__name__}: {first}); this is "
+                     "a bug, the traceback is in the server log", icon=":material/bug_report:")
         return
     sc = pred.scenario
     text = json.dumps(current, indent=2)
@@ -861,23 +883,22 @@ def sweep_section(sc, current: dict, js: str, pinned: Optional[dict], pinned_pre
                 "frontier (filled: fits in memory; hollow: does not; ringed: current batch)")
     skewed = stochastic(sc) or (pinned_pred is not None and stochastic(pinned_pred.scenario))
     if skewed:
-        on = st.checkbox("sweep with the chosen routing skew (one draw per point; every draw "
-                         "re-prices each MoE layer, so this takes seconds)", key="sweep_skew")
+        on = st.checkbox("sweep with the chosen routing skew (batch 1, 4, 16, 64, 256 and the "
+                         "current one; one draw per point, and every draw re-prices each MoE "
+                         "layer of every prefill chunk, so this takes seconds)", key="sweep_skew")
         if not on:
             st.caption("Sweep off for random routing; tick the box to compute it.")
             return
     frames = []
     with st.spinner("sweeping batch sizes..."):
-        frames.append(charts.sweep_frame(sweep_points(
-            current, js, charts.sweep_batches(sc.workload.batch_size,
-                                              sc.deployment.attention_dp), stochastic(sc)),
-            "current", sc.workload.batch_size))
-        if pinned_pred is not None:
-            psc = pinned_pred.scenario
-            frames.append(charts.sweep_frame(sweep_points(
-                pinned, json.dumps(pinned, sort_keys=True),
-                charts.sweep_batches(psc.workload.batch_size, psc.deployment.attention_dp),
-                stochastic(psc)), "pinned", psc.workload.batch_size))
+        for label, scen, sjs, s_ in [("current", current, js, sc)] + (
+                [("pinned", pinned, json.dumps(pinned, sort_keys=True), pinned_pred.scenario)]
+                if pinned_pred is not None else []):
+            # random routing re-draws every prefill chunk of every point: fewer, smaller points
+            batches = charts.sweep_batches(s_.workload.batch_size, s_.deployment.attention_dp,
+                                           *((256, 4) if stochastic(s_) else (1024, 2)))
+            frames.append(charts.sweep_frame(sweep_points(scen, sjs, batches, stochastic(s_)),
+                                             label, s_.workload.batch_size))
     sw = pd.concat(frames, ignore_index=True)
     if sw.empty:
         st.info("No batch size of the sweep could be predicted.")

@@ -70,66 +70,59 @@ class Prediction:
         return self.throughput_output_tok_per_s / self.scenario.num_gpus
 
 
-def _draw(sc: Scenario, tokens: int, rng: Optional[np.random.Generator]) -> Optional[np.ndarray]:
-    m = sc.model
-    if m.moe is None or rng is None:
-        return None
-    t_global = tokens * sc.deployment.attention_dp
-    return sample_loads(sc.routing, t_global, m.moe.num_experts, m.moe.top_k, m.num_moe_layers,
-                        rng)
-
-
-def _timeline(sc: Scenario, rng: Optional[np.random.Generator]) -> tuple[float, float, float,
-                                                                          Step, Step]:
-    """(mean TTFT ms, TPOT ms, total prefill ms, largest prefill step, decode step) of one draw."""
-    wl = sc.workload
-    clock_us = 0.0
-    ttft_sum_us = 0.0
-    finished = 0
-    biggest: Optional[Step] = None
-    memo: dict[Batch, Step] = {}  # balanced routing: identical chunks cost the same
-
-    def step_of(batch: Batch) -> Step:
-        if rng is not None:
-            return build_step(sc, batch, _draw(sc, batch.tokens, rng))
-        if batch not in memo:
-            memo[batch] = build_step(sc, batch)
-        return memo[batch]
-
+def _steps(sc: Scenario):
+    """The prefill steps of one attention-DP group in order, as (batch, requests finishing)."""
     for chunks, repeat in prefill_plan(sc):
         for _ in range(repeat):
-            for batch, done in chunks:
-                step = step_of(batch)
-                clock_us += step.time_us
-                ttft_sum_us += done * clock_us
-                finished += done
-                if biggest is None or batch.tokens > biggest.batch.tokens:
-                    biggest = step
-    assert biggest is not None and finished > 0
-    seqs = math.ceil(wl.batch_size / sc.deployment.attention_dp)
-    decode = Batch("decode", seqs, 1, wl.input_len + wl.output_len / 2.0)
-    dstep = step_of(decode)
-    return ttft_sum_us / finished / 1e3, dstep.time_us / 1e3, clock_us / 1e3, biggest, dstep
+            yield from chunks
 
 
 def predict(sc: Scenario) -> Prediction:
-    """Predict one scenario. Deterministic: routing draws use ``routing.seed``."""
-    rs = sc.routing
-    stochastic = sc.model.moe is not None and rs.distribution != "balanced"
+    """Predict one scenario. Deterministic: routing draws use ``routing.seed``.
+
+    With stochastic routing every step of the timeline gets ``routing.samples`` independent
+    draws (one timeline per draw, drawn step by step so memory stays one step's worth); TTFT and
+    TPOT are averaged over the draws and their p50 / p95 reported."""
+    rs, m, wl = sc.routing, sc.model, sc.workload
+    stochastic = m.moe is not None and rs.distribution != "balanced"
     n = rs.samples if stochastic else 1
     rng = np.random.default_rng(rs.seed) if stochastic else None
-    draws = [_timeline(sc, rng) for _ in range(n)]
-    ttfts = np.array([d[0] for d in draws])
-    tpots = np.array([d[1] for d in draws])
-    prefill_ms = float(np.mean([d[2] for d in draws]))
+    memo: dict[Batch, Step] = {}  # balanced routing: identical chunks cost the same
+
+    def priced(batch: Batch) -> list[Step]:
+        if rng is None:
+            if batch not in memo:
+                memo[batch] = build_step(sc, batch)
+            return [memo[batch]]
+        assert m.moe is not None
+        loads = sample_loads(rs, batch.tokens * sc.deployment.attention_dp, m.moe.num_experts,
+                             m.moe.top_k, m.num_moe_layers, rng, num_samples=n)
+        return [build_step(sc, batch, loads[i]) for i in range(n)]
+
+    clock_us = np.zeros(n)
+    ttft_sum_us = np.zeros(n)
+    finished = 0
+    biggest: Optional[Step] = None
+    for batch, done in _steps(sc):
+        steps = priced(batch)
+        clock_us += [st.time_us for st in steps]
+        ttft_sum_us += done * clock_us
+        finished += done
+        if biggest is None or batch.tokens > biggest.batch.tokens:
+            biggest = steps[0]
+    assert biggest is not None and finished > 0
+    seqs = math.ceil(wl.batch_size / sc.deployment.attention_dp)
+    dsteps = priced(Batch("decode", seqs, 1, wl.input_len + wl.output_len / 2.0))
+    ttfts = ttft_sum_us / finished / 1e3
+    tpots = np.array([st.time_us for st in dsteps]) / 1e3
+    prefill_ms = float(clock_us.mean() / 1e3)
     ttft, tpot = float(ttfts.mean()), float(tpots.mean())
-    wl = sc.workload
     cycle_ms = prefill_ms + (wl.output_len - 1) * tpot
     throughput = wl.batch_size * wl.output_len / (cycle_ms / 1e3)
     mem = memory_per_gpu(sc)
     return Prediction(
         scenario=sc, ttft_ms=ttft, tpot_ms=tpot, throughput_output_tok_per_s=throughput,
-        memory=mem, prefill_step=draws[0][3], decode_step=draws[0][4], prefill_total_ms=prefill_ms,
+        memory=mem, prefill_step=biggest, decode_step=dsteps[0], prefill_total_ms=prefill_ms,
         samples=n, ttft_ms_p50=float(np.percentile(ttfts, 50)),
         ttft_ms_p95=float(np.percentile(ttfts, 95)), tpot_ms_p50=float(np.percentile(tpots, 50)),
         tpot_ms_p95=float(np.percentile(tpots, 95)), warnings=_warnings(sc, mem))

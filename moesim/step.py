@@ -158,13 +158,13 @@ def _dense_mlp_ops(sc: Scenario, b: Batch, inter: int, prefix: str = "mlp") -> l
 
 
 def received_tokens(rank_loads: np.ndarray, num_tokens: int) -> np.ndarray:
-    """Distinct tokens each rank receives, from its experts' token-slots ``[ep, slots]``: a token
+    """Distinct tokens each rank receives, from its experts' token-slots ``[..., ep, slots]``: a token
     with several experts on one rank arrives once. Expected value when each expert's tokens are
     an independent draw of ``n_e`` of the ``num_tokens``: ``T * (1 - prod_e (1 - n_e / T))``."""
     if num_tokens <= 0:
-        return np.zeros(rank_loads.shape[0])
+        return np.zeros(rank_loads.shape[:-1])
     frac = np.clip(rank_loads / num_tokens, 0.0, 1.0)
-    return num_tokens * (1.0 - np.prod(1.0 - frac, axis=1))
+    return num_tokens * (1.0 - np.prod(1.0 - frac, axis=-1))
 
 
 @dataclass(frozen=True)
@@ -182,15 +182,22 @@ def _max_over_mean(x: np.ndarray) -> float:
     return float(np.max(x)) / m if m > 0 else 1.0
 
 
-def _moe_layer_ops(sc: Scenario, b: Batch, loads: np.ndarray) -> _MoeLayer:
-    """Ops of one MoE layer, the per-rank expert times, what the capacity cap did and the rank
-    balance, for global per-expert ``loads``.
+def moe_layer_ops(sc: Scenario, b: Batch, loads: np.ndarray) -> _MoeLayer:
+    """Ops of one MoE layer for global per-expert ``loads`` ``[E]`` (see :func:`moe_layers`)."""
+    return moe_layers(sc, b, np.asarray(loads)[None, :])[0]
 
-    ``loads`` are the token-slots routed to each expert by all tokens that meet in this layer:
+
+def moe_layers(sc: Scenario, b: Batch, loads: np.ndarray) -> list[_MoeLayer]:
+    """Ops of MoE layers, their per-rank expert times, what the capacity cap did and the rank
+    balance, for global per-expert ``loads`` ``[L, E]`` (one row per layer).
+
+    ``loads`` are the token-slots routed to each expert by all tokens that meet in a layer:
     with attention_dp == 1 every rank holds the whole batch (TP-style MoE) and the tokens are
     those of the batch; with attention_dp > 1 the groups' tokens are dispatched to the experts.
     A capacity factor caps each expert first (``routing.apply_capacity``); ``second_pass`` runs
-    the overflow as further rounds of the expert kernels.
+    the overflow as further rounds of the expert kernels. Every rank of every layer is priced
+    at once (fused kernels over arrays); op lists are built for each layer's slowest rank, which
+    is what the layer waits for.
     """
     from .routing import apply_capacity, rank_expert_loads  # a peer layer, imported on use
 
@@ -202,61 +209,75 @@ def _moe_layer_ops(sc: Scenario, b: Batch, loads: np.ndarray) -> _MoeLayer:
     t_group = b.tokens  # tokens in this attention-DP group
     t_global = t_group * dp
     inter_r = mo.expert_intermediate_size // d.moe_tp
-    ops: list[OpCost] = moe.router(t_group, H, mo.num_experts, mo.top_k, hw, mo.scoring,
-                                   d.activation_dtype)
-    capped = apply_capacity(np.asarray(loads, dtype=np.int64), t_global, mo.top_k,
-                            rs.capacity_factor, rs.overflow)
-    slots = max(1, t_global * mo.top_k)
+    loads = np.asarray(loads, dtype=np.int64)
+    L = loads.shape[0]
+
+    def placed(x: np.ndarray) -> np.ndarray:  # [L, E] -> [L, ep, slots]
+        if rs.placement == "eplb":  # EPLB plans each layer on its own loads
+            return np.stack([rank_expert_loads(row, d.ep, rs) for row in x])
+        return rank_expert_loads(x, d.ep, rs)
+
+    capped = apply_capacity(loads, t_global, mo.top_k, rs.capacity_factor, rs.overflow)
+    rounds = np.asarray(capped.rounds).reshape(L, -1, loads.shape[1])  # [L, passes, E]
     passes: list[tuple[int, np.ndarray, np.ndarray]] = []
-    for p, round_loads in enumerate(capped.rounds):
-        if p and not round_loads.any():
+    for p in range(rounds.shape[1]):
+        if p and not rounds[:, p].any():
             continue
-        per_rank = rank_expert_loads(round_loads, d.ep, rs)  # [ep, local slots]
+        per_rank = placed(rounds[:, p])  # [L, ep, slots]
         if dp == 1:
-            tokens_in = np.full(d.ep, t_global)
+            tokens_in = np.full(per_rank.shape[:2], float(t_global))
         else:
             tokens_in = np.maximum(np.ceil(received_tokens(per_rank, t_global)), 1)
         passes.append((p, per_rank, tokens_in))
-    # Every rank's time at once (fused kernels are priced over arrays); the op list only for
-    # the slowest rank, which is what the layer waits for.
-    rank_us = np.zeros(d.ep)
+    rank_us = np.zeros((L, d.ep))
     for p, per_rank, tokens_in in passes:
         if d.strategy == "fused":
             rank_us += moe.fused_expert_us(per_rank, tokens_in, mo.top_k, H, inter_r, hw,
                                            d.experts_dtype, d.activation_dtype, m.gated_mlp)
         else:
-            rank_us += [sum(o.total_us for o in moe.expert_ops(
-                per_rank[r], int(tokens_in[r]), mo.top_k, H, inter_r, hw, d.experts_dtype,
+            rank_us += [[sum(o.total_us for o in moe.expert_ops(
+                per_rank[l, r], int(tokens_in[l, r]), mo.top_k, H, inter_r, hw, d.experts_dtype,
                 d.activation_dtype, m.gated_mlp, d.strategy)) for r in range(d.ep)]
-    slowest = int(np.argmax(rank_us))
-    slow_ops: list[OpCost] = []
-    for p, per_rank, tokens_in in passes:
-        ops_r = moe.expert_ops(per_rank[slowest], int(tokens_in[slowest]), mo.top_k, H, inter_r,
-                               hw, d.experts_dtype, d.activation_dtype, m.gated_mlp, d.strategy)
-        slow_ops += [replace(o, name=f"{o.name}_pass{p + 1}") for o in ops_r] if p else ops_r
+                for l in range(L)]
+    slowest = np.argmax(rank_us, axis=1)
     # Dispatch/combine: each token travels once to every rank holding one of its experts
     # (DeepEP de-duplicates per rank); the all-to-all waits for the rank receiving the most.
-    a2a_tokens = float(received_tokens(rank_expert_loads(capped.processed, d.ep, rs),
-                                       t_global).max())
-    if dp > 1:
-        ops.append(comm.all_to_all("dispatch", a2a_tokens * H * ELEMENT_BYTES[d.activation_dtype],
-                                   d.ep, hw, sc.gpus_per_node))
-    ops.extend(slow_ops)
-    if mo.num_shared_experts:
-        ops.extend(_dense_mlp_ops(sc, b, mo.num_shared_experts * mo.shared_expert_intermediate_size,
-                                  "shared_expert"))
-    if dp > 1:
-        ops.append(comm.all_to_all("combine", a2a_tokens * H * 2.0, d.ep, hw, sc.gpus_per_node))
-    else:
-        ar = _tp_all_reduce(sc, b, "moe_all_reduce")
-        if ar is not None:
-            ops.append(ar)
-    placed = rank_expert_loads(capped.processed, d.ep, rs).sum(axis=1)
-    before = None
-    if rs.placement == "eplb" and mo.num_experts % d.ep == 0:
-        before = _max_over_mean(np.asarray(capped.processed).reshape(d.ep, -1).sum(axis=1))
-    return _MoeLayer(ops, rank_us, float(capped.dropped) / slots,
-                     float(capped.rerouted) / slots, _max_over_mean(placed), before)
+    processed = np.asarray(capped.processed).reshape(L, -1)
+    per_rank_all = placed(processed)
+    a2a_tokens = received_tokens(per_rank_all, t_global).max(axis=1)
+    router = moe.router(t_group, H, mo.num_experts, mo.top_k, hw, mo.scoring, d.activation_dtype)
+    shared = _dense_mlp_ops(sc, b, mo.num_shared_experts * mo.shared_expert_intermediate_size,
+                            "shared_expert") if mo.num_shared_experts else []
+    all_reduce = _tp_all_reduce(sc, b, "moe_all_reduce") if dp == 1 else None
+    slots = max(1, t_global * mo.top_k)
+    dropped = np.asarray(capped.dropped, dtype=float).reshape(L) / slots
+    rerouted = np.asarray(capped.rerouted, dtype=float).reshape(L) / slots
+    ratio = [_max_over_mean(x) for x in per_rank_all.sum(axis=2)]
+    out = []
+    for l in range(L):
+        r = int(slowest[l])
+        ops = list(router)
+        if dp > 1:
+            ops.append(comm.all_to_all("dispatch", a2a_tokens[l] * H *
+                                       ELEMENT_BYTES[d.activation_dtype], d.ep, hw,
+                                       sc.gpus_per_node))
+        for p, per_rank, tokens_in in passes:
+            ops_r = moe.expert_ops(per_rank[l, r], int(tokens_in[l, r]), mo.top_k, H, inter_r,
+                                   hw, d.experts_dtype, d.activation_dtype, m.gated_mlp,
+                                   d.strategy)
+            ops += [replace(o, name=f"{o.name}_pass{p + 1}") for o in ops_r] if p else ops_r
+        ops += shared
+        if dp > 1:
+            ops.append(comm.all_to_all("combine", a2a_tokens[l] * H * 2.0, d.ep, hw,
+                                       sc.gpus_per_node))
+        elif all_reduce is not None:
+            ops.append(all_reduce)
+        before = None
+        if rs.placement == "eplb" and mo.num_experts % d.ep == 0:
+            before = _max_over_mean(processed[l].reshape(d.ep, -1).sum(axis=1))
+        out.append(_MoeLayer(ops, rank_us[l], float(dropped[l]), float(rerouted[l]), ratio[l],
+                             before))
+    return out
 
 
 def _head_ops(sc: Scenario, b: Batch) -> list[OpCost]:
@@ -294,23 +315,20 @@ def build_step(sc: Scenario, b: Batch, moe_loads: Optional[np.ndarray] = None) -
         if moe_loads is None:
             moe_loads = np.broadcast_to(balanced_loads(t_global, m.moe.num_experts, m.moe.top_k),
                                         (m.num_moe_layers, m.moe.num_experts))
-        moe_idx = 0
-        cache: dict[bytes, _MoeLayer] = {}
+        rows = np.asarray(moe_loads)
+        uniq, inverse = np.unique(rows, axis=0, return_inverse=True)
+        priced = moe_layers(sc, b, uniq)
         layers: list[_MoeLayer] = []
-        max_tok, distinct = [], []
+        moe_idx = 0
         for att, mlp in zip(m.layer_attention, m.layer_mlp):
             if mlp != "moe":
                 continue
-            row = np.asarray(moe_loads[moe_idx])
+            layer = priced[int(np.ravel(inverse)[moe_idx])]
             moe_idx += 1
-            key = row.tobytes()
-            if key not in cache:
-                cache[key] = _moe_layer_ops(sc, b, row)
-            layer = cache[key]
             layers.append(layer)
             moe_per_kind.setdefault(_layer_kind(att, mlp), []).append(layer.ops)
-            max_tok.append(row.max())
-            distinct.append(np.count_nonzero(row))
+        max_tok = rows.max(axis=1)
+        distinct = np.count_nonzero(rows, axis=1)
         mean_tok = t_global * m.moe.top_k / m.moe.num_experts
         before = [l.rank_tokens_ratio_contiguous for l in layers]
         stats["moe"] = MoeLayerStats(
@@ -342,7 +360,7 @@ def build_step(sc: Scenario, b: Batch, moe_loads: Optional[np.ndarray] = None) -
         send = comm.all_to_all("pp_send", b.tokens * m.hidden_size * 2.0 * 2, 2, hw,
                                sc.gpus_per_node)
         ops.append(send.scaled(d.pp - 1, "pipeline"))
-    ops = [_with_launch(sc, b, o) for o in ops]
+    ops = [with_launch(sc, b, o) for o in ops]
     step_us = sc.framework.step_overhead_us.value
     if step_us:
         ops.append(OpCost("engine_step", "overhead", step_us, 0.0, 0.0, "launch", 0,
@@ -375,7 +393,7 @@ def _average_layers(layers: list[list[OpCost]], kind: str) -> list[OpCost]:
     return out
 
 
-def _with_launch(sc: Scenario, b: Batch, op: OpCost) -> OpCost:
+def with_launch(sc: Scenario, b: Batch, op: OpCost) -> OpCost:
     """Add launch cost: inside a CUDA graph each kernel costs ``graph_kernel_us``; eager, the GPU
     idles whenever the host needs longer to launch a kernel than the GPU needs to run it."""
     if op.kernels == 0:

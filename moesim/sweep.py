@@ -36,7 +36,7 @@ depends on: the ops outside attention and the LM head depend only on the phase a
 the step (one :func:`~moesim.step.build_step` per distinct token count); the attention ops on the
 batch shape and context; the head ops on the sequences. All of them are priced by the very same
 functions (:func:`~moesim.step.build_step`, ``step._attention_ops``, ``step._head_ops``,
-``step._with_launch``); the TTFT sum over a repeated prefill chunk is taken in closed form, and
+``step.with_launch``); the TTFT sum over a repeated prefill chunk is taken in closed form, and
 the driver helpers that read the workload (``analytic.prefill_plan``, ``memory.activation_bytes``,
 the scenario checks) are memoised on the workload fields they actually read
 (:class:`WorkloadMemo`). The first point of every group is also run through :func:`predict` and
@@ -613,7 +613,7 @@ class FastEvaluator:
     MoE / dense MLP, pipeline sends, engine overhead; one :func:`~moesim.step.build_step` per
     distinct token count, minus the other two parts), attention (``step._attention_ops`` of the
     batch shape and context) and the head (``step._head_ops``), each op through
-    ``step._with_launch``. Each part is a vector [time, compute, memory, network, launch] µs, so
+    ``step.with_launch``. Each part is a vector [time, compute, memory, network, launch] µs, so
     the bound shares come out too. Exact while ``build_step`` keeps that dependence: the
     per-group self-check in :func:`evaluate_group` and ``tests/test_sweep.py`` watch it.
     """
@@ -646,7 +646,7 @@ class FastEvaluator:
 
     def _launched(self, b: Any, ops: Iterable[Any], n: int, v: list[float]) -> None:
         """Add ``n`` x the launched cost of ``ops`` to ``v``."""
-        from .step import _with_launch
+        from .step import with_launch
 
         for o in ops:
             key = (b.phase, b.num_seqs, o)
@@ -655,7 +655,7 @@ class FastEvaluator:
             except TypeError:  # an op with an unhashable field: no memo
                 key, hit = None, None
             if hit is None:
-                lo = _with_launch(self.sc, b, o)
+                lo = with_launch(self.sc, b, o)
                 hit = (lo.total_us, _BOUND_INDEX[lo.bound])
                 if key is not None:
                     self._launch[key] = hit

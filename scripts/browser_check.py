@@ -51,7 +51,7 @@ PROBE_JS = r"""
     charts: q('[data-testid="stVegaLiteChart"]').length,
     drawn: q('[data-testid="stVegaLiteChart"] canvas, [data-testid="stVegaLiteChart"] svg').length,
     running: q('[data-testid="stStatusWidget"]').some(e => /running/i.test(e.innerText || "")
-                                                        || e.querySelector('[data-testid="stStatusWidgetRunningIcon"], [data-testid="stStatusWidgetRunningManIcon"]')),
+      || e.querySelector('[data-testid^="stStatusWidgetRunning"]')),
     skeletons: q('[data-testid="stSkeleton"]').length,
     exceptions: q('[data-testid="stException"]').map(text),
     errors: q('[data-testid="stAlertContentError"]').map(e => text(
@@ -241,12 +241,12 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.monotonic()
     deadline = t_start + args.timeout
 
-    try:
-        import streamlit  # noqa: F401
-        import websockets.sync.client  # noqa: F401
-    except ImportError as exc:
-        print(f"browser_check: missing {exc.name}: pip install -e '.[app]'", file=sys.stderr)
-        return 2
+    import importlib.util
+
+    for mod in ("streamlit", "websockets"):
+        if importlib.util.find_spec(mod) is None:
+            print(f"browser_check: missing {mod}: pip install -e '.[app]'", file=sys.stderr)
+            return 2
     chromium = find_chromium()
     if chromium is None:
         print("browser_check: no chromium: apt-get update && apt-get install -y chromium",

@@ -186,12 +186,25 @@ def test_workload(at):
     assert_clean(at)
     assert scenario(at)["workload"] == {"batch_size": 16, "input_len": 4096, "output_len": 128}
     assert metrics(at)["TTFT"] != before
+    # a batch that does not fit is no error: the memory card says so
+    at.number_input(key="batch_size").set_value(4096).run()
+    assert_clean(at)
+    assert any("does not fit" in m.value for m in at.markdown)
+    assert any("does not fit" in w.value for w in at.warning)
 
 
 def test_routing_skew_capacity_and_eplb(at):
+    at.session_state["samples"] = 2  # the draws input appears with a random distribution
     at.selectbox(key="distribution").set_value("zipf").run()
     at.slider(key="s").set_value(1.2).run()
-    at.number_input(key="samples").set_value(2).run()
+    assert_clean(at)
+    # the random-routing sweep is opt-in (seconds of work); ticking it draws both charts
+    n = charts_on_page(at)
+    at.checkbox(key="sweep_skew").check().run()
+    assert_clean(at)
+    assert charts_on_page(at) == n + 2
+    assert set(chart_data(at, "sweep")["batch"]) == {4, 16, 64, 256}
+    at.checkbox(key="sweep_skew").uncheck().run()
     at.checkbox(key="cap_enabled").check().run()
     at.number_input(key="capacity_factor").set_value(1.0).run()
     at.selectbox(key="overflow").set_value("drop").run()
@@ -204,11 +217,6 @@ def test_routing_skew_capacity_and_eplb(at):
                  "redundant_experts": 2}
     caps = " ".join(c.value for c in at.caption)
     assert "cap " in caps and "dropped" in caps
-    # the random-routing sweep is opt-in (seconds of work); ticking it draws both charts
-    n = charts_on_page(at)
-    at.checkbox(key="sweep_skew").check().run()
-    assert_clean(at)
-    assert charts_on_page(at) == n + 2
     # other distributions and their parameter
     at.selectbox(key="distribution").set_value("power_law").run()
     at.number_input(key="alpha").set_value(1.3).run()
@@ -277,6 +285,8 @@ def test_bad_upload_is_explained_inline(at):
 
 def test_compare_pinned_and_current(at):
     at.button(key="pin_button").click().run()
+    assert_clean(at)
+    assert all(m.delta == "no change vs pinned" for m in at.metric)
     at.number_input(key="batch_size").set_value(128).run()
     at.selectbox(key="framework").set_value("sglang").run()
     assert_clean(at)
@@ -409,8 +419,8 @@ def test_default_state_is_a_valid_scenario():
 
 def test_error_slot_and_diff():
     slots = ["scenario", "model", "hardware.profile", "hardware.num_gpus", "deployment.tp",
-             "deployment.activation_dtype", "routing", "routing.capacity_factor", "workload.batch_size",
-             "deployment"]
+             "deployment.activation_dtype", "routing", "routing.capacity_factor",
+             "workload.batch_size", "deployment"]
     assert error_slot("deployment.tp", slots) == "deployment.tp"
     assert error_slot("routing.alpha", slots) == "routing"
     assert error_slot("routing.capacity_factor", slots) == "routing.capacity_factor"
@@ -449,6 +459,7 @@ def test_chart_specs_are_valid_vega_lite():
     assert (pts["tflops"] <= bw * pts["intensity"] * 1.0001).all()
     # sweep batches respect attention-DP and include the current batch
     assert charts.sweep_batches(48, 4) == [4, 8, 16, 32, 48, 64, 128, 256, 512, 1024]
+    assert charts.sweep_batches(48, 2, 256, 4) == [4, 16, 48, 64, 256]
 
 
 def test_timeline_shows_who_waits_under_skew():
@@ -460,7 +471,7 @@ def test_timeline_shows_who_waits_under_skew():
     from moesim.routing import sample_loads
 
     data = json.loads((ROOT / "examples" / "deepseek-v3_8xh200_ep8_fp8.json").read_text())
-    data["routing"] = {"distribution": "zipf", "s": 1.2}
+    data["routing"] = {"distribution": "zipf", "s": 1.2, "samples": 1}
     sc = parse_scenario(data)
     step = predict(sc).decode_step
     m = sc.model

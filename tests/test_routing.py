@@ -93,7 +93,7 @@ def all_specs(hist_path: str, trace_path: str) -> list[RoutingSpec]:
 def test_spec_defaults_and_valid_blocks(hist_csv, trace_npz):
     s = spec()
     assert (s.distribution, s.seed, s.samples, s.overflow, s.placement) == \
-        ("balanced", 0, 64, "dropless", "contiguous")
+        ("balanced", 0, 32, "dropless", "contiguous")
     assert len(all_specs(hist_csv[0], trace_npz[0])) == 10
     spec(capacity_factor=1.25, overflow="drop")
     spec(placement="eplb", redundant_experts=16)

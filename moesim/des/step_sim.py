@@ -9,8 +9,8 @@ and the others' time at the barrier is recorded as waiting.
 Layering: no op cost is derived here. The load-independent ops (attention blocks, dense MLPs,
 head, pipeline sends, engine overhead) are those of :func:`moesim.step.build_step` for the batch;
 each MoE layer's ops (router, dispatch, experts, shared experts, combine / all-reduce) come from
-:func:`moesim.step._moe_layer_ops` — the function ``build_step`` itself calls per layer — for
-that layer's routing sample, with the launch cost of ``moesim.step._with_launch``; its per-EP-rank
+:func:`moesim.step.moe_layer_ops` — the function ``build_step`` itself calls per layer — for
+that layer's routing sample, with the launch cost of ``moesim.step.with_launch``; its per-EP-rank
 expert times give every rank its own expert work. Without overlap the simulated step equals
 ``build_step(sc, batch, loads).time_us`` for any loads (tests/test_des.py).
 
@@ -191,7 +191,7 @@ def _is_expert(o: OpCost) -> bool:
 
 
 def _field(res: Any, name: str, index: int, default: Any = None) -> Any:
-    """A field of ``step._moe_layer_ops``'s result (an object with attributes, or a tuple)."""
+    """A field of ``step.moe_layer_ops``'s result (an object with attributes, or a tuple)."""
     if hasattr(res, name):
         return getattr(res, name)
     if isinstance(res, tuple) and len(res) > index:
@@ -221,8 +221,8 @@ class PlanBuilder:
         self.sc = sc
         self.topo = Topology.of(sc)
         m = sc.model
-        self._moe_layer_ops: Callable = step_mod._moe_layer_ops
-        self._with_launch: Callable = step_mod._with_launch
+        self._moe_layer_ops: Callable = step_mod.moe_layer_ops
+        self._with_launch: Callable = step_mod.with_launch
         self._base: dict[Batch, tuple] = {}
         self._rows: dict[tuple, _MoeRow] = {}
         pp, L = self.topo.pp, m.num_layers

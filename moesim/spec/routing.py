@@ -67,7 +67,7 @@ class RoutingSpec(BaseModel):
     histogram_file: Optional[str] = Field(None, description="histogram: CSV / .npy / .npz path")
     trace_file: Optional[str] = Field(None, description="trace: .npy / .npz of expert ids")
     seed: int = Field(0, ge=0, description="seed of every routing draw (and of zipf's ranks)")
-    samples: int = Field(64, ge=1, description="routing draws per prediction (for percentiles)")
+    samples: int = Field(32, ge=1, description="routing draws per prediction (for percentiles)")
     capacity_factor: Optional[float] = Field(
         None, description="per-expert cap = ceil(capacity_factor*T*k/E); None = no cap")
     overflow: Overflow = Field("dropless", description="what happens to slots above the cap")
