@@ -26,14 +26,7 @@ GRID = ROOT / "examples" / "sweeps" / "mixtral-grid.yaml"
 
 
 def _command() -> list[str]:
-    """``python -m moesim sweep`` once cli.py registers it; the module's own entry until then."""
-    sys.path.insert(0, str(ROOT))
-    from moesim.cli import build_parser
-
-    sub = next(a for a in build_parser()._actions if a.dest == "command")
-    if "sweep" in sub.choices:
-        return [sys.executable, "-m", "moesim", "sweep"]
-    return [sys.executable, "-m", "moesim.sweep_cli", "sweep"]
+    return [sys.executable, "-m", "moesim", "sweep"]
 
 
 def _timed(cmd: list[str]) -> tuple[float, float, str]:
@@ -61,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
 
     points = len(load_sweep(args.sweep))
     base = _command()
-    startup = min(_timed([sys.executable, "-c", "import moesim.sweep, moesim.sweep_cli"])[0]
+    startup = min(_timed([sys.executable, "-c", "import moesim.sweep, moesim.cli"])[0]
                   for _ in range(args.repeat))
     results = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -1133,7 +1133,6 @@ def _window_chunks(start: np.ndarray, stop: np.ndarray):
 def _binom_pmf(c: np.ndarray, t: np.ndarray, p: float) -> np.ndarray:
     """Binomial(t, p) pmf at integer ``c`` (0 outside ``0..t``), via log-gamma: much faster than
     ``scipy.stats.binom`` on large grids and accurate to ~1e-13 relative."""
-    from scipy import stats  # lazy: scipy.stats costs ~1 s to import
     from scipy.special import gammaln
 
     ok = (c >= 0) & (c <= t)

@@ -10,7 +10,6 @@ kind so that ``count * total_us`` is still their exact sum.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
 from typing import Literal, Optional
 

@@ -8,7 +8,7 @@ import argparse
 import json
 import os
 import sys
-from typing import Any, Optional
+from typing import Any
 
 from .errors import InputError
 
@@ -154,27 +154,3 @@ def add_cli(subparsers: Any) -> None:
                     help="local processes (default 1)")
     pr.add_argument("--json", action="store_true", help="machine-readable output")
     pr.set_defaults(func=_cmd_recommend)
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    """Stand-alone entry (``python -m moesim.sweep_cli sweep ...``) until cli.py registers us."""
-    from .cli import USAGE_EXIT, _Parser
-
-    p = _Parser(prog="python -m moesim")
-    sub = p.add_subparsers(dest="command", parser_class=_Parser)
-    add_cli(sub)
-    args = p.parse_args(argv)
-    if not getattr(args, "func", None):
-        p.print_help(sys.stderr)
-        return USAGE_EXIT
-    try:
-        return args.func(args)
-    except InputError as exc:
-        print(f"error: {exc.one_line()}", file=sys.stderr)
-        return USAGE_EXIT
-    except BrokenPipeError:
-        return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

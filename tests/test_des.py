@@ -328,7 +328,7 @@ def test_trace_arrivals_drive_the_run(tmp_path, mixtral):
 
 
 def test_cli_bad_input_exits_2_with_one_line(capsys):
-    from moesim.des.cli import main
+    from moesim.cli import main
 
     for argv in (["--rate", "-1"], ["--arrivals", "/nonexistent/trace.csv"],
                  ["--input-len", "-5"], ["--rate", "2", "--concurrency", "3"]):
@@ -338,7 +338,7 @@ def test_cli_bad_input_exits_2_with_one_line(capsys):
 
 
 def test_cli_json_keys(tmp_path):
-    from moesim.des.cli import main
+    from moesim.cli import main
 
     import contextlib
     import io

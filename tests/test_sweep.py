@@ -340,7 +340,7 @@ def test_progress_bar_only_on_a_terminal():
 # ---------------------------------------------------------------------------------------------
 
 def _cli(*argv, capsys):
-    from moesim.sweep_cli import main
+    from moesim.cli import main
 
     code = main(list(argv))
     out = capsys.readouterr()

@@ -130,8 +130,7 @@ def expert_ops(loads: np.ndarray, num_tokens: int, top_k: int, hidden: int, inte
     elsewhere); ``inter``: this rank's share of the expert intermediate size (after moe_tp).
     """
     loads = np.asarray(loads, dtype=np.int64)
-    cd = gemm_compute_dtype(weight_dtype, act_dtype)
-    ab, wb = ELEMENT_BYTES[act_dtype], WEIGHT_BYTES[weight_dtype]
+    ab = ELEMENT_BYTES[act_dtype]
     up_n = (2 if gated else 1) * inter
     slots = int(loads.sum())
     active = int(np.count_nonzero(loads))

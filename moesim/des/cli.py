@@ -3,7 +3,7 @@
 
 :func:`add_cli` registers it on the main CLI's sub-parsers (the command sets ``func``; bad input
 raises :class:`~moesim.errors.InputError`, which the main CLI prints as one line with exit code 2).
-``python -m moesim.des.cli simulate ...`` runs it stand-alone with the same conventions.
+
 
 Where the simulation settings come from, later ones winning: the scenario file's ``simulation``
 block, a ``--sim`` file (a SimulationSpec object, or any object with a ``simulation`` key), then
@@ -15,9 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 from ..errors import InputError
 
@@ -59,20 +58,10 @@ def add_cli(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _load(path: str):
-    """The scenario and the ``simulation`` block it carries (None when it has none)."""
-    from ..spec.scenario import ScenarioFile, load_scenario, parse_scenario
-    from ..spec.simulation import read_data_file
+    """The scenario; its ``simulation`` block, if any, travels in ``sc.source.simulation``."""
+    from ..spec.scenario import load_scenario
 
-    p = Path(path)
-    if "simulation" in ScenarioFile.model_fields:  # the block is part of the schema
-        sc = load_scenario(p)
-        return sc, None
-    data = read_data_file(p, "scenario")
-    if isinstance(data, dict) and "simulation" in data:
-        data = dict(data)
-        block = data.pop("simulation")
-        return parse_scenario(data, base_dir=p.parent), block
-    return load_scenario(p), None
+    return load_scenario(Path(path)), None
 
 
 def build_sim_spec(args: argparse.Namespace, block: Any, sc=None):
@@ -182,27 +171,3 @@ def to_table(res, trace: Optional[str] = None) -> str:
     if trace:
         lines.append(f"  trace written to {trace} (open in https://ui.perfetto.dev)")
     return "\n".join(lines)
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Stand-alone entry point with the main CLI's conventions."""
-    from ..cli import USAGE_EXIT, _Parser
-
-    p = _Parser(prog="python -m moesim.des.cli", description="moesim discrete-event simulation")
-    sub = p.add_subparsers(dest="command", parser_class=_Parser)
-    add_cli(sub)
-    args = p.parse_args(argv)
-    if not getattr(args, "func", None):
-        p.print_help(sys.stderr)
-        return USAGE_EXIT
-    try:
-        return args.func(args)
-    except InputError as exc:
-        print(f"error: {exc.one_line()}", file=sys.stderr)
-        return USAGE_EXIT
-    except BrokenPipeError:
-        return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
