@@ -35,11 +35,11 @@ FITTED_BY_LAYOUT = {
     "collective": ("all_reduce", "all_to_all", "all_gather"),
     "allreduce_custom": ("all_reduce_custom",),
 }
-# Dense GEMM and attention tables are timed call by call (eager): a call cannot be faster than the host's
+# Dense GEMM, attention and eager custom all-reduce tables are timed call by call: a call cannot be faster than the host's
 # dispatch of it, which shows as a floor in the small shapes (DeepGEMM's ~85 µs). Fitted as its
 # own parameter so that the GPU-side fixed time t0 stays what a CUDA graph would see.
 HOST_FLOOR_FAMILIES = ("gemm_bf16", "gemm_fp8", "gemm_fp8_block", "attention_prefill",
-                       "attention_decode")
+                       "attention_decode", "all_reduce_custom")
 COLLECTIVES = ("all_reduce", "all_reduce_custom", "all_to_all", "all_gather")
 LAYOUT_ORDER = ("moe", "gemm", "attention_context", "attention_generation", "collective",
                 "allreduce_custom")
@@ -56,12 +56,13 @@ class Ops:
     kernels: np.ndarray
     ideal_c: np.ndarray
     ideal_m: np.ndarray
+    eager: np.ndarray  # False for ops timed inside a CUDA graph (no host floor)
     measured: np.ndarray
     n_rows: int
 
     @classmethod
     def from_lists(cls, ops_list: Sequence[Sequence[OpCost]], measured: Sequence[float]) -> "Ops":
-        row, fam, ker, ic, im = [], [], [], [], []
+        row, fam, ker, ic, im, eager = [], [], [], [], [], []
         for r, ops in enumerate(ops_list):
             for o in ops:
                 row.append(r)
@@ -69,15 +70,18 @@ class Ops:
                 ker.append(o.kernels)
                 ic.append(o.ideal_compute_us)
                 im.append(o.ideal_memory_us)
+                eager.append(not o.in_graph)
         return cls(np.array(row), np.array(fam), np.array(ker, float), np.array(ic),
-                   np.array(im), np.asarray(measured, float), len(ops_list))
+                   np.array(im), np.array(eager, bool), np.asarray(measured, float),
+                   len(ops_list))
 
     def subset(self, rows: np.ndarray) -> "Ops":
         keep = np.isin(self.row, rows)
         remap = np.full(self.n_rows, -1)
         remap[rows] = np.arange(len(rows))
         return Ops(remap[self.row[keep]], self.family[keep], self.kernels[keep],
-                   self.ideal_c[keep], self.ideal_m[keep], self.measured[rows], len(rows))
+                   self.ideal_c[keep], self.ideal_m[keep], self.eager[keep], self.measured[rows],
+                   len(rows))
 
 
 Params = dict[str, dict[str, float]]  # family -> {t0_us, compute_efficiency, memory_efficiency}
@@ -95,7 +99,8 @@ def profile_params(hw: HardwareProfile) -> Params:
     for fam in COLLECTIVES:
         c = getattr(hw.collectives, fam)
         out[fam] = {"t0_us": c.latency_us.value, "compute_efficiency": 1.0,
-                    "memory_efficiency": c.bus_efficiency.value, "host_floor_us": 0.0}
+                    "memory_efficiency": c.bus_efficiency.value,
+                    "host_floor_us": c.host_floor_us.value if c.host_floor_us else 0.0}
     return out
 
 
@@ -109,7 +114,7 @@ def predict_rows(ops: Ops, params: Params) -> np.ndarray:
         p = params[fam]
         t[sel] = kernel_time_us(p["t0_us"], p["compute_efficiency"], p["memory_efficiency"],
                                 ops.ideal_c[sel], ops.ideal_m[sel], ops.kernels[sel])
-        floor[sel] = p.get("host_floor_us", 0.0)
+        floor[sel] = p.get("host_floor_us", 0.0) * ops.eager[sel]
     row_floor = np.zeros(ops.n_rows)
     np.maximum.at(row_floor, ops.row, floor)
     return np.maximum(np.bincount(ops.row, weights=t, minlength=ops.n_rows), row_floor)
@@ -154,7 +159,7 @@ def fit_families(ops: Ops, base: Params, families: Sequence[str]) -> tuple[Param
         v = params[fam][name]
         if name == "host_floor_us" and v <= 0.0:
             # A floor only moves the fit once it binds: start at the family's fastest row.
-            v = float(ops.measured[np.unique(ops.row[ops.family == fam])].min())
+            v = float(ops.measured[np.unique(ops.row[(ops.family == fam) & ops.eager])].min())
         if name in ("t0_us", "host_floor_us"):
             # GPU-side fixed time per kernel is launch latency plus prologue and tail: a few µs,
             # never tens. Longer floors in a table belong to the host (host_floor_us).
@@ -257,7 +262,8 @@ def overlay(base: HardwareProfile, params: Params, report: dict, tables: Sequenc
         if not fields:
             continue
         if fam in COLLECTIVES:
-            ren = {"t0_us": "latency_us", "memory_efficiency": "bus_efficiency"}
+            ren = {"t0_us": "latency_us", "memory_efficiency": "bus_efficiency",
+                   "host_floor_us": "host_floor_us"}
             collectives[fam] = {ren[k]: v for k, v in fields.items()}
         elif getattr(base.kernels, fam, None) is not None:
             kernels[fam] = fields

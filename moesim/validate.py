@@ -52,7 +52,7 @@ import csv
 import json
 import math
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -420,8 +420,11 @@ def _predict_collective(row: dict[str, str], hws: _Hardware) -> list:
     if n < 1 or size < 0:
         raise _Unpredictable("num_gpus must be >= 1 and message_bytes >= 0")
     if op in ("all_reduce", "allreduce"):
-        custom = "custom" in (row.get("library") or "") or "custom" in (row.get("kernel") or "")
-        return [comm.all_reduce(op, size, n, hw, custom=custom)]
+        kernel = row.get("kernel") or ""
+        custom = "custom" in (row.get("library") or "") or "custom" in kernel
+        ar = comm.all_reduce(op, size, n, hw, custom=custom)
+        # Rows timed inside a CUDA graph have no host dispatch per call.
+        return [replace(ar, in_graph=True)] if "graph" in kernel else [ar]
     if op in ("alltoall", "all_to_all"):
         return [comm.all_to_all(op, size, n, hw)]
     if op in ("all_gather", "allgather", "reduce_scatter", "reducescatter"):

@@ -42,7 +42,8 @@ def _collective(name: str, family: str, factor: float, message_bytes: float, n: 
     moved = factor * (n - 1) / n * message_bytes
     eff = fit.bus_efficiency.value
     return OpCost(name, "comm", alpha + moved / busbw, 0.0, moved, "network", family=family,
-                  ideal_memory_us=moved / (busbw / eff))
+                  ideal_memory_us=moved / (busbw / eff),
+                  host_floor_us=fit.host_floor_us.value if fit.host_floor_us else 0.0)
 
 
 def all_reduce(name: str, message_bytes: float, n: int, hw: HardwareProfile,

@@ -44,6 +44,7 @@ class OpCost:
     ideal_memory_us: float = 0.0
     host_floor_us: float = 0.0  # eager calls take at least this long (hardware.kernels.*)
     fixed_us: float = 0.0  # the kernels' fixed time (kernels * t0) inside time_us
+    in_graph: bool = False  # replayed from a CUDA graph: no host dispatch per call
 
     @property
     def total_us(self) -> float:
@@ -84,4 +85,5 @@ def roofline(name: str, category: Category, family: str, flops: float, bytes_: f
 def eager_time_us(ops: "list[OpCost]") -> float:
     """Time of one eager call of an op sequence (a measured kernel-table row): the GPU time,
     unless the host's floor for the slowest-to-dispatch op is longer."""
-    return max(sum(o.total_us for o in ops), max((o.host_floor_us for o in ops), default=0.0))
+    return max(sum(o.total_us for o in ops),
+               max((o.host_floor_us for o in ops if not o.in_graph), default=0.0))

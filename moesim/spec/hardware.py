@@ -70,6 +70,8 @@ class CollectiveFit(_Strict):
 
     latency_us: Quantity
     bus_efficiency: Quantity = Field(..., description="bus bandwidth / link bandwidth per direction")
+    host_floor_us: Optional[Quantity] = Field(
+        None, description="shortest eager call (host dispatch); hidden by CUDA graphs")
 
 
 class Collectives(_Strict):
