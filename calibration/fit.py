@@ -57,12 +57,13 @@ class Ops:
     ideal_c: np.ndarray
     ideal_m: np.ndarray
     eager: np.ndarray  # False for ops timed inside a CUDA graph (no host floor)
+    steps: np.ndarray  # latency steps of collectives
     measured: np.ndarray
     n_rows: int
 
     @classmethod
     def from_lists(cls, ops_list: Sequence[Sequence[OpCost]], measured: Sequence[float]) -> "Ops":
-        row, fam, ker, ic, im, eager = [], [], [], [], [], []
+        row, fam, ker, ic, im, eager, steps = [], [], [], [], [], [], []
         for r, ops in enumerate(ops_list):
             for o in ops:
                 row.append(r)
@@ -71,17 +72,18 @@ class Ops:
                 ic.append(o.ideal_compute_us)
                 im.append(o.ideal_memory_us)
                 eager.append(not o.in_graph)
+                steps.append(o.steps)
         return cls(np.array(row), np.array(fam), np.array(ker, float), np.array(ic),
-                   np.array(im), np.array(eager, bool), np.asarray(measured, float),
-                   len(ops_list))
+                   np.array(im), np.array(eager, bool), np.array(steps, float),
+                   np.asarray(measured, float), len(ops_list))
 
     def subset(self, rows: np.ndarray) -> "Ops":
         keep = np.isin(self.row, rows)
         remap = np.full(self.n_rows, -1)
         remap[rows] = np.arange(len(rows))
         return Ops(remap[self.row[keep]], self.family[keep], self.kernels[keep],
-                   self.ideal_c[keep], self.ideal_m[keep], self.eager[keep], self.measured[rows],
-                   len(rows))
+                   self.ideal_c[keep], self.ideal_m[keep], self.eager[keep], self.steps[keep],
+                   self.measured[rows], len(rows))
 
 
 Params = dict[str, dict[str, float]]  # family -> {t0_us, compute_efficiency, memory_efficiency}
@@ -100,7 +102,8 @@ def profile_params(hw: HardwareProfile) -> Params:
         c = getattr(hw.collectives, fam)
         out[fam] = {"t0_us": c.latency_us.value, "compute_efficiency": 1.0,
                     "memory_efficiency": c.bus_efficiency.value,
-                    "host_floor_us": c.host_floor_us.value if c.host_floor_us else 0.0}
+                    "host_floor_us": c.host_floor_us.value if c.host_floor_us else 0.0,
+                    "step_us": c.latency_per_step_us.value if c.latency_per_step_us else 0.0}
     return out
 
 
@@ -113,7 +116,8 @@ def predict_rows(ops: Ops, params: Params) -> np.ndarray:
         sel = ops.family == fam
         p = params[fam]
         t[sel] = kernel_time_us(p["t0_us"], p["compute_efficiency"], p["memory_efficiency"],
-                                ops.ideal_c[sel], ops.ideal_m[sel], ops.kernels[sel])
+                                ops.ideal_c[sel], ops.ideal_m[sel], ops.kernels[sel],
+                                ops.steps[sel], p.get("step_us", 0.0))
         floor[sel] = p.get("host_floor_us", 0.0) * ops.eager[sel]
     row_floor = np.zeros(ops.n_rows)
     np.maximum.at(row_floor, ops.row, floor)
@@ -134,6 +138,8 @@ def _free_params(ops: Ops, families: Sequence[str]) -> list[tuple[str, str]]:
             free.append((fam, "compute_efficiency"))
         if fam in HOST_FLOOR_FAMILIES:
             free.append((fam, "host_floor_us"))
+        if fam in COLLECTIVES and ops.steps[sel].max() > ops.steps[sel].min():
+            free.append((fam, "step_us"))
     return free
 
 
@@ -160,7 +166,9 @@ def fit_families(ops: Ops, base: Params, families: Sequence[str]) -> tuple[Param
         if name == "host_floor_us" and v <= 0.0:
             # A floor only moves the fit once it binds: start at the family's fastest row.
             v = float(ops.measured[np.unique(ops.row[(ops.family == fam) & ops.eager])].min())
-        if name in ("t0_us", "host_floor_us"):
+        if name == "step_us" and v <= 0.0:
+            v = 0.5  # a start where the term moves the fit (the base profiles have none)
+        if name in ("t0_us", "host_floor_us", "step_us"):
             # GPU-side fixed time per kernel is launch latency plus prologue and tail: a few µs,
             # never tens. Longer floors in a table belong to the host (host_floor_us).
             top = T0_MAX_US if name == "t0_us" else 500.0
@@ -256,14 +264,15 @@ def overlay(base: HardwareProfile, params: Params, report: dict, tables: Sequenc
     collectives: dict = {}
     for fam, vals in params.items():
         fields = {}
-        for name in ("t0_us", "compute_efficiency", "memory_efficiency", "host_floor_us"):
+        for name in ("t0_us", "compute_efficiency", "memory_efficiency", "host_floor_us",
+                     "step_us"):
             if f"{fam}.{name}" in fitted_by:
                 fields[name] = q(fam, name, vals[name])
         if not fields:
             continue
         if fam in COLLECTIVES:
             ren = {"t0_us": "latency_us", "memory_efficiency": "bus_efficiency",
-                   "host_floor_us": "host_floor_us"}
+                   "host_floor_us": "host_floor_us", "step_us": "latency_per_step_us"}
             collectives[fam] = {ren[k]: v for k, v in fields.items()}
         elif getattr(base.kernels, fam, None) is not None:
             kernels[fam] = fields

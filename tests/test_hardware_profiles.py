@@ -113,7 +113,8 @@ def test_schema_names_the_expected_families_and_ops():
     assert set(Collectives.model_fields) == set(COLLECTIVE_OPS)
     assert set(KernelFit.model_fields) == {"t0_us", "compute_efficiency", "memory_efficiency",
                                            "host_floor_us"}
-    assert set(CollectiveFit.model_fields) == {"latency_us", "bus_efficiency", "host_floor_us"}
+    assert set(CollectiveFit.model_fields) == {"latency_us", "bus_efficiency", "host_floor_us",
+                                               "latency_per_step_us"}
 
 
 @pytest.mark.parametrize("pid", EXPECTED_IDS)

@@ -33,6 +33,8 @@ def _link(n: int, gpus_per_node: int, hw: HardwareProfile, fit: CollectiveFit) -
 
 def _collective(name: str, family: str, factor: float, message_bytes: float, n: int,
                 hw: HardwareProfile, gpus_per_node: int) -> OpCost:
+    # ``factor``: 2 for all-reduce (reduce-scatter then all-gather), which is also its number
+    # of step rounds: 2(n-1) steps against n-1 for the others.
     """``family`` names the fit in ``hardware.collectives``; the op keeps ``moved / link
     bandwidth`` as its ideal time so calibration can refit latency and bus efficiency."""
     if n <= 1:
@@ -41,9 +43,12 @@ def _collective(name: str, family: str, factor: float, message_bytes: float, n: 
     alpha, busbw, _ = _link(n, gpus_per_node, hw, fit)
     moved = factor * (n - 1) / n * message_bytes
     eff = fit.bus_efficiency.value
-    return OpCost(name, "comm", alpha + moved / busbw, 0.0, moved, "network", family=family,
-                  ideal_memory_us=moved / (busbw / eff),
-                  host_floor_us=fit.host_floor_us.value if fit.host_floor_us else 0.0)
+    steps = int(factor) * (n - 1)
+    step_us = fit.latency_per_step_us.value if fit.latency_per_step_us else 0.0
+    return OpCost(name, "comm", alpha + steps * step_us + moved / busbw, 0.0, moved, "network",
+                  family=family, ideal_memory_us=moved / (busbw / eff),
+                  host_floor_us=fit.host_floor_us.value if fit.host_floor_us else 0.0,
+                  steps=steps)
 
 
 def all_reduce(name: str, message_bytes: float, n: int, hw: HardwareProfile,

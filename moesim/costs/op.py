@@ -45,6 +45,7 @@ class OpCost:
     host_floor_us: float = 0.0  # eager calls take at least this long (hardware.kernels.*)
     fixed_us: float = 0.0  # the kernels' fixed time (kernels * t0) inside time_us
     in_graph: bool = False  # replayed from a CUDA graph: no host dispatch per call
+    steps: int = 0  # latency steps of a collective (hardware.collectives.*.latency_per_step_us)
 
     @property
     def total_us(self) -> float:
@@ -56,13 +57,13 @@ class OpCost:
 
 
 def kernel_time_us(t0_us, compute_efficiency, memory_efficiency, ideal_compute_us,
-                   ideal_memory_us, kernels=1):
-    """``kernels * t0 + max(ideal_compute / eff_c, ideal_memory / eff_m)``; works on numpy arrays
-    (calibration evaluates it over whole tables)."""
+                   ideal_memory_us, kernels=1, steps=0, step_us=0.0):
+    """``kernels * t0 + steps * step_us + max(ideal_compute / eff_c, ideal_memory / eff_m)``;
+    works on numpy arrays (calibration evaluates it over whole tables)."""
     import numpy as np
 
-    return kernels * t0_us + np.maximum(ideal_compute_us / compute_efficiency,
-                                        ideal_memory_us / memory_efficiency)
+    return kernels * t0_us + steps * step_us + np.maximum(ideal_compute_us / compute_efficiency,
+                                                          ideal_memory_us / memory_efficiency)
 
 
 def roofline(name: str, category: Category, family: str, flops: float, bytes_: float,

@@ -66,9 +66,13 @@ class Interconnect(_Strict):
 
 
 class CollectiveFit(_Strict):
-    """t = latency_us + bytes_moved / (link bandwidth x bus_efficiency) (nccl-tests bus model)."""
+    """t = latency_us + steps x latency_per_step_us + bytes_moved / (link bandwidth x
+    bus_efficiency) (nccl-tests bus model; NCCL's tuning model for the latency)."""
 
     latency_us: Quantity
+    latency_per_step_us: Optional[Quantity] = Field(
+        None, description="latency of each of the algorithm's steps: a ring all-reduce has "
+                          "2(n-1), the others n-1 (NCCL's base + steps x per-step model)")
     bus_efficiency: Quantity = Field(..., description="bus bandwidth / link bandwidth per direction")
     host_floor_us: Optional[Quantity] = Field(
         None, description="shortest eager call (host dispatch); hidden by CUDA graphs")
