@@ -61,6 +61,14 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibration_label(provenance: dict) -> str:
+    cal = provenance.get("calibration")
+    if not cal:
+        return "no"
+    src = cal.get("transferred_from")
+    return f"from {src} (est.)" if src else "fitted"
+
+
 def _cmd_hardware(args: argparse.Namespace) -> int:
     from .spec.hardware import available_profiles, load_profile
 
@@ -75,17 +83,17 @@ def _cmd_hardware(args: argparse.Namespace) -> int:
                      "hbm_gb_per_s": hw.memory.hbm_peak_gb_per_s.value,
                      "nvlink_gb_per_s_per_direction":
                          hw.interconnect.nvlink_gb_per_s_per_direction.value,
-                     "calibrated": "calibration" in hw.provenance})
+                     "calibrated": _calibration_label(hw.provenance)})
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
     print(f"{'id':<12}{'bf16 TF':>9}{'fp8 TF':>9}{'HBM GB':>8}{'HBM GB/s':>10}{'NVLink':>8}"
-          f"  calibrated  name")
+          f"  {'calibrated':<22}name")
     for r in rows:
         fp8 = f"{r['fp8_tflops']:.0f}" if r["fp8_tflops"] else "-"
         print(f"{r['id']:<12}{r['bf16_tflops']:>9.0f}{fp8:>9}{r['hbm_gb']:>8.0f}"
               f"{r['hbm_gb_per_s']:>10.0f}{r['nvlink_gb_per_s_per_direction']:>8.0f}"
-              f"  {'yes' if r['calibrated'] else 'no':<10}  {r['name']}")
+              f"  {r['calibrated']:<22}{r['name']}")
     return 0
 
 

@@ -118,3 +118,18 @@ def test_more_bandwidth_never_slower(model, path):
     faster = base.model_copy(update={"hardware": _scaled(base.hardware, path, 1.25)})
     for batch in (Batch("decode", 16, 1, 1000.0), Batch("prefill", 4, 512, 0.0)):
         assert build_step(faster, batch).time_us <= build_step(base, batch).time_us * (1 + 1e-9)
+
+
+def test_cli_models_and_hardware_lists():
+    r = run_cli("models", "--json")
+    assert r.returncode == 0, r.stderr
+    rows = {m["name"]: m for m in json.loads(r.stdout)}
+    assert rows["mixtral-8x7b"]["total_params"] == pytest.approx(46.7e9, rel=0.02)
+    assert rows["deepseek-v3"]["attention"] == "mla"
+    r = run_cli("hardware", "--json")
+    assert r.returncode == 0, r.stderr
+    hw = {h["id"]: h for h in json.loads(r.stdout)}
+    assert set(hw) >= {"h100_sxm", "h100_pcie", "h200_sxm", "h800", "a100_sxm", "b200"}
+    assert hw["h100_sxm"]["calibrated"] == "fitted"
+    assert hw["h200_sxm"]["calibrated"].startswith("from h100_sxm")
+    assert hw["a100_sxm"]["fp8_tflops"] is None
