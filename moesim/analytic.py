@@ -1,11 +1,16 @@
 """The closed-form driver: TTFT, TPOT, throughput and memory of one scenario.
 
-Model of a closed loop with ``batch_size`` requests in flight (the measured benchmarks' setup),
-in its simplest form: the batch's prompts are prefilled in chunks of ``max_num_batched_tokens``
-tokens per attention-DP group, then the batch decodes together. TTFT of a request is the end of
-the prefill chunk holding its last prompt token, averaged over requests; TPOT is one decode step
-at the mean context length ``input_len + output_len / 2``. Throughput counts a full cycle (all
-prefills, then ``output_len - 1`` decode steps) for ``batch_size`` requests.
+Model of a closed loop with ``batch_size`` requests in flight (the measured benchmarks' setup).
+Prompts are prefilled in chunks of ``max_num_batched_tokens`` tokens per attention-DP group.
+
+- TTFT (steady state): requests of one prefill chunk finish together, so in a running closed loop
+  their replacements arrive together too: a request waits on average half a decode step, then
+  its group's prefill chunk (or, for a prompt longer than a chunk, its chain of chunks) runs.
+  ``ttft_ms_first_wave`` is the other extreme, all ``batch_size`` prompts arriving at once (the
+  start of a benchmark): the mean over requests of the end of the chunk holding their last token.
+- TPOT: one decode step at the mean context length ``input_len + output_len / 2``.
+- Throughput: a full cycle (all prefills, then ``output_len - 1`` decode steps) for
+  ``batch_size`` requests.
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ def prefill_plan(sc: Scenario) -> list[tuple[list[Chunk], int]]:
 class Prediction:
     scenario: Scenario
     ttft_ms: float
+    ttft_ms_first_wave: float
     tpot_ms: float
     throughput_output_tok_per_s: float
     memory: MemoryBreakdown
@@ -101,6 +107,7 @@ def predict(sc: Scenario) -> Prediction:
 
     clock_us = np.zeros(n)
     ttft_sum_us = np.zeros(n)
+    group_us: Optional[np.ndarray] = None  # prefill of the first group of requests to finish
     finished = 0
     biggest: Optional[Step] = None
     for batch, done in _steps(sc):
@@ -108,20 +115,25 @@ def predict(sc: Scenario) -> Prediction:
         clock_us += [st.time_us for st in steps]
         ttft_sum_us += done * clock_us
         finished += done
+        if done and group_us is None:
+            group_us = clock_us.copy()
         if biggest is None or batch.tokens > biggest.batch.tokens:
             biggest = steps[0]
     assert biggest is not None and finished > 0
     seqs = math.ceil(wl.batch_size / sc.deployment.attention_dp)
     dsteps = priced(Batch("decode", seqs, 1, wl.input_len + wl.output_len / 2.0))
-    ttfts = ttft_sum_us / finished / 1e3
+    assert group_us is not None
     tpots = np.array([st.time_us for st in dsteps]) / 1e3
+    ttfts = group_us / 1e3 + 0.5 * tpots
+    first_wave = float((ttft_sum_us / finished / 1e3).mean())
     prefill_ms = float(clock_us.mean() / 1e3)
     ttft, tpot = float(ttfts.mean()), float(tpots.mean())
     cycle_ms = prefill_ms + (wl.output_len - 1) * tpot
     throughput = wl.batch_size * wl.output_len / (cycle_ms / 1e3)
     mem = memory_per_gpu(sc)
     return Prediction(
-        scenario=sc, ttft_ms=ttft, tpot_ms=tpot, throughput_output_tok_per_s=throughput,
+        scenario=sc, ttft_ms=ttft, ttft_ms_first_wave=first_wave, tpot_ms=tpot,
+        throughput_output_tok_per_s=throughput,
         memory=mem, prefill_step=biggest, decode_step=dsteps[0], prefill_total_ms=prefill_ms,
         samples=n, ttft_ms_p50=float(np.percentile(ttfts, 50)),
         ttft_ms_p95=float(np.percentile(ttfts, 95)), tpot_ms_p50=float(np.percentile(tpots, 50)),

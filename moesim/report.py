@@ -47,6 +47,7 @@ def to_dict(p: Prediction) -> dict[str, Any]:
                         "attention_dp": d.attention_dp, "pp": d.pp},
         "framework": sc.framework.id,
         "ttft_ms": p.ttft_ms,
+        "ttft_ms_first_wave": p.ttft_ms_first_wave,
         "tpot_ms": p.tpot_ms,
         "throughput_output_tok_per_s": p.throughput_output_tok_per_s,
         "throughput_output_tok_per_s_per_gpu": p.throughput_output_tok_per_s_per_gpu,
@@ -105,7 +106,8 @@ def to_table(p: Prediction) -> str:
         f"{sc.routing.distribution} (seed {sc.routing.seed}, {p.samples} draw"
         f"{'s' if p.samples > 1 else ''})",
         "",
-        f"  TTFT        {p.ttft_ms:10.2f} ms   (p50 {p.ttft_ms_p50:.2f}, p95 {p.ttft_ms_p95:.2f})",
+        f"  TTFT        {p.ttft_ms:10.2f} ms   (p50 {p.ttft_ms_p50:.2f}, p95 {p.ttft_ms_p95:.2f}; "
+        f"{p.ttft_ms_first_wave:.2f} if all {wl.batch_size} arrive at once)",
         f"  TPOT        {p.tpot_ms:10.3f} ms   (p50 {p.tpot_ms_p50:.3f}, p95 {p.tpot_ms_p95:.3f})",
         f"  throughput  {p.throughput_output_tok_per_s:10.1f} output tok/s   "
         f"({p.throughput_output_tok_per_s_per_gpu:.1f} per GPU)",

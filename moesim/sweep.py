@@ -693,27 +693,25 @@ class FastEvaluator:
         return out
 
     def _prefill_timeline(self, psc: Any) -> tuple[float, float, int, tuple[float, ...]]:
-        """(mean TTFT µs, prefill total µs, largest prefill step's tokens and vector):
-        analytic._timeline's prefill loop, each repeated block summed in closed form."""
+        """(first group's prefill µs, prefill total µs, largest prefill step's tokens and vector):
+        analytic.predict's prefill loop, each repeated block summed in closed form."""
         from .analytic import prefill_plan
 
-        clock = ttft_sum = 0.0
-        finished = 0
+        clock = 0.0
+        group: Optional[float] = None
         big_tokens, big_vec = -1, (0.0,) * 5
         for chunks, repeat in prefill_plan(psc):
-            block = inner = 0.0
-            dsum = 0
+            block = 0.0
             for batch, done in chunks:
                 v = self.step(batch)
                 block += v[0]
-                inner += done * (clock + block)
-                dsum += done
+                if done and group is None:
+                    group = clock + block
                 if batch.tokens > big_tokens:
                     big_tokens, big_vec = batch.tokens, v
-            ttft_sum += repeat * inner + dsum * block * repeat * (repeat - 1) / 2.0
-            finished += dsum * repeat
             clock += repeat * block
-        return ttft_sum / finished, clock, big_tokens, big_vec
+        assert group is not None
+        return group, clock, big_tokens, big_vec
 
     def outputs(self, workload: Any) -> Outputs:
         """The output columns of ``predict`` for this scenario with ``workload`` (a validated
@@ -725,11 +723,12 @@ class FastEvaluator:
         sc = self.sc
         dp = sc.deployment.attention_dp
         bs, isl, osl = workload.batch_size, workload.input_len, workload.output_len
-        ttft_us, clock, big_tokens, big_vec = self._prefill(workload)
-        # analytic._timeline's decode step and predict's throughput
+        group_us, clock, big_tokens, big_vec = self._prefill(workload)
+        # analytic.predict's decode step, steady-state TTFT and throughput
         seqs = -(-bs // dp)
         dvec = self.step(Batch("decode", seqs, 1, isl + osl / 2.0))
         tpot = dvec[0] / 1e3
+        ttft_us = group_us + 0.5 * dvec[0]
         prefill_ms = clock / 1e3
         throughput = bs * osl / ((prefill_ms + (osl - 1) * tpot) / 1e3)
         # memory.memory_per_gpu, its workload-independent parts computed once
