@@ -17,7 +17,7 @@ import numpy as np
 
 from .costs import attention, comm, moe
 from .costs.elementwise import memory_op
-from .costs.gemm import gemm
+from .costs.gemm import gemm, linear
 from .costs.op import OpCost
 from .spec.dtypes import ELEMENT_BYTES
 from .spec.scenario import Scenario
@@ -82,27 +82,27 @@ def _attention_ops(sc: Scenario, b: Batch, kind: str) -> list[OpCost]:
         la = m.linear_attention
         assert la is not None
         qk, v = la.num_key_heads * la.key_head_dim, la.num_value_heads * la.value_head_dim
-        ops.append(gemm("linear_attn_in_proj", T, (2 * qk + 2 * v + 2 * la.num_value_heads) // tp,
+        ops.extend(linear("linear_attn_in_proj", T, (2 * qk + 2 * v + 2 * la.num_value_heads) // tp,
                         H, hw, wd, ad))
         ops.append(attention.linear_attention(b.num_seqs, b.new_tokens,
                                               max(1, la.num_value_heads // tp), la.key_head_dim,
                                               la.value_head_dim, hw))
-        ops.append(gemm("linear_attn_out_proj", T, H, v // tp, hw, wd, ad))
+        ops.extend(linear("linear_attn_out_proj", T, H, v // tp, hw, wd, ad))
         return ops
     heads = m.num_attention_heads // tp
     if m.mla is not None:
         a = m.mla
         qk_head = a.qk_nope_head_dim + a.qk_rope_head_dim
         if a.q_lora_rank:
-            ops.append(gemm("q_a_proj", T, a.q_lora_rank, H, hw, wd, ad))
-            ops.append(gemm("q_b_proj", T, heads * qk_head, a.q_lora_rank, hw, wd, ad))
+            ops.extend(linear("q_a_proj", T, a.q_lora_rank, H, hw, wd, ad))
+            ops.extend(linear("q_b_proj", T, heads * qk_head, a.q_lora_rank, hw, wd, ad))
         else:
-            ops.append(gemm("q_proj", T, heads * qk_head, H, hw, wd, ad))
-        ops.append(gemm("kv_a_proj", T, a.kv_lora_rank + a.qk_rope_head_dim, H, hw, wd, ad))
+            ops.extend(linear("q_proj", T, heads * qk_head, H, hw, wd, ad))
+        ops.extend(linear("kv_a_proj", T, a.kv_lora_rank + a.qk_rope_head_dim, H, hw, wd, ad))
         if b.phase == "prefill":
             # Prefill expands the latent cache into per-head K and V (vLLM's MLA "MHA mode").
             kv_tokens = int(b.num_seqs * (b.context + b.new_tokens))
-            ops.append(gemm("kv_b_proj", kv_tokens, heads * (a.qk_nope_head_dim + a.v_head_dim),
+            ops.extend(linear("kv_b_proj", kv_tokens, heads * (a.qk_nope_head_dim + a.v_head_dim),
                             a.kv_lora_rank, hw, wd, ad))
             ops.append(attention.prefill(b.num_seqs, b.new_tokens, int(b.context), heads, heads,
                                          qk_head, a.v_head_dim, hw, kvd))
@@ -112,12 +112,12 @@ def _attention_ops(sc: Scenario, b: Batch, kind: str) -> list[OpCost]:
             ops.append(attention.mla_decode(b.num_seqs, b.context + 1, heads, a.kv_lora_rank,
                                             a.qk_rope_head_dim, hw, kvd))
             ops.append(gemm("v_absorb", T, heads * a.v_head_dim, a.kv_lora_rank, hw, wd, ad))
-        ops.append(gemm("o_proj", T, H, heads * a.v_head_dim, hw, wd, ad))
+        ops.extend(linear("o_proj", T, H, heads * a.v_head_dim, hw, wd, ad))
     else:
         kv_heads = max(1, m.num_kv_heads // tp)
         hd = m.head_dim
         q_width = heads * hd * (2 if m.attention_output_gate else 1)
-        ops.append(gemm("qkv_proj", T, q_width + 2 * kv_heads * hd, H, hw, wd, ad))
+        ops.extend(linear("qkv_proj", T, q_width + 2 * kv_heads * hd, H, hw, wd, ad))
         window = m.sliding_window if kind == "sliding" else 0
         chunk = m.attention_chunk_size if kind == "chunked" else 0
         if b.phase == "prefill":
@@ -126,7 +126,7 @@ def _attention_ops(sc: Scenario, b: Batch, kind: str) -> list[OpCost]:
         else:
             ops.append(attention.decode(b.num_seqs, b.context + 1, heads, kv_heads, hd, hd, hw,
                                         kvd, window, chunk))
-        ops.append(gemm("o_proj", T, H, heads * hd, hw, wd, ad))
+        ops.extend(linear("o_proj", T, H, heads * hd, hw, wd, ad))
     return ops
 
 
@@ -149,11 +149,11 @@ def _dense_mlp_ops(sc: Scenario, b: Batch, inter: int, prefix: str = "mlp") -> l
     m, d, hw = sc.model, sc.deployment, sc.hardware
     inter_r = inter // d.tp
     up = (2 if m.gated_mlp else 1) * inter_r
-    return [gemm(f"{prefix}_up", b.tokens, up, m.hidden_size, hw, d.weight_dtype,
-                 d.activation_dtype),
+    return [*linear(f"{prefix}_up", b.tokens, up, m.hidden_size, hw, d.weight_dtype,
+                    d.activation_dtype),
             memory_op(f"{prefix}_act", b.tokens * (up + inter_r) * 2.0, hw),
-            gemm(f"{prefix}_down", b.tokens, m.hidden_size, inter_r, hw, d.weight_dtype,
-                 d.activation_dtype)]
+            *linear(f"{prefix}_down", b.tokens, m.hidden_size, inter_r, hw, d.weight_dtype,
+                    d.activation_dtype)]
 
 
 def received_tokens(rank_loads: np.ndarray, num_tokens: int) -> np.ndarray:
