@@ -79,7 +79,9 @@ def mla_decode(num_seqs: int, kv_len: float, heads: int, latent_dim: int, rope_d
     io = num_seqs * (kv_len * (latent_dim + rope_dim) * ELEMENT_BYTES[kv_dtype]
                      + heads * (latent_dim + rope_dim + latent_dim) * 2.0)
     pairs = num_seqs * kv_len
-    return _attend("mla_decode", "attention_decode", pairs, heads, latent_dim + rope_dim,
+    # FlashMLA packs the heads of one sequence into full 64-row tiles (no GQA padding): its own
+    # kernel family, not the GQA decode kernel's.
+    return _attend("mla_decode", "attention_mla_decode", pairs, heads, latent_dim + rope_dim,
                    latent_dim, io, hw)
 
 

@@ -109,6 +109,8 @@ class Kernels(_Strict):
                                "token alignment, activation, top-k sum, quantisation")
     attention_prefill: KernelFit
     attention_decode: KernelFit
+    attention_mla_decode: KernelFit = Field(
+        ..., description="MLA decode (FlashMLA): all heads of a sequence in full tiles")
     elementwise: KernelFit = Field(..., description="memory-bound kernels: norms, activations, ...")
 
 
