@@ -242,7 +242,8 @@ def moe_layers(sc: Scenario, b: Batch, loads: np.ndarray) -> list[_MoeLayer]:
     # Dispatch/combine: each token travels once to every rank holding one of its experts
     # (DeepEP de-duplicates per rank); the all-to-all waits for the rank receiving the most.
     processed = np.asarray(capped.processed).reshape(L, -1)
-    per_rank_all = placed(processed)
+    # With one pass the processed loads are that pass's: reuse its placement.
+    per_rank_all = passes[0][1] if len(passes) == 1 else placed(processed)
     a2a_tokens = received_tokens(per_rank_all, t_global).max(axis=1)
     router = moe.router(t_group, H, mo.num_experts, mo.top_k, hw, mo.scoring, d.activation_dtype)
     shared = _dense_mlp_ops(sc, b, mo.num_shared_experts * mo.shared_expert_intermediate_size,

@@ -88,17 +88,20 @@ def _number(v: Any, what: str, where: str, integer: bool) -> float:
     return x
 
 
+def _read_text(p: Path, field_: str, fix: str) -> str:
+    try:
+        return p.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
+        raise InputError(field_, f"cannot read {p}: {reason}", fix) from None
+
+
 def read_arrival_trace(path: Union[str, Path]) -> np.ndarray:
     """``[rows, 3]`` float (arrival seconds, input tokens, output tokens), sorted by arrival, from
     a CSV with a header, a JSON list of objects or JSON lines."""
     field_ = "simulation.arrival.trace_file"
     p = Path(path)
-    try:
-        text = p.read_text()
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
-        raise InputError(field_, f"cannot read {p}: {reason}",
-                         "give a CSV / JSON / JSON-lines arrival trace") from None
+    text = _read_text(p, field_, "give a CSV / JSON / JSON-lines arrival trace")
     stripped = text.lstrip()
     rows: list[dict]
     try:
@@ -139,12 +142,7 @@ def read_arrival_trace(path: Union[str, Path]) -> np.ndarray:
 
 def _length_file(path: str, column: str, field_: str) -> np.ndarray:
     p = Path(path)
-    try:
-        text = p.read_text()
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
-        raise InputError(field_, f"cannot read {p}: {reason}",
-                         "give a file with one length per line") from None
+    text = _read_text(p, field_, "give a file with one length per line")
     lines = [ln for ln in text.splitlines() if ln.strip()]
     if lines and not _is_number(lines[0].split(",")[0]):
         rows = list(csv.DictReader(io.StringIO("\n".join(lines))))
