@@ -51,6 +51,17 @@ def _configure_run(p: argparse.ArgumentParser) -> None:
     p.add_argument("--only", metavar="LIST", default=None,
                    help="comma-separated benchmarks to run (default: all): "
                         "launch,stream,gemm,router,elementwise,moe,collective")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="torch intra-op threads (default: torch's own choice). On a shared "
+                        "CPU, 1 avoids multi-ms stalls of multi-threaded ops whose other "
+                        "threads were descheduled")
+    p.add_argument("--clock", choices=("wall", "thread"), default="wall",
+                   help="CPU timer clock: wall (default) or thread = the calling thread's CPU "
+                        "time, which leaves out time-slicing by other processes; needs "
+                        "--threads 1 (every op then runs in the calling thread)")
+    p.add_argument("--cpu-flush", action="store_true",
+                   help="CPU: evict the caches before every timed call by writing twice their "
+                        "size (weights cold, as a GPU run flushes L2); default: caches warm")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -70,6 +81,9 @@ def _configure_fit(p: argparse.ArgumentParser) -> None:
     p.add_argument("--transfer", nargs="*", default=[], metavar="ID",
                    help="also write overlays for these profile ids with the fitted values marked "
                         "as estimates (same-architecture GPUs without measurements)")
+    p.add_argument("--multistart", action="store_true",
+                   help="fit from each start of a grid of efficiencies and keep the lowest-loss "
+                        "fit (calibration/fit_starts.py; the CPU loop uses it)")
 
 
 def _fit(args: argparse.Namespace) -> int:
@@ -82,7 +96,18 @@ def _fit(args: argparse.Namespace) -> int:
         raise CalibrationError(f"--from: {source} does not exist")
     if not base.exists():
         raise CalibrationError(f"--base: {base} does not exist (give a hardware_profiles/*.yaml)")
-    report = run_fit(source, base, Path(args.out), args.transfer)
+    # The tables' rows are priced on the base file itself (not on the profile id their `system`
+    # column names): the same profile for the shipped ids, and the only way to reach a profile
+    # that lives outside hardware_profiles/ (e.g. the CPU profile of a calibration run).
+    if args.multistart:
+        if args.transfer:
+            raise CalibrationError("--multistart does not write --transfer overlays; fit "
+                                   "without --multistart for those")
+        from .fit_starts import run_fit_multistart
+        report = run_fit_multistart(source, base, Path(args.out), hardware=str(base.resolve()))
+    else:
+        report = run_fit(source, base, Path(args.out), args.transfer,
+                         hardware=str(base.resolve()))
     for name, st in report.items():
         if "skipped" in st:
             print(f"{name:<28} skipped: {st['skipped']}")
@@ -118,6 +143,144 @@ def _accuracy(args: argparse.Namespace) -> int:
 
 register(Subcommand("accuracy", "write docs/accuracy.md: validate every table, leave-one-shape-"
                     "out MoE accuracy", _configure_accuracy, _accuracy))
+
+
+def _configure_fit_framework(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--table", default="../shared/reference/measurements/e2e_serving.csv",
+                   help="an e2e_serving CSV (reference layout)")
+    p.add_argument("--backend", action="append", default=None, metavar="ID",
+                   help="fit only this backend (repeatable; default: every backend in the table "
+                        "that has a moesim/frameworks/<id>.yaml)")
+    p.add_argument("--dry-run", action="store_true", help="print the fit, write nothing")
+
+
+def _fit_framework(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .fit_framework import run as run_fit_framework
+
+    table = Path(args.table)
+    if not table.is_file():
+        raise CalibrationError(f"--table: {table} is not a file (give an e2e_serving CSV)")
+    report = run_fit_framework(table, args.backend, write=not args.dry_run)
+    for backend, fit in report.items():
+        if "skipped" in fit:
+            print(f"{backend:<8} skipped: {fit['skipped']}")
+            continue
+        print(f"{backend:<8} {fit['rows']:>4} rows  step_overhead_us {fit['step_overhead_us']:8.1f}"
+              f"  request_overhead_us {fit['request_overhead_us']:10.1f}  median APE TTFT "
+              f"{fit['ttft_median_ape_pct']:5.1f}%  TPOT {fit['tpot_median_ape_pct']:5.1f}%")
+    return 0
+
+
+register(Subcommand("fit-framework", "fit the serving engines' step and request overheads "
+                    "(moesim/frameworks/*.yaml) to an e2e_serving table",
+                    _configure_fit_framework, _fit_framework))
+
+
+# --- cpu-profile -------------------------------------------------------------------------------
+def _configure_cpu_profile(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--from", dest="source", required=True, metavar="DIR",
+                   help="a `calibration run --device cpu` folder (device.json, launch.csv, "
+                        "stream.csv, gemm.csv)")
+    p.add_argument("--out", default=None, metavar="YAML",
+                   help="profile to write (default DIR/profile/cpu.yaml); fit it with "
+                        "`calibration fit --base YAML`")
+
+
+def _cpu_profile(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .cpu_profile import ProfileError, write_cpu_profile
+
+    source = Path(args.source)
+    if not (source / "device.json").is_file():
+        raise CalibrationError(f"--from: {source} is not a calibration run folder (no device.json)")
+    try:
+        path = write_cpu_profile(source, Path(args.out) if args.out else None)
+    except ProfileError as e:
+        raise CalibrationError(str(e)) from None
+    print(f"wrote {path}")
+    return 0
+
+
+register(Subcommand("cpu-profile", "derive a hardware profile of this CPU from a CPU "
+                    "calibration run (every number measured or fitted from it)",
+                    _configure_cpu_profile, _cpu_profile))
+
+
+# --- loop --------------------------------------------------------------------------------------
+def _shape(text: str) -> tuple[int, int, int, int]:
+    try:
+        h, i, e, k = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give HIDDEN,INTER,EXPERTS,TOPK, e.g. 768,384,16,4") from None
+    if min(h, i, e, k) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: every size must be >= 1")
+    return h, i, e, k
+
+
+def _tokens(text: str) -> tuple[int, ...]:
+    try:
+        vals = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give token counts like 32,128") from None
+    if not vals or min(vals) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: token counts must be >= 1")
+    return vals
+
+
+def _configure_loop(p: argparse.ArgumentParser) -> None:
+    from .loop import DEFAULT_SHAPES, DEFAULT_TOKENS
+
+    p.add_argument("--device", default="cpu", choices=("cpu",),
+                   help="the loop runs on the CPU (a GPU calibrates with `run` + `fit`)")
+    p.add_argument("--quick", action="store_true", help="the calibration run's small sweeps")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="working folder (default: a new temporary folder, printed)")
+    p.add_argument("--from-run", default=None, metavar="DIR",
+                   help="reuse this CPU calibration run instead of running one")
+    p.add_argument("--impl", default="torch_loop",
+                   help="torch expert path to fit and predict (torch_loop, torch_bmm_padded, "
+                        "torch_grouped_mm; default torch_loop)")
+    p.add_argument("--threads", type=int, default=1, metavar="N",
+                   help="torch threads for the run and the layers (default 1)")
+    p.add_argument("--clock", choices=("thread", "wall"), default="thread",
+                   help="CPU clock (default thread: the calling thread's CPU time, needs "
+                        "--threads 1)")
+    p.add_argument("--warm-caches", dest="cpu_flush", action="store_false",
+                   help="do not evict the CPU caches before each timed call (default: evict, "
+                        "for the run and the layers alike)")
+    p.add_argument("--shape", dest="shapes", type=_shape, action="append", default=None,
+                   metavar="H,I,E,K",
+                   help="an unseen MoE shape to predict (repeatable; default "
+                        + " and ".join(",".join(map(str, s)) for s in DEFAULT_SHAPES) + ")")
+    p.add_argument("--tokens", type=_tokens, default=DEFAULT_TOKENS, metavar="LIST",
+                   help="token counts per shape (default "
+                        + ",".join(map(str, DEFAULT_TOKENS)) + ")")
+    p.add_argument("--json", action="store_true", help="print the JSON report instead")
+
+
+def _loop(args: argparse.Namespace) -> int:
+    import tempfile
+    from pathlib import Path
+
+    from .loop import DEFAULT_SHAPES, format_report, run_loop
+    from .runner import _import_torch
+
+    _import_torch()  # one-line error without torch
+    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="moesim-cpu-loop-"))
+    rep = run_loop(out, quick=args.quick, impl=args.impl, threads=args.threads,
+                   clock=args.clock, cpu_flush=args.cpu_flush,
+                   shapes=args.shapes or DEFAULT_SHAPES, tokens=args.tokens,
+                   from_run=Path(args.from_run) if args.from_run else None)
+    print(rep.model_dump_json(indent=2) if args.json else format_report(rep))
+    return 0
+
+
+register(Subcommand("loop", "CPU end to end: calibrate, derive and fit a CPU profile, then "
+                    "predict and time torch MoE layers of unseen shapes", _configure_loop, _loop))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -70,6 +70,34 @@ def cpu_name() -> str:
     return name or "cpu"
 
 
+def cpu_cache_bytes() -> dict[str, int]:
+    """Data / unified cache sizes in bytes by level (``L1d``, ``L2``, ``L3``), summed over the
+    distinct cache instances (sysfs ``shared_cpu_list``), as lscpu reports them; {} where sysfs
+    has no cache information."""
+    sizes: dict[str, int] = {}
+    seen: set[tuple[str, str]] = set()
+    units = {"K": 1024, "M": 1024 ** 2, "G": 1024 ** 3}
+    for d in sorted(Path("/sys/devices/system/cpu").glob("cpu[0-9]*/cache/index[0-9]*")):
+        try:
+            kind = (d / "type").read_text().strip()
+            level = (d / "level").read_text().strip()
+            size = (d / "size").read_text().strip()
+            shared = (d / "shared_cpu_list").read_text().strip()
+        except OSError:
+            continue
+        if kind == "Instruction":
+            continue
+        name = f"L{level}" + ("d" if kind == "Data" else "")
+        if (name, shared) in seen:
+            continue
+        seen.add((name, shared))
+        num = size.rstrip("KMG")
+        if not num.isdigit():
+            continue
+        sizes[name] = sizes.get(name, 0) + int(num) * units.get(size[-1], 1)
+    return sizes
+
+
 def device_name(device: str) -> str:
     import torch
     if device == "cuda":
@@ -176,6 +204,9 @@ def device_facts(device: str) -> dict:
         facts["versions"]["cudnn"] = torch.backends.cudnn.version()
         facts["clocks_before"] = gpu_clocks()
     else:
+        caches = cpu_cache_bytes()
+        if caches:
+            facts["cpu"]["cache_bytes"] = caches
         try:
             import psutil  # type: ignore
             facts["cpu"]["total_memory_bytes"] = psutil.virtual_memory().total

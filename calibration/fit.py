@@ -28,10 +28,10 @@ from moesim.validate import table_ops
 # Families fitted from each layout (a moe table also exercises the small kernels of the fused-MoE
 # pipeline: alignment, activation, top-k sum).
 FITTED_BY_LAYOUT = {
-    "gemm": ("gemm_bf16", "gemm_fp8", "gemm_fp8_block"),
-    "moe": ("moe_bf16", "moe_fp8", "moe_aux"),
-    "attention_context": ("attention_prefill",),
-    "attention_generation": ("attention_decode",),
+    "gemm": ("gemm_bf16", "gemm_fp8", "gemm_fp8_block", "quant_fp8"),
+    "moe": ("moe_bf16", "moe_unaligned", "moe_fp8", "moe_aux"),
+    "attention_context": ("attention_prefill", "attention_prefill_fp8"),
+    "attention_generation": ("attention_decode", "attention_decode_fp8"),
     "collective": ("all_reduce", "all_to_all", "all_gather"),
     "allreduce_custom": ("all_reduce_custom",),
 }
@@ -39,8 +39,25 @@ FITTED_BY_LAYOUT = {
 # dispatch of it, which shows as a floor in the small shapes (DeepGEMM's ~85 µs). Fitted as its
 # own parameter so that the GPU-side fixed time t0 stays what a CUDA graph would see.
 HOST_FLOOR_FAMILIES = ("gemm_bf16", "gemm_fp8", "gemm_fp8_block", "attention_prefill",
-                       "attention_decode", "all_reduce_custom")
+                       "attention_decode", "attention_prefill_fp8", "attention_decode_fp8",
+                       "all_reduce_custom")
 COLLECTIVES = ("all_reduce", "all_reduce_custom", "all_to_all", "all_gather")
+# Families fitted with an overlap exponent (p-norm instead of the roofline's max): dense GEMMs
+# and attention prefill, whose tables span the ridge point densely enough to identify it (the
+# decode table is memory bound throughout: no gain there, so no parameter).
+OVERLAP_FAMILIES = ("gemm_bf16", "gemm_fp8", "gemm_fp8_block", "attention_prefill",
+                    "attention_prefill_fp8")
+# Families whose library splits K only beyond some extent (cuBLAS's split-K heuristics), so a
+# thin GEMM's time grows with K up to there: fitted K-loop latency and split point. CUTLASS
+# fp8 never splits (its K loop is in the wave-quantised compute time) and DeepGEMM's tables
+# sit above its host floor there.
+K_LOOP_FAMILIES = ("gemm_bf16",)
+# A collective table whose transfer times span this ratio reaches from the latency-bound to the
+# bandwidth-bound end, so it can identify both protocol lines (LL/LL128 and Simple).
+LL_SPAN = 1000.0
+# Optional KernelFit terms and the value that switches each off.
+EXTRA_TERMS = {"step_us": 0.0, "k_latency_us": 0.0, "k_split_above": float("inf"),
+               "overlap_exponent": 0.0}
 LAYOUT_ORDER = ("moe", "gemm", "attention_context", "attention_generation", "collective",
                 "allreduce_custom")
 MAX_ROWS_PER_FIT = 6000
@@ -57,13 +74,14 @@ class Ops:
     ideal_c: np.ndarray
     ideal_m: np.ndarray
     eager: np.ndarray  # False for ops timed inside a CUDA graph (no host floor)
-    steps: np.ndarray  # latency steps of collectives
+    steps: np.ndarray  # serialised steps (collective rounds, same-address atomics)
+    k_loop: np.ndarray  # a GEMM's K extent
     measured: np.ndarray
     n_rows: int
 
     @classmethod
     def from_lists(cls, ops_list: Sequence[Sequence[OpCost]], measured: Sequence[float]) -> "Ops":
-        row, fam, ker, ic, im, eager, steps = [], [], [], [], [], [], []
+        row, fam, ker, ic, im, eager, steps, kl = [], [], [], [], [], [], [], []
         for r, ops in enumerate(ops_list):
             for o in ops:
                 row.append(r)
@@ -73,9 +91,10 @@ class Ops:
                 im.append(o.ideal_memory_us)
                 eager.append(not o.in_graph)
                 steps.append(o.steps)
+                kl.append(o.k_loop)
         return cls(np.array(row), np.array(fam), np.array(ker, float), np.array(ic),
                    np.array(im), np.array(eager, bool), np.array(steps, float),
-                   np.asarray(measured, float), len(ops_list))
+                   np.array(kl, float), np.asarray(measured, float), len(ops_list))
 
     def subset(self, rows: np.ndarray) -> "Ops":
         keep = np.isin(self.row, rows)
@@ -83,7 +102,7 @@ class Ops:
         remap[rows] = np.arange(len(rows))
         return Ops(remap[self.row[keep]], self.family[keep], self.kernels[keep],
                    self.ideal_c[keep], self.ideal_m[keep], self.eager[keep], self.steps[keep],
-                   self.measured[rows], len(rows))
+                   self.k_loop[keep], self.measured[rows], len(rows))
 
 
 Params = dict[str, dict[str, float]]  # family -> {t0_us, compute_efficiency, memory_efficiency}
@@ -98,12 +117,19 @@ def profile_params(hw: HardwareProfile) -> Params:
                         if fit.compute_efficiency is not None else 1.0,
                         "memory_efficiency": fit.memory_efficiency.value,
                         "host_floor_us": fit.host_floor_us.value if fit.host_floor_us else 0.0}
+            for name, off in EXTRA_TERMS.items():
+                q = getattr(fit, name)
+                out[fam][name] = q.value if q is not None else off
     for fam in COLLECTIVES:
         c = getattr(hw.collectives, fam)
         out[fam] = {"t0_us": c.latency_us.value, "compute_efficiency": 1.0,
                     "memory_efficiency": c.bus_efficiency.value,
                     "host_floor_us": c.host_floor_us.value if c.host_floor_us else 0.0,
-                    "step_us": c.latency_per_step_us.value if c.latency_per_step_us else 0.0}
+                    "step_us": c.latency_per_step_us.value if c.latency_per_step_us else 0.0,
+                    # 0 = no low-latency protocol line
+                    "ll_latency_us": c.ll_latency_us.value if c.ll_latency_us else 0.0,
+                    "ll_bus_efficiency": c.ll_bus_efficiency.value
+                    if c.ll_bus_efficiency else 0.0}
     return out
 
 
@@ -117,7 +143,15 @@ def predict_rows(ops: Ops, params: Params) -> np.ndarray:
         p = params[fam]
         t[sel] = kernel_time_us(p["t0_us"], p["compute_efficiency"], p["memory_efficiency"],
                                 ops.ideal_c[sel], ops.ideal_m[sel], ops.kernels[sel],
-                                ops.steps[sel], p.get("step_us", 0.0))
+                                ops.steps[sel], p.get("step_us", 0.0), ops.k_loop[sel],
+                                p.get("k_latency_us", 0.0),
+                                p.get("k_split_above", float("inf")),
+                                p.get("overlap_exponent") or None)
+        if p.get("ll_latency_us", 0.0) > 0 and p.get("ll_bus_efficiency", 0.0) > 0:
+            # Second protocol line (hardware.CollectiveFit): the faster one is used.
+            t[sel] = np.minimum(t[sel], kernel_time_us(
+                p["ll_latency_us"], 1.0, p["ll_bus_efficiency"], 0.0, ops.ideal_m[sel],
+                ops.kernels[sel], ops.steps[sel], p.get("step_us", 0.0)))
         floor[sel] = p.get("host_floor_us", 0.0) * ops.eager[sel]
     row_floor = np.zeros(ops.n_rows)
     np.maximum.at(row_floor, ops.row, floor)
@@ -140,6 +174,15 @@ def _free_params(ops: Ops, families: Sequence[str]) -> list[tuple[str, str]]:
             free.append((fam, "host_floor_us"))
         if fam in COLLECTIVES and ops.steps[sel].max() > ops.steps[sel].min():
             free.append((fam, "step_us"))
+        if fam in COLLECTIVES and ops.ideal_m[sel].max() > LL_SPAN * ops.ideal_m[sel].min():
+            # Sizes from latency- to bandwidth-bound: both protocol lines are identifiable.
+            free += [(fam, "ll_latency_us"), (fam, "ll_bus_efficiency")]
+        if fam not in COLLECTIVES and ops.steps[sel].max() > 0:
+            free.append((fam, "step_us"))
+        if fam in K_LOOP_FAMILIES and ops.k_loop[sel].max() > 0:
+            free += [(fam, "k_latency_us"), (fam, "k_split_above")]
+        if fam in OVERLAP_FAMILIES:
+            free.append((fam, "overlap_exponent"))
     return free
 
 
@@ -167,11 +210,35 @@ def fit_families(ops: Ops, base: Params, families: Sequence[str]) -> tuple[Param
             # A floor only moves the fit once it binds: start at the family's fastest row.
             v = float(ops.measured[np.unique(ops.row[(ops.family == fam) & ops.eager])].min())
         if name == "step_us" and v <= 0.0:
-            v = 0.5  # a start where the term moves the fit (the base profiles have none)
-        if name in ("t0_us", "host_floor_us", "step_us"):
+            # A start where the term moves the fit (the base profiles have none): a collective
+            # round is ~0.5 µs, a same-address atomic a few ns.
+            v = 0.5 if fam in COLLECTIVES else 0.005
+        if name in ("ll_latency_us", "ll_bus_efficiency") and v <= 0.0:
+            # Start the low-latency line below the Simple one on both counts (NCCL: LL runs at
+            # up to half the link bandwidth, with a fraction of Simple's latency).
+            base_name = "t0_us" if name == "ll_latency_us" else "memory_efficiency"
+            v = 0.5 * params[fam][base_name]
+        if name == "step_us" and fam not in COLLECTIVES:
+            x0.append(np.log(v))
+            lo.append(np.log(1e-4))
+            hi.append(np.log(1.0))
+        elif name == "overlap_exponent":
+            # p = 1 adds the times (no overlap); p = 16 is the maximum within 5 %.
+            x0.append(np.log(min(max(v, 1.0), 16.0) if v > 0 else 4.0))
+            lo.append(0.0)
+            hi.append(np.log(16.0))
+        elif name == "k_latency_us":
+            x0.append(np.log(v if v > 0 else 1.0))
+            lo.append(np.log(1e-3))
+            hi.append(np.log(20.0))
+        elif name == "k_split_above":
+            x0.append(np.log(v if np.isfinite(v) else 2048.0))
+            lo.append(np.log(128.0))
+            hi.append(np.log(1 << 20))
+        elif name in ("t0_us", "host_floor_us", "step_us", "ll_latency_us"):
             # GPU-side fixed time per kernel is launch latency plus prologue and tail: a few µs,
             # never tens. Longer floors in a table belong to the host (host_floor_us).
-            top = T0_MAX_US if name == "t0_us" else 500.0
+            top = T0_MAX_US if name == "t0_us" and fam not in COLLECTIVES else 500.0
             x0.append(np.log(min(max(v, 0.05), top)))
             lo.append(np.log(0.01))
             hi.append(np.log(top))
@@ -258,21 +325,23 @@ def overlay(base: HardwareProfile, params: Params, report: dict, tables: Sequenc
         if transferred_from:
             src = (f"transferred from {transferred_from}'s fit (same SM architecture and kernel "
                    f"libraries): {src}")
-        return {"value": round(value, 5), "kind": kind, "source": src}
+        return {"value": float(f"{value:.5g}"), "kind": kind, "source": src}
 
     kernels: dict = {}
     collectives: dict = {}
     for fam, vals in params.items():
         fields = {}
         for name in ("t0_us", "compute_efficiency", "memory_efficiency", "host_floor_us",
-                     "step_us"):
+                     "step_us", "k_latency_us", "k_split_above", "overlap_exponent",
+                     "ll_latency_us", "ll_bus_efficiency"):
             if f"{fam}.{name}" in fitted_by:
                 fields[name] = q(fam, name, vals[name])
         if not fields:
             continue
         if fam in COLLECTIVES:
             ren = {"t0_us": "latency_us", "memory_efficiency": "bus_efficiency",
-                   "host_floor_us": "host_floor_us", "step_us": "latency_per_step_us"}
+                   "host_floor_us": "host_floor_us", "step_us": "latency_per_step_us",
+                   "ll_latency_us": "ll_latency_us", "ll_bus_efficiency": "ll_bus_efficiency"}
             collectives[fam] = {ren[k]: v for k, v in fields.items()}
         elif getattr(base.kernels, fam, None) is not None:
             kernels[fam] = fields

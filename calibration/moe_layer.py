@@ -19,9 +19,12 @@ Implementations (``IMPLS``):
   Needs 16-byte aligned strides: H and I multiples of 8 in bf16 (4 in fp32).
 
 :class:`MoELayer` adds the router (``F.linear`` -> softmax in fp32 -> top-k -> renormalise) in
-front; :func:`time_moe_layer` times one forward of such a layer of any shape.
+front; :func:`measure_moe_layer` / :func:`time_moe_layer` time one forward of such a layer of any
+shape.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -178,19 +181,48 @@ class MoELayer(torch.nn.Module):
         return moe_experts(x, ids, w, self.w1, self.w2, self.impl, **kw)
 
 
+@dataclass(frozen=True)
+class LayerTiming:
+    """One timed :class:`MoELayer` forward: median and samples in µs, and the per-expert token
+    counts ``[num_experts]`` its router produced for the timed input (what a cost model needs to
+    price the expert path of exactly this call)."""
+
+    median_us: float
+    samples_us: tuple[float, ...]
+    expert_loads: tuple[int, ...]
+
+
 @torch.inference_mode()
-def time_moe_layer(num_tokens: int, hidden: int, inter: int, num_experts: int, topk: int,
-                   impl: str = "torch_loop", dtype: torch.dtype | None = None,
-                   device: str = "cpu", *, seed: int = 0, budget_s: float = 0.2,
-                   min_samples: int = 3, max_samples: int = 50) -> float:
-    """Median time in µs of one forward of a :class:`MoELayer` (router GEMM, softmax, top-k,
-    expert path, combine) on ``num_tokens`` random tokens. CPU: ``perf_counter_ns``; CUDA: events,
+def measure_moe_layer(num_tokens: int, hidden: int, inter: int, num_experts: int, topk: int,
+                      impl: str = "torch_loop", dtype: torch.dtype | None = None,
+                      device: str = "cpu", *, seed: int = 0, budget_s: float = 0.2,
+                      min_samples: int = 3, max_samples: int = 50, warmup: int | None = None,
+                      clock: str = "wall", cpu_flush_bytes: int = 0) -> LayerTiming:
+    """Time one forward of a :class:`MoELayer` (router GEMM, softmax, top-k, expert path,
+    combine) on ``num_tokens`` random tokens: median of the samples in µs. CPU:
+    ``perf_counter_ns``, or the thread's CPU time with ``clock="thread"`` (one torch thread only,
+    see ``timing``), caches evicted before each call with ``cpu_flush_bytes`` > 0; CUDA: events,
     256 MB L2 flush before each call."""
     from .timing import make_timer
     layer = MoELayer(hidden, inter, num_experts, topk, impl, dtype, device, seed)
     g = torch.Generator(device="cpu").manual_seed(seed + 1)
     x = torch.randn(num_tokens, hidden, generator=g).to(device=device, dtype=layer.w1.dtype)
-    timer = make_timer("cuda" if str(device).startswith("cuda") else "cpu")
+    ids, _ = layer.route(x)  # deterministic: the same routing every timed call sees
+    loads = torch.bincount(ids.reshape(-1).cpu(), minlength=num_experts).tolist()
+    timer = make_timer("cuda" if str(device).startswith("cuda") else "cpu", clock,
+                       cpu_flush_bytes)
+    extra = {} if warmup is None else {"warmup": warmup}  # None: the timer's own warm-up
     samples = timer.measure(lambda: layer(x), flush=True, budget_s=budget_s,
-                            min_samples=min_samples, max_samples=max_samples)
-    return timer.median(samples)
+                            min_samples=min_samples, max_samples=max_samples, **extra)
+    return LayerTiming(timer.median(samples), tuple(float(v) for v in samples),
+                       tuple(int(v) for v in loads))
+
+
+def time_moe_layer(num_tokens: int, hidden: int, inter: int, num_experts: int, topk: int,
+                   impl: str = "torch_loop", dtype: torch.dtype | None = None,
+                   device: str = "cpu", *, seed: int = 0, budget_s: float = 0.2,
+                   min_samples: int = 3, max_samples: int = 50, clock: str = "wall") -> float:
+    """Median time in µs of one forward of a :class:`MoELayer` (see :func:`measure_moe_layer`)."""
+    return measure_moe_layer(num_tokens, hidden, inter, num_experts, topk, impl, dtype, device,
+                             seed=seed, budget_s=budget_s, min_samples=min_samples,
+                             max_samples=max_samples, clock=clock).median_us

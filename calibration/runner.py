@@ -59,6 +59,13 @@ def cpu_dtype_probe(torch) -> dict:
             "rule": "bfloat16 if at most 2x slower than float32 on this CPU, else float32"}
 
 
+def cpu_flush_bytes(cache_bytes: dict) -> int:
+    """Bytes to write to evict the CPU caches: twice the L2 and L3 together (``device.json``
+    ``cpu.cache_bytes``); 64 MiB where sysfs gave no sizes."""
+    total = int(cache_bytes.get("L2", 0)) + int(cache_bytes.get("L3", 0))
+    return 2 * total if total else 64 * 1024 * 1024
+
+
 def _triton_status(device: str) -> tuple[bool, str | None]:
     if device != "cuda":
         return False, CPU_TRITON_REASON
@@ -92,7 +99,25 @@ def run(args) -> int:
         raise CalibrationError(f"--out {out}: cannot create the folder ({e.strerror})") from None
 
     t_start = time.perf_counter()
+    threads = getattr(args, "threads", None)
+    if threads is not None:
+        if threads < 1:
+            raise CalibrationError(f"--threads {threads}: give 1 or more")
+        torch.set_num_threads(threads)  # before device_facts: it records the thread count
+    clock = getattr(args, "clock", "wall") or "wall"
+    if clock == "thread":
+        if args.device != "cpu":
+            raise CalibrationError("--clock thread is a CPU timer; a GPU run times with CUDA "
+                                   "events")
+        if torch.get_num_threads() != 1:
+            raise CalibrationError("--clock thread needs --threads 1: the thread clock sees only "
+                                   "the calling thread's work")
     facts = device_facts(args.device)
+    cpu_flush = 0
+    if getattr(args, "cpu_flush", False):
+        if args.device != "cpu":
+            raise CalibrationError("--cpu-flush is for CPU runs (a GPU run always flushes L2)")
+        cpu_flush = cpu_flush_bytes(facts["cpu"].get("cache_bytes") or {})
     name = device_name(args.device)
     system = args.system or system_id_for(name, args.device)
     if args.device == "cuda":
@@ -103,7 +128,8 @@ def run(args) -> int:
     triton_ok, triton_reason = _triton_status(args.device)
 
     ctx = B.Context(device=args.device, quick=args.quick, out=out, system=system, gpu=name,
-                    dtype=dtype, timer=make_timer(args.device), triton_ok=triton_ok)
+                    dtype=dtype, timer=make_timer(args.device, clock, cpu_flush),
+                    triton_ok=triton_ok)
     if triton_reason:
         ctx.skipped["triton_fused_moe"] = triton_reason
     _log(f"calibration run: device={args.device} ({name}), system={system}, "
@@ -120,8 +146,11 @@ def run(args) -> int:
         "timing": ({"method": "CUDA events, one pair per call, median", "l2_flush_bytes":
                     FLUSH_BYTES, "flush_us": round(getattr(ctx.timer, "flush_us", 0.0), 2)}
                    if args.device == "cuda" else
-                   {"method": "time.perf_counter_ns, median (calls < 100 us timed in batches)",
-                    "l2_flush_bytes": 0}),
+                   {"method": ("time.thread_time_ns (calling thread's CPU time, one torch "
+                               "thread)" if clock == "thread" else "time.perf_counter_ns")
+                    + ", median (calls < 100 us timed in batches)"
+                    + (", caches evicted before each timed call" if cpu_flush else ""),
+                    "clock": clock, "cpu_flush_bytes": cpu_flush, "l2_flush_bytes": 0}),
         "benchmarks": {},
     }
     _write_json(out / "device.json", report)  # early copy: a crash still leaves device facts

@@ -1,23 +1,32 @@
 """The closed-form driver: TTFT, TPOT, throughput and memory of one scenario.
 
-Model of a closed loop with ``batch_size`` requests in flight (the measured benchmarks' setup).
-Prompts are prefilled in chunks of ``max_num_batched_tokens`` tokens per attention-DP group.
+Model of a closed loop with ``batch_size`` requests in flight (the measured benchmarks' setup),
+in its steady state, per attention-DP group, counted in engine iterations:
 
-- TTFT (steady state): requests of one prefill chunk finish together, so in a running closed loop
-  their replacements arrive together too: a request waits on average half a decode step, then
-  its group's prefill chunk (or, for a prompt longer than a chunk, its chain of chunks) runs.
-  ``ttft_ms_first_wave`` is the other extreme, all ``batch_size`` prompts arriving at once (the
-  start of a benchmark): the mean over requests of the end of the chunk holding their last token.
-- TPOT: one decode step at the mean context length ``input_len + output_len / 2``.
-- Throughput: a full cycle (all prefills, then ``output_len - 1`` decode steps) for
-  ``batch_size`` requests.
+- A request lives ``c`` prefill iterations (its prompt in chunks of the token budget left by the
+  running decodes) and ``(output_len - 1) / g`` decode iterations (``g`` tokens per step:
+  1, or the expected accepted tokens with speculative decoding). By Little's law
+  ``r = seqs / (c + (output_len - 1) / g)`` new prompts enter per iteration.
+- With ``r * c <= 1`` a share ``r * c`` of the iterations carries one chunk of a prompt next to
+  the running decodes (mixed batching) or runs it in a step of its own before them (engines
+  without mixed batching); the rest are decode-only. With ``r * c > 1`` every iteration carries
+  prefill: ``r`` prompts' worth when they fit in the token budget, else the engine is
+  prefill-limited and the closed loop's surplus requests queue.
+- TPOT: the mean time of the iterations a decoding request sees, over ``g``.
+- TTFT: the framework's ``request_overhead_us``, one iteration when the engine schedules ahead
+  (``overlap_scheduler``; a closed loop's request arrives at an iteration boundary, as another
+  finishes), any queueing, then the iterations carrying its own chunks.
+- Throughput: ``r`` requests of ``output_len`` tokens per mean iteration, times the groups.
+
+``ttft_ms_first_wave`` is the other extreme, the start of a benchmark: all ``batch_size``
+prompts arrive at once and are prefilled in budget-sized chunks before decoding starts.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Optional
+from dataclasses import dataclass, field, replace
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -69,11 +78,77 @@ class Prediction:
     ttft_ms_p95: float
     tpot_ms_p50: float
     tpot_ms_p95: float
+    mixed_step: Optional[Step] = None  # a decode iteration carrying a prefill chunk
+    mixed_fraction: float = 0.0  # share of the decode iterations that carry prefill
+    queued_requests: float = 0.0  # closed-loop requests waiting for prefill (prefill-limited)
     warnings: list[str] = field(default_factory=list)
 
     @property
     def throughput_output_tok_per_s_per_gpu(self) -> float:
         return self.throughput_output_tok_per_s / self.scenario.num_gpus
+
+
+@dataclass(frozen=True)
+class SteadyState:
+    """The closed loop's steady state on one attention-DP group (see the module docstring).
+
+    ``mixes``: the prefill an iteration may carry, each with the share of decode iterations that
+    carry it; ``ttft_mixes``: the ones a request's own prompt rides in, in order."""
+
+    decode: Batch
+    mixes: list[tuple[Batch, float]]
+    ttft_mixes: list[Batch]
+    prompts_per_iteration: float
+    queue_iterations: float
+    queued_requests: float
+
+
+def steady_state(sc: Scenario) -> SteadyState:
+    """Iteration mix of the closed loop; pure arithmetic on the workload and the token budget."""
+    wl, d = sc.workload, sc.deployment
+    seqs = math.ceil(wl.batch_size / d.attention_dp)
+    isl, osl, budget = wl.input_len, wl.output_len, sc.max_num_batched_tokens
+    spec = wl.speculative
+    q = spec.num_draft_tokens + 1 if spec else 1
+    g = spec.tokens_per_step if spec else 1.0
+    decode_iters = max(osl - 1, 0) / g
+    ctx = isl + osl / 2.0
+    mixed = bool(sc.framework.mixed_batching.value)
+    room = max(1, budget - seqs * q) if mixed else budget  # decodes take their share first
+    c = math.ceil(isl / room)
+    chunk = min(isl, room)
+    chunks = [Batch("prefill", 1, min(chunk, isl - j * chunk), float(j * chunk))
+              for j in range(c)]
+    r = seqs / (c + decode_iters)
+    queued = 0.0
+    queue_iters = 0.0
+    if c > 1 or r <= 1.0:
+        # One prompt's chunk at a time (vLLM: max_num_partial_prefills = 1).
+        share = min(1.0, r * c)
+        mixes = [(ch, share / c) for ch in chunks]
+        ttft = list(chunks)
+        r_eff = min(r, 1.0 / c)
+    else:
+        fit = max(1, room // isl)  # whole prompts per iteration
+        r_eff = min(r, float(fit))
+        lo = max(1, math.floor(r_eff))
+        hi = min(fit, math.ceil(r_eff))
+        w_hi = r_eff - lo if hi > lo else 0.0
+        mixes = [(Batch("prefill", lo, isl, 0.0), 1.0 - w_hi)]
+        if w_hi:
+            mixes.append((Batch("prefill", hi, isl, 0.0), w_hi))
+        ttft = [mixes[-1][0] if w_hi >= 0.5 else mixes[0][0]]
+    if r_eff < r:
+        # Prefill-limited: prompts enter at r_eff per iteration; by Little's law the rest of the
+        # closed loop's requests wait in the queue.
+        running = r_eff * (c + decode_iters)
+        queued = seqs - running
+        queue_iters = queued / r_eff
+        seqs_dec = max(1, round(running * decode_iters / (c + decode_iters)))
+    else:
+        seqs_dec = seqs
+    return SteadyState(Batch("decode", seqs_dec, q, ctx), mixes, ttft, r_eff, queue_iters,
+                       queued)
 
 
 def _steps(sc: Scenario):
@@ -86,28 +161,35 @@ def _steps(sc: Scenario):
 def predict(sc: Scenario) -> Prediction:
     """Predict one scenario. Deterministic: routing draws use ``routing.seed``.
 
-    With stochastic routing every step of the timeline gets ``routing.samples`` independent
-    draws (one timeline per draw, drawn step by step so memory stays one step's worth); TTFT and
-    TPOT are averaged over the draws and their p50 / p95 reported."""
-    rs, m, wl = sc.routing, sc.model, sc.workload
+    With stochastic routing every distinct step gets ``routing.samples`` independent draws (one
+    timeline per draw); TTFT and TPOT are averaged over the draws and their p50 / p95
+    reported."""
+    rs, m, wl, fw = sc.routing, sc.model, sc.workload, sc.framework
     stochastic = m.moe is not None and rs.distribution != "balanced"
     n = rs.samples if stochastic else 1
     rng = np.random.default_rng(rs.seed) if stochastic else None
-    memo: dict[Batch, Step] = {}  # balanced routing: identical chunks cost the same
+    # Identical steps cost the same: each distinct batch is priced once (with stochastic
+    # routing: once per draw, the draws shared by its repeats; the mean is unchanged).
+    memo: dict[Batch, list[Step]] = {}
 
     def priced(batch: Batch) -> list[Step]:
-        if rng is None:
-            if batch not in memo:
-                memo[batch] = build_step(sc, batch)
-            return [memo[batch]]
-        assert m.moe is not None
-        loads = sample_loads(rs, batch.tokens * sc.deployment.attention_dp, m.moe.num_experts,
-                             m.moe.top_k, m.num_moe_layers, rng, num_samples=n)
-        return [build_step(sc, batch, loads[i]) for i in range(n)]
+        if batch not in memo:
+            if rng is None:
+                memo[batch] = [build_step(sc, batch)]
+            else:
+                assert m.moe is not None
+                loads = sample_loads(rs, batch.tokens * sc.deployment.attention_dp,
+                                     m.moe.num_experts, m.moe.top_k, m.num_moe_layers, rng,
+                                     num_samples=n)
+                memo[batch] = [build_step(sc, batch, loads[i]) for i in range(n)]
+        return memo[batch]
 
+    def times(batch: Batch) -> np.ndarray:
+        return np.array([st.time_us for st in priced(batch)])
+
+    # Start of a benchmark: every prompt at once, prefilled chunk by chunk.
     clock_us = np.zeros(n)
     ttft_sum_us = np.zeros(n)
-    group_us: Optional[np.ndarray] = None  # prefill of the first group of requests to finish
     finished = 0
     biggest: Optional[Step] = None
     for batch, done in _steps(sc):
@@ -115,33 +197,119 @@ def predict(sc: Scenario) -> Prediction:
         clock_us += [st.time_us for st in steps]
         ttft_sum_us += done * clock_us
         finished += done
-        if done and group_us is None:
-            group_us = clock_us.copy()
         if biggest is None or batch.tokens > biggest.batch.tokens:
             biggest = steps[0]
     assert biggest is not None and finished > 0
-    seqs = math.ceil(wl.batch_size / sc.deployment.attention_dp)
-    dsteps = priced(Batch("decode", seqs, 1, wl.input_len + wl.output_len / 2.0))
-    assert group_us is not None
-    tpots = np.array([st.time_us for st in dsteps]) / 1e3
-    ttfts = group_us / 1e3 + 0.5 * tpots
-    first_wave = float((ttft_sum_us / finished / 1e3).mean())
-    prefill_ms = float(clock_us.mean() / 1e3)
+
+    ss = steady_state(sc)
+    dsteps = priced(ss.decode)
+    spec = wl.speculative
+    draft = draft_us(sc, priced(replace(ss.decode, new_tokens=1))[0]) if spec else 0.0
+    served = serving_times(sc, ss, times, draft)
+    first_wave_ms = (ttft_sum_us / finished + fw.request_overhead_us.value) / 1e3
+    prefill_ms = clock_us / 1e3
+    ttfts, tpots = benchmark_means(sc, served, first_wave_ms, prefill_ms)
+    first_wave = float(first_wave_ms.mean())
+    prefill_ms = float(prefill_ms.mean())
     ttft, tpot = float(ttfts.mean()), float(tpots.mean())
-    cycle_ms = prefill_ms + (wl.output_len - 1) * tpot
-    throughput = wl.batch_size * wl.output_len / (cycle_ms / 1e3)
     mem = memory_per_gpu(sc)
+    mixed = bool(fw.mixed_batching.value)
+    mixed_step = priced(replace(ss.decode, prefill=ss.mixes[0][0]))[0] if mixed else None
     return Prediction(
         scenario=sc, ttft_ms=ttft, ttft_ms_first_wave=first_wave, tpot_ms=tpot,
-        throughput_output_tok_per_s=throughput,
+        throughput_output_tok_per_s=served.throughput_output_tok_per_s,
         memory=mem, prefill_step=biggest, decode_step=dsteps[0], prefill_total_ms=prefill_ms,
         samples=n, ttft_ms_p50=float(np.percentile(ttfts, 50)),
         ttft_ms_p95=float(np.percentile(ttfts, 95)), tpot_ms_p50=float(np.percentile(tpots, 50)),
-        tpot_ms_p95=float(np.percentile(tpots, 95)), warnings=_warnings(sc, mem))
+        tpot_ms_p95=float(np.percentile(tpots, 95)), mixed_step=mixed_step,
+        mixed_fraction=served.mixed_fraction, queued_requests=ss.queued_requests * sc.deployment.attention_dp,
+        warnings=_warnings(sc, mem, ss))
 
 
-def _warnings(sc: Scenario, mem: MemoryBreakdown) -> list[str]:
+@dataclass(frozen=True)
+class ServingTimes:
+    """What a closed loop's steady state gives, one entry per routing draw."""
+
+    ttft_ms: np.ndarray
+    tpot_ms: np.ndarray
+    throughput_output_tok_per_s: float  # of the mean over draws
+    mixed_fraction: float
+
+
+def serving_times(sc: Scenario, ss: SteadyState, time_of: Callable[[Batch], np.ndarray],
+                  draft: float = 0.0) -> ServingTimes:
+    """TTFT, TPOT and throughput from the iteration mix ``ss`` and a step pricer ``time_of``
+    (one step time in us per routing draw), as the module docstring derives them. Every driver
+    that prices steps its own way (``predict``, the sweep's fast path) combines them here.
+    ``draft``: GPU time to draft one decode iteration's tokens (:func:`draft_us`)."""
+    wl, fw = sc.workload, sc.framework
+    t_dec = time_of(ss.decode) + draft
+    mixed = bool(fw.mixed_batching.value)
+
+    def carrying(p: Batch) -> tuple[np.ndarray, np.ndarray]:
+        """(time of the iteration carrying ``p`` as the decodes see it, as ``p``'s request
+        sees it)"""
+        if mixed:
+            t = time_of(replace(ss.decode, prefill=p)) + draft
+            return t, t
+        alone = time_of(p)
+        return t_dec + alone, alone
+
+    share = sum(w for _, w in ss.mixes)
+    mean_us = (1.0 - share) * t_dec
+    for p, w in ss.mixes:
+        mean_us = mean_us + w * carrying(p)[0]
+    own_us = sum(carrying(p)[1] for p in ss.ttft_mixes)
+    g = wl.speculative.tokens_per_step if wl.speculative else 1.0
+    # In a closed loop a request arrives as another finishes, at an iteration boundary: it waits
+    # one iteration only if the engine has already scheduled the next one (overlap scheduler),
+    # plus the queue of a prefill-limited loop.
+    wait_us = (fw.overlap_scheduler.value + ss.queue_iterations) * mean_us
+    ttfts = (fw.request_overhead_us.value + wait_us + own_us) / 1e3
+    throughput = (sc.deployment.attention_dp * ss.prompts_per_iteration * wl.output_len
+                  / (float(np.mean(mean_us)) / 1e6))
+    return ServingTimes(ttfts, mean_us / g / 1e3, throughput, float(share))
+
+
+def benchmark_means(sc: Scenario, served: ServingTimes, first_wave_ttft_ms: np.ndarray,
+                    first_wave_prefill_ms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """TTFT and TPOT (ms, per draw) as a benchmark of ``workload.num_requests`` requests reports
+    them: the first ``batch_size`` arrive at once (first-wave TTFT; while the later prompts of
+    that wave are prefilled, the earlier ones' decodes wait, on average half of the wave's
+    prefill spread over their ``output_len - 1`` tokens), the rest find the steady state.
+    Without ``num_requests``: the steady state."""
+    wl = sc.workload
+    if wl.num_requests is None:
+        return served.ttft_ms, served.tpot_ms
+    first = wl.batch_size / wl.num_requests
+    ttft = first * first_wave_ttft_ms + (1.0 - first) * served.ttft_ms
+    stall_ms = 0.5 * first_wave_prefill_ms / max(wl.output_len - 1, 1)
+    tpot = served.tpot_ms + first * stall_ms
+    return ttft, tpot
+
+
+def draft_us(sc: Scenario, decode: Step) -> float:
+    """GPU time to draft a decode iteration's tokens, from a one-token decode step of the target:
+    for ``mtp`` one decoder layer of the target plus the LM head per drafted token (DeepSeek-V3's
+    MTP module, EAGLE heads); ``ngram`` drafts on the host."""
+    spec = sc.workload.speculative
+    if spec is None or spec.method == "ngram":
+        return 0.0
+    kinds = decode.by_layer_kind()
+    head = kinds.pop("head", 0.0)
+    kinds.pop("engine", None)
+    kinds.pop("pipeline", None)
+    layer = sum(kinds.values()) / sc.model.num_layers
+    return spec.num_draft_tokens * (layer + head)
+
+
+def _warnings(sc: Scenario, mem: MemoryBreakdown, ss: SteadyState) -> list[str]:
     out = []
+    if ss.queued_requests > 0:
+        out.append(f"prefill-limited: the engine admits {ss.prompts_per_iteration:.2f} prompts "
+                   f"per step, fewer than finish; about "
+                   f"{ss.queued_requests * sc.deployment.attention_dp:.0f} of the "
+                   f"{sc.workload.batch_size} requests wait in the queue (counted in TTFT)")
     d = sc.deployment
     if not mem.fits:
         over = (mem.total - mem.capacity) / 1e9

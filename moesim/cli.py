@@ -1,5 +1,5 @@
 """``python -m moesim``: predict, simulate, validate, models, hardware, sweep,
-recommend. Bad input prints
+recommend, study. Bad input prints
 one line and exits 2; nothing else is caught."""
 
 from __future__ import annotations
@@ -126,10 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
     ph.add_argument("--json", action="store_true")
     ph.set_defaults(func=_cmd_hardware)
     from .des.cli import add_cli as add_simulate_cli
+    from .study import add_cli as add_study_cli
     from .sweep_cli import add_cli as add_sweep_cli
 
     add_simulate_cli(sub)
     add_sweep_cli(sub)
+    add_study_cli(sub)
     return p
 
 

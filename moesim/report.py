@@ -49,6 +49,8 @@ def to_dict(p: Prediction) -> dict[str, Any]:
         "ttft_ms": p.ttft_ms,
         "ttft_ms_first_wave": p.ttft_ms_first_wave,
         "tpot_ms": p.tpot_ms,
+        "decode_steps_with_prefill_fraction": p.mixed_fraction,
+        "queued_requests": p.queued_requests,
         "throughput_output_tok_per_s": p.throughput_output_tok_per_s,
         "throughput_output_tok_per_s_per_gpu": p.throughput_output_tok_per_s_per_gpu,
         "memory_per_gpu_bytes": {k: v for k, v in p.memory.as_dict().items()},
@@ -102,13 +104,19 @@ def to_table(p: Prediction) -> str:
         f"  {sc.model.name} on {sc.num_gpus}x {sc.hardware.display_name} | tp={d.tp} ep={d.ep} "
         f"moe_tp={d.moe_tp} attention_dp={d.attention_dp} pp={d.pp} | {sc.framework.id} | "
         f"weights {d.weight_dtype}/{d.experts_dtype} kv {d.kv_cache_dtype}",
-        f"  batch {wl.batch_size} x ({wl.input_len} in, {wl.output_len} out) | routing "
+        f"  batch {wl.batch_size} x ({wl.input_len} in, {wl.output_len} out)"
+        + (f", means over a run of {wl.num_requests} requests" if wl.num_requests else
+           ", steady state")
+        + (f" | speculative {wl.speculative.method} x{wl.speculative.num_draft_tokens} "
+           f"(accept {wl.speculative.acceptance_rate:g})" if wl.speculative else "")
+        + " | routing "
         f"{sc.routing.distribution} (seed {sc.routing.seed}, {p.samples} draw"
         f"{'s' if p.samples > 1 else ''})",
         "",
         f"  TTFT        {p.ttft_ms:10.2f} ms   (p50 {p.ttft_ms_p50:.2f}, p95 {p.ttft_ms_p95:.2f}; "
         f"{p.ttft_ms_first_wave:.2f} if all {wl.batch_size} arrive at once)",
-        f"  TPOT        {p.tpot_ms:10.3f} ms   (p50 {p.tpot_ms_p50:.3f}, p95 {p.tpot_ms_p95:.3f})",
+        f"  TPOT        {p.tpot_ms:10.3f} ms   (p50 {p.tpot_ms_p50:.3f}, p95 {p.tpot_ms_p95:.3f}; "
+        f"{p.mixed_fraction:.1%} of decode steps carry prefill)",
         f"  throughput  {p.throughput_output_tok_per_s:10.1f} output tok/s   "
         f"({p.throughput_output_tok_per_s_per_gpu:.1f} per GPU)",
         f"  memory/GPU  {_gb(m.total):>10}   of {_gb(m.capacity)}: weights {_gb(m.weights)}, "

@@ -11,7 +11,7 @@ kind so that ``count * total_us`` is still their exact sum.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 import numpy as np
 
@@ -28,16 +28,29 @@ Phase = Literal["prefill", "decode"]
 @dataclass(frozen=True)
 class Batch:
     """Work of one step on one attention-DP group: ``num_seqs`` sequences, each adding
-    ``new_tokens`` tokens after ``context`` tokens already in its KV cache."""
+    ``new_tokens`` tokens after ``context`` tokens already in its KV cache.
+
+    A decode batch may carry a ``prefill`` chunk in the same forward pass (vLLM / SGLang chunked
+    prefill, TensorRT-LLM in-flight batching): the linear layers and experts then see the tokens
+    of both, the attention kernels run once per part. ``new_tokens > 1`` on a decode batch is a
+    speculative verification step (each sequence's drafted tokens checked in one pass)."""
 
     phase: Phase
     num_seqs: int
     new_tokens: int
     context: float
+    prefill: Optional["Batch"] = None
 
     @property
     def tokens(self) -> int:
-        return self.num_seqs * self.new_tokens
+        """Tokens through the linear layers: this batch's and its prefill chunk's."""
+        own = self.num_seqs * self.new_tokens
+        return own + self.prefill.tokens if self.prefill is not None else own
+
+    @property
+    def sequences(self) -> int:
+        """Sequences whose last position reaches the LM head in this step."""
+        return self.num_seqs + (self.prefill.num_seqs if self.prefill is not None else 0)
 
 
 @dataclass(frozen=True)
@@ -74,9 +87,12 @@ class Step:
 
 # ---------------------------------------------------------------------------------------------
 def _attention_ops(sc: Scenario, b: Batch, kind: str) -> list[OpCost]:
+    """Projections over every token of the step, then the attention kernels of each part (a
+    decode batch and the prefill chunk riding along with it)."""
     m, d, hw = sc.model, sc.deployment, sc.hardware
     tp, T, H = d.tp, b.tokens, m.hidden_size
-    wd, ad, kvd = d.weight_dtype, d.activation_dtype, d.kv_cache_dtype
+    wd, ad = d.weight_dtype, d.activation_dtype
+    parts = [b] if b.prefill is None else [b, b.prefill]
     ops: list[OpCost] = []
     if kind == "linear":
         la = m.linear_attention
@@ -84,9 +100,9 @@ def _attention_ops(sc: Scenario, b: Batch, kind: str) -> list[OpCost]:
         qk, v = la.num_key_heads * la.key_head_dim, la.num_value_heads * la.value_head_dim
         ops.extend(linear("linear_attn_in_proj", T, (2 * qk + 2 * v + 2 * la.num_value_heads) // tp,
                         H, hw, wd, ad))
-        ops.append(attention.linear_attention(b.num_seqs, b.new_tokens,
+        ops.extend(attention.linear_attention(p.num_seqs, p.new_tokens,
                                               max(1, la.num_value_heads // tp), la.key_head_dim,
-                                              la.value_head_dim, hw))
+                                              la.value_head_dim, hw) for p in parts)
         ops.extend(linear("linear_attn_out_proj", T, H, v // tp, hw, wd, ad))
         return ops
     heads = m.num_attention_heads // tp
@@ -99,19 +115,8 @@ def _attention_ops(sc: Scenario, b: Batch, kind: str) -> list[OpCost]:
         else:
             ops.extend(linear("q_proj", T, heads * qk_head, H, hw, wd, ad))
         ops.extend(linear("kv_a_proj", T, a.kv_lora_rank + a.qk_rope_head_dim, H, hw, wd, ad))
-        if b.phase == "prefill":
-            # Prefill expands the latent cache into per-head K and V (vLLM's MLA "MHA mode").
-            kv_tokens = int(b.num_seqs * (b.context + b.new_tokens))
-            ops.extend(linear("kv_b_proj", kv_tokens, heads * (a.qk_nope_head_dim + a.v_head_dim),
-                            a.kv_lora_rank, hw, wd, ad))
-            ops.append(attention.prefill(b.num_seqs, b.new_tokens, int(b.context), heads, heads,
-                                         qk_head, a.v_head_dim, hw, kvd))
-        else:
-            # Decode absorbs W_UK into the query and W_UV into the output (FlashMLA form).
-            ops.append(gemm("q_absorb", T, heads * a.kv_lora_rank, a.qk_nope_head_dim, hw, wd, ad))
-            ops.append(attention.mla_decode(b.num_seqs, b.context + 1, heads, a.kv_lora_rank,
-                                            a.qk_rope_head_dim, hw, kvd))
-            ops.append(gemm("v_absorb", T, heads * a.v_head_dim, a.kv_lora_rank, hw, wd, ad))
+        for p in parts:
+            ops.extend(_mla_kernels(sc, p, heads))
         ops.extend(linear("o_proj", T, H, heads * a.v_head_dim, hw, wd, ad))
     else:
         kv_heads = max(1, m.num_kv_heads // tp)
@@ -120,14 +125,43 @@ def _attention_ops(sc: Scenario, b: Batch, kind: str) -> list[OpCost]:
         ops.extend(linear("qkv_proj", T, q_width + 2 * kv_heads * hd, H, hw, wd, ad))
         window = m.sliding_window if kind == "sliding" else 0
         chunk = m.attention_chunk_size if kind == "chunked" else 0
-        if b.phase == "prefill":
-            ops.append(attention.prefill(b.num_seqs, b.new_tokens, int(b.context), heads,
-                                         kv_heads, hd, hd, hw, kvd, window, chunk))
-        else:
-            ops.append(attention.decode(b.num_seqs, b.context + 1, heads, kv_heads, hd, hd, hw,
-                                        kvd, window, chunk))
+        for p in parts:
+            if p.phase == "prefill":
+                ops.append(attention.prefill(p.num_seqs, p.new_tokens, int(p.context), heads,
+                                             kv_heads, hd, hd, hw, d.kv_cache_dtype, window,
+                                             chunk))
+            else:
+                # Verification of drafted tokens packs each sequence's queries into the rows
+                # of one tile, as extra heads of its group: the KV is read once (FlashInfer /
+                # FA3 with q_len > 1).
+                ops.append(attention.decode(p.num_seqs, p.context + p.new_tokens,
+                                            heads * p.new_tokens, kv_heads, hd, hd, hw,
+                                            d.kv_cache_dtype, window, chunk))
         ops.extend(linear("o_proj", T, H, heads * hd, hw, wd, ad))
     return ops
+
+
+def _mla_kernels(sc: Scenario, p: Batch, heads: int) -> list[OpCost]:
+    """MLA attention of one part of a step, between the shared projections."""
+    m, d, hw = sc.model, sc.deployment, sc.hardware
+    a = m.mla
+    assert a is not None
+    wd, ad, kvd = d.weight_dtype, d.activation_dtype, d.kv_cache_dtype
+    qk_head = a.qk_nope_head_dim + a.qk_rope_head_dim
+    if p.phase == "prefill":
+        # Prefill expands the latent cache into per-head K and V (vLLM's MLA "MHA mode").
+        kv_tokens = int(p.num_seqs * (p.context + p.new_tokens))
+        return [*linear("kv_b_proj", kv_tokens, heads * (a.qk_nope_head_dim + a.v_head_dim),
+                        a.kv_lora_rank, hw, wd, ad),
+                attention.prefill(p.num_seqs, p.new_tokens, int(p.context), heads, heads,
+                                  qk_head, a.v_head_dim, hw, kvd)]
+    # Decode absorbs W_UK into the query and W_UV into the output (FlashMLA form); drafted
+    # tokens to verify ride as extra query heads over the same latent cache.
+    t = p.num_seqs * p.new_tokens
+    return [gemm("q_absorb", t, heads * a.kv_lora_rank, a.qk_nope_head_dim, hw, wd, ad),
+            attention.mla_decode(p.num_seqs, p.context + p.new_tokens, heads * p.new_tokens,
+                                 a.kv_lora_rank, a.qk_rope_head_dim, hw, kvd),
+            gemm("v_absorb", t, heads * a.v_head_dim, a.kv_lora_rank, hw, wd, ad)]
 
 
 def _norm_ops(sc: Scenario, b: Batch) -> OpCost:
@@ -160,10 +194,15 @@ def received_tokens(rank_loads: np.ndarray, num_tokens: int) -> np.ndarray:
     """Distinct tokens each rank receives, from its experts' token-slots ``[..., ep, slots]``: a token
     with several experts on one rank arrives once. Expected value when each expert's tokens are
     an independent draw of ``n_e`` of the ``num_tokens``: ``T * (1 - prod_e (1 - n_e / T))``."""
-    if num_tokens <= 0:
-        return np.zeros(rank_loads.shape[:-1])
-    frac = np.clip(rank_loads / num_tokens, 0.0, 1.0)
-    return num_tokens * (1.0 - np.prod(1.0 - frac, axis=-1))
+    t = np.asarray(num_tokens, dtype=np.float64)
+    if t.ndim == 0:
+        if num_tokens <= 0:
+            return np.zeros(rank_loads.shape[:-1])
+        frac = np.clip(rank_loads / num_tokens, 0.0, 1.0)
+        return num_tokens * (1.0 - np.prod(1.0 - frac, axis=-1))
+    # token counts per row (``num_tokens`` broadcasts against ``rank_loads[..., 0]``)
+    frac = np.clip(rank_loads / np.maximum(t, 1.0)[..., None], 0.0, 1.0)
+    return np.where(t > 0, t * (1.0 - np.prod(1.0 - frac, axis=-1)), 0.0)
 
 
 @dataclass(frozen=True)
@@ -174,6 +213,16 @@ class _MoeLayer:
     rerouted: float
     rank_tokens_ratio: float  # max / mean token-slots per rank, after placement
     rank_tokens_ratio_contiguous: Optional[float]  # the same without EPLB (eplb only)
+
+
+def _placed(loads: np.ndarray, ep: int, rs: Any) -> np.ndarray:
+    """Per-slot loads ``[L, ep, slots]`` of per-expert loads ``[L, E]`` under ``rs``'s
+    placement (EPLB plans each row on its own loads)."""
+    from .routing import rank_expert_loads
+
+    if rs.placement == "eplb":
+        return np.stack([rank_expert_loads(row, ep, rs) for row in loads])
+    return rank_expert_loads(loads, ep, rs)
 
 
 def _max_over_mean(x: np.ndarray) -> float:
@@ -212,9 +261,7 @@ def moe_layers(sc: Scenario, b: Batch, loads: np.ndarray) -> list[_MoeLayer]:
     L = loads.shape[0]
 
     def placed(x: np.ndarray) -> np.ndarray:  # [L, E] -> [L, ep, slots]
-        if rs.placement == "eplb":  # EPLB plans each layer on its own loads
-            return np.stack([rank_expert_loads(row, d.ep, rs) for row in x])
-        return rank_expert_loads(x, d.ep, rs)
+        return _placed(x, d.ep, rs)
 
     capped = apply_capacity(loads, t_global, mo.top_k, rs.capacity_factor, rs.overflow)
     rounds = np.asarray(capped.rounds).reshape(L, -1, loads.shape[1])  # [L, passes, E]
@@ -284,13 +331,14 @@ def _head_ops(sc: Scenario, b: Batch) -> list[OpCost]:
     """Embedding lookup, final norm, LM head on the last token of each sequence, sampling."""
     m, d, hw = sc.model, sc.deployment, sc.hardware
     T, H, V = b.tokens, m.hidden_size, m.vocab_size
+    # Speculative verification samples every position of a sequence's drafted tokens.
+    n = b.sequences + b.num_seqs * (b.new_tokens - 1) * (b.phase == "decode")
     ops = [memory_op("embedding", T * H * 2.0 * 2, hw),
-           memory_op("final_norm", b.num_seqs * H * 2.0 * 2, hw),
-           gemm("lm_head", b.num_seqs, V // d.tp, H, hw, "bf16", "bf16", "fp32")]
+           memory_op("final_norm", n * H * 2.0 * 2, hw),
+           gemm("lm_head", n, V // d.tp, H, hw, "bf16", "bf16", "fp32")]
     if d.tp > 1:
-        ops.append(comm.all_to_all("logits_gather", b.num_seqs * V * 4.0, d.tp, hw,
-                                   sc.gpus_per_node))
-    ops.append(memory_op("sampling", b.num_seqs * V * 4.0 * 3, hw, kernels=4))
+        ops.append(comm.all_to_all("logits_gather", n * V * 4.0, d.tp, hw, sc.gpus_per_node))
+    ops.append(memory_op("sampling", n * V * 4.0 * 3, hw, kernels=4))
     return ops
 
 
@@ -393,15 +441,27 @@ def _average_layers(layers: list[list[OpCost]], kind: str) -> list[OpCost]:
     return out
 
 
+def graphs_cover(sc: Scenario, b: Batch, op: OpCost) -> bool:
+    """Whether ``op`` replays from a CUDA graph in this step.
+
+    Engines capture graphs per token count up to ``cuda_graph_max_batch``: a decode-only step
+    replays whole; with ``piecewise_cuda_graphs`` (vLLM V1's FULL_AND_PIECEWISE) any other step
+    replays everything but its attention kernels, which run eagerly between graph pieces."""
+    fw = sc.framework
+    if not sc.cuda_graphs or b.tokens > fw.cuda_graph_max_batch.value:
+        return False
+    if b.phase == "decode" and b.prefill is None:
+        return True
+    return bool(fw.piecewise_cuda_graphs.value) and not op.family.startswith("attention")
+
+
 def with_launch(sc: Scenario, b: Batch, op: OpCost) -> OpCost:
     """Add launch cost: inside a CUDA graph each kernel costs ``graph_kernel_us``; eager, the GPU
     idles whenever the host needs longer to launch a kernel than the GPU needs to run it."""
     if op.kernels == 0:
         return op
     ov = sc.hardware.overheads
-    graphs = (b.phase == "decode" and sc.cuda_graphs
-              and b.num_seqs <= sc.framework.cuda_graph_max_batch.value)
-    if graphs:
+    if graphs_cover(sc, b, op):
         # A graph replays its kernels back to back: the per-kernel fixed time measured on eager
         # calls (launch latency, most of t0) shrinks to the graph's per-kernel gap.
         graph_fixed = op.kernels * ov.graph_kernel_us.value
@@ -413,7 +473,10 @@ def with_launch(sc: Scenario, b: Batch, op: OpCost) -> OpCost:
             return replace(op, time_us=t, fixed_us=graph_fixed, bound=bound)
         launch = graph_fixed - op.fixed_us
     else:
-        host = max(op.kernels * ov.kernel_launch_host_us.value, op.host_floor_us)
+        # The host floors fitted from kernel tables (``op.host_floor_us``) belong to the
+        # benchmark harness's Python call path (DeepGEMM's JIT dispatch: 85-100 us even for
+        # tiny GEMMs); inside an engine's forward pass a kernel costs the host one launch.
+        host = op.kernels * ov.kernel_launch_host_us.value
         launch = max(0.0, host - op.time_us)
     bound = "launch" if launch > op.time_us else op.bound
     return replace(op, launch_us=launch, bound=bound)

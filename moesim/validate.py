@@ -508,6 +508,15 @@ def _size(row: dict[str, str], col: str) -> int:
     return _int(row, col, 1)  # blank parallel size = 1 (reference README)
 
 
+#: Routing draws per ``e2e_serving`` row (precision of the mean, not a fitted value).
+E2E_ROUTING_SAMPLES = 4
+#: Requests per benchmark run, per unit of concurrency. The table does not record it; its
+#: (isl, osl) x concurrency matrix for gpt-oss on vLLM is InferenceMAX's, whose client runs
+#: ``--num-prompts $((CONC * 10)) --max-concurrency $CONC`` (InferenceMAX benchmark README,
+#: "Benchmark Client Configuration"). The other rows are assumed to follow the same protocol.
+E2E_REQUESTS_PER_CONCURRENCY = 10
+
+
 def e2e_scenario(row: dict[str, str], hardware: Optional[str] = None) -> dict[str, Any]:
     """The scenario dict (``moesim.parse_scenario`` input) of one ``e2e_serving`` row."""
     tp, dp, pp = _size(row, "tp_size"), _size(row, "attention_dp_size"), _size(row, "pp_size")
@@ -527,7 +536,13 @@ def e2e_scenario(row: dict[str, str], hardware: Optional[str] = None) -> dict[st
         "hardware": {"profile": profile, "num_gpus": tp * dp * pp},
         "deployment": dep,
         "workload": {"batch_size": _int(row, "batch_size"), "input_len": _int(row, "isl"),
-                     "output_len": _int(row, "osl")},
+                     "output_len": _int(row, "osl"),
+                     "num_requests": E2E_REQUESTS_PER_CONCURRENCY * _int(row, "batch_size")},
+        # The table does not say how tokens were routed: served traffic is taken as uniform
+        # random top-k (not the perfectly balanced split, which touches every expert even at
+        # batch 1 x top_k = num_experts). Each step's MoE layers draw independently, so a few
+        # draws give the mean step time to about a percent.
+        "routing": {"distribution": "uniform", "samples": E2E_ROUTING_SAMPLES},
     }
 
 
@@ -698,6 +713,10 @@ def _fmt(v: Optional[float]) -> str:
     return f"{v:.6g}"
 
 
+#: Rows listed by their error in the report (all of them are in ``--out``).
+WORST_ROWS = 10
+
+
 def run(table_path: str, hardware: Optional[str] = None, out: Optional[str] = None,
         as_json: bool = False) -> ValidationResult:
     """Predict every row of ``table_path`` and summarise the errors.
@@ -725,6 +744,7 @@ def run(table_path: str, hardware: Optional[str] = None, out: Optional[str] = No
     groups: dict[str, dict[str, dict[str, dict[str, list[float]]]]] = {m: {} for m in metrics}
     unpredicted: list[dict[str, Any]] = []
     out_rows: list[dict[str, Any]] = []
+    errors: dict[str, list[dict[str, Any]]] = {m: [] for m in metrics}  # for the worst rows
     predictor = KERNEL_PREDICTORS.get(layout)
 
     for idx, row in enumerate(rows):
@@ -768,6 +788,9 @@ def run(table_path: str, hardware: Optional[str] = None, out: Optional[str] = No
             out_row[ape_col[m]] = _fmt(e)
             ape[m].append(e)
             ratio[m].append(preds[m] / meas)
+            errors[m].append({"row": idx, "label": row.get("id") or ", ".join(
+                f"{k}={v}" for k, v in keys.items()), "measured": meas,
+                "predicted": preds[m], "ape_pct": e})
             for gname, gval in keys.items():
                 cell = groups[m].setdefault(gname, {}).setdefault(gval, {"ape": [], "ratio": []})
                 cell["ape"].append(e)
@@ -796,6 +819,8 @@ def run(table_path: str, hardware: Optional[str] = None, out: Optional[str] = No
                            for v, c in sorted(vals.items(), key=lambda kv: _band_order(kv[0]))}
                        for g, vals in groups[m].items()} for m in metrics},
         "warnings": _warnings(layout, {m: _stats(ape[m], ratio[m]) for m in metrics}),
+        "worst_rows": {m: sorted(errors[m], key=lambda x: -x["ape_pct"])[:WORST_ROWS]
+                       for m in metrics},
     }
     if layout == "moe":
         summary["power_law_draws"] = POWER_LAW_DRAWS
@@ -849,6 +874,13 @@ def _report(s: dict[str, Any]) -> str:
             lines.append(f"  by {g}:")
             for v, gst in vals.items():
                 lines.append(line("  " + v, gst))
+    for m, worst in s.get("worst_rows", {}).items():
+        if not worst:
+            continue
+        lines += ["", f"{m}: the {len(worst)} worst rows (row = 0-based data row)"]
+        for w in worst:
+            lines.append(f"  {w['row']:>6}  measured {w['measured']:>11.4g}  predicted "
+                         f"{w['predicted']:>11.4g}  APE {w['ape_pct']:7.1f}%  {w['label']}")
     if s["unpredicted"]:
         lines += ["", f"unpredicted rows ({s['unpredicted']}), by reason (row = 0-based data row; "
                   "CSV line = row + 2):"]

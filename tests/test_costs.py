@@ -46,3 +46,82 @@ def test_split_k_when_few_output_tiles():
     # at the whole GPU's rate rather than one SM's.
     op = gemm("x", 64, 128, 65536, HW)
     assert op.ideal_compute_us < 2.0 * 64 * 128 * 65536 / (HW.peak_flops_per_us("bf16") / 132) / 10
+
+
+def test_cutlass_fp8_does_not_split_k():
+    # vLLM's CUTLASS fp8 GEMM has a data-parallel tile scheduler: a thin GEMM walks all of K on
+    # one SM (the reference table: m=1, n=32, k=65536 takes ~50 µs against cuBLAS bf16's ~7).
+    bf = gemm("x", 1, 32, 65536, HW)
+    f8 = gemm("x", 1, 32, 65536, HW, "fp8", "fp8")
+    assert f8.ideal_compute_us > 5 * bf.ideal_compute_us
+    # Its tile doubles from 64 to 128 rows past m = 64, so one tile's K loop costs twice as much.
+    assert gemm("x", 65, 32, 65536, HW, "fp8", "fp8").ideal_compute_us == \
+        pytest.approx(2 * gemm("x", 64, 32, 65536, HW, "fp8", "fp8").ideal_compute_us)
+
+
+def test_per_tensor_fp8_quant_serialises_one_atomic_per_row():
+    # The dynamic per-tensor scale ends every row's block in an atomicMax on one float: the
+    # quantisation op carries m serialised steps, block-scaled quantisation none.
+    fit = HW.kernels.quant_fp8
+    assert fit is not None and fit.step_us is not None and fit.step_us.value > 0
+    q = lambda m, w: linear("x", m, 32, 64, HW, w, "fp8")[0]
+    assert q(16384, "fp8").steps == 16384 and q(16384, "fp8_block").steps == 0
+    # At k = 64 the bytes are negligible: doubling the rows adds m atomics' time.
+    extra = q(16384, "fp8").time_us - q(8192, "fp8").time_us
+    assert extra == pytest.approx(8192 * fit.step_us.value, rel=0.05)
+
+
+def test_kernel_time_combines_terms():
+    from moesim.costs.op import kernel_time_us
+
+    # No exponent: the roofline's max; an exponent p: the p-norm, between max and sum.
+    assert kernel_time_us(1.0, 0.5, 0.5, 2.0, 1.0) == pytest.approx(1.0 + 4.0)
+    t = kernel_time_us(1.0, 0.5, 0.5, 2.0, 1.0, overlap_exponent=2.0)
+    assert t == pytest.approx(1.0 + (16.0 + 4.0) ** 0.5)
+    # The K-loop latency grows with K only until the library splits K.
+    k = lambda kk: kernel_time_us(0.0, 1.0, 1.0, 0.0, 0.0, k_loop=kk, k_latency_us=1.0,
+                                  k_split_above=2048.0)
+    assert k(1024) == pytest.approx(1.0) and k(2048) == k(65536) == pytest.approx(2.0)
+    # Works element-wise on arrays (calibration evaluates whole tables at once).
+    arr = kernel_time_us(0.0, 1.0, 1.0, np.array([1.0, 3.0]), np.array([2.0, 1.0]),
+                         overlap_exponent=1.0)
+    assert arr == pytest.approx([3.0, 4.0])
+
+
+def test_thin_bf16_gemm_is_k_loop_latency_bound():
+    # cuBLAS bf16, one output tile: time grows with K until split-K (reference table: m=1, n=32
+    # goes 2.6 -> 5.0 µs from k=32 to k=2048, then stays ~5.6 µs up to k=16384).
+    fit = HW.kernels.gemm_bf16
+    assert fit.k_latency_us is not None and fit.k_split_above is not None
+    t = {k: gemm("x", 1, 32, k, HW).time_us for k in (32, 2048, 16384)}
+    assert t[2048] > 1.5 * t[32]
+    assert t[16384] < 1.3 * t[2048]
+
+
+def test_collective_takes_the_faster_protocol():
+    from moesim.costs.comm import all_gather
+
+    fit = HW.collectives.all_gather
+    assert fit.ll_latency_us is not None and fit.ll_bus_efficiency is not None
+    # Small messages: the low-latency protocol's shorter latency; large: Simple's bandwidth.
+    assert fit.ll_latency_us.value < fit.latency_us.value
+    assert fit.ll_bus_efficiency.value < fit.bus_efficiency.value
+    bw = HW.interconnect.nvlink_gb_per_s_per_direction.value * 1e3
+    for size in (512, 1 << 20, 1 << 29):
+        moved = 7 / 8 * size
+        steps = 7 * (fit.latency_per_step_us.value if fit.latency_per_step_us else 0.0)
+        simple = fit.latency_us.value + steps + moved / (bw * fit.bus_efficiency.value)
+        ll = fit.ll_latency_us.value + steps + moved / (bw * fit.ll_bus_efficiency.value)
+        assert all_gather("ag", size, 8, HW).time_us == pytest.approx(min(simple, ll))
+    assert all_gather("ag", 512, 8, HW).time_us < fit.latency_us.value
+
+
+def test_fp8_kv_cache_attention_has_its_own_family():
+    from moesim.costs.attention import decode, prefill
+
+    assert prefill(1, 4096, 0, 32, 8, 128, 128, HW, "fp8").family == "attention_prefill_fp8"
+    assert decode(8, 4096, 32, 8, 128, 128, HW, "fp8").family == "attention_decode_fp8"
+    assert decode(8, 4096, 32, 8, 128, 128, HW, "bf16").family == "attention_decode"
+    # A GPU without fp8 kernels prices an fp8 cache with the bf16 family.
+    a100 = load_profile("a100_sxm")
+    assert decode(8, 4096, 32, 8, 128, 128, a100, "fp8").family == "attention_decode"

@@ -32,6 +32,14 @@ def attended_pairs(q_len: int, prefix: int, window: int = 0, chunk: int = 0) -> 
 TILE_K, DECODE_TILE_Q = 128, 64
 
 
+def _family(hw: HardwareProfile, family: str, kv_dtype: str) -> str:
+    """An fp8 KV cache runs FlashAttention-3's fp8 kernels (descaling in the main loop, other
+    tiles): their own fitted family where the profile has one."""
+    if kv_dtype in ("fp8", "fp8_block") and getattr(hw.kernels, f"{family}_fp8", None):
+        return f"{family}_fp8"
+    return family
+
+
 def _attend(name: str, family: str, pairs: float, heads: int, qk_dim: int, v_dim: int,
             io_bytes: float, hw: HardwareProfile, tiled_flops: float = 0.0) -> OpCost:
     """``pairs``: query-key pairs attended (useful work); ``tiled_flops``: the work the kernel's
@@ -49,7 +57,8 @@ def prefill(num_seqs: int, q_len: int, prefix: int, heads: int, kv_heads: int, q
     kv_read = prefix + q_len if not window else min(prefix + q_len, window + q_len)
     io = num_seqs * (q_len * heads * (qk_dim + v_dim) * 2.0
                      + kv_read * kv_heads * (qk_dim + v_dim) * ELEMENT_BYTES[kv_dtype])
-    return _attend("attention_prefill", "attention_prefill", pairs, heads, qk_dim, v_dim, io, hw)
+    return _attend("attention_prefill", _family(hw, "attention_prefill", kv_dtype), pairs, heads,
+                   qk_dim, v_dim, io, hw)
 
 
 def decode(num_seqs: int, kv_len: float, heads: int, kv_heads: int, qk_dim: int, v_dim: int,
@@ -68,8 +77,8 @@ def decode(num_seqs: int, kv_len: float, heads: int, kv_heads: int, qk_dim: int,
     group_tiles = kv_heads * np.ceil(heads / kv_heads / DECODE_TILE_Q)
     tiled = 2.0 * num_seqs * group_tiles * DECODE_TILE_Q * np.ceil(max(keys, 1.0) / TILE_K) * \
         TILE_K * (qk_dim + v_dim)
-    return _attend("attention_decode", "attention_decode", pairs, heads, qk_dim, v_dim, io, hw,
-                   float(tiled))
+    return _attend("attention_decode", _family(hw, "attention_decode", kv_dtype), pairs, heads,
+                   qk_dim, v_dim, io, hw, float(tiled))
 
 
 def mla_decode(num_seqs: int, kv_len: float, heads: int, latent_dim: int, rope_dim: int,

@@ -45,7 +45,13 @@ def _collective(name: str, family: str, factor: float, message_bytes: float, n: 
     eff = fit.bus_efficiency.value
     steps = int(factor) * (n - 1)
     step_us = fit.latency_per_step_us.value if fit.latency_per_step_us else 0.0
-    return OpCost(name, "comm", alpha + steps * step_us + moved / busbw, 0.0, moved, "network",
+    t = alpha + steps * step_us + moved / busbw
+    if fit.ll_latency_us is not None and fit.ll_bus_efficiency is not None:
+        # The low-latency protocol on the same path (its own latency and bus efficiency); the
+        # tuner takes whichever is faster for this size (hardware.CollectiveFit).
+        t = min(t, alpha - fit.latency_us.value + fit.ll_latency_us.value + steps * step_us
+                + moved / (busbw / eff * fit.ll_bus_efficiency.value))
+    return OpCost(name, "comm", t, 0.0, moved, "network",
                   family=family, ideal_memory_us=moved / (busbw / eff),
                   host_floor_us=fit.host_floor_us.value if fit.host_floor_us else 0.0,
                   steps=steps)

@@ -22,17 +22,40 @@ def _tile_m(m: int, tile_m: int) -> int:
     return max(16, min(tile_m, 1 << max(0, math.ceil(math.log2(max(m, 1))))))
 
 
-def gemm_ideal_compute_us(m: int, n: int, k: int, hw: HardwareProfile, compute_dtype: str) -> float:
-    """Wave-quantised compute time in µs of an ``m x n x k`` GEMM at tensor-core peak."""
+def _cutlass_fp8_tile(m: int) -> tuple[int, int]:
+    """CTA tile (rows, columns) of vLLM's CUTLASS 3.x sm90 fp8 GEMM (``cutlass_scaled_mm``) for
+    ``m`` rows: its dispatch picks by the next power of two of m a 64x64 tile up to 64 rows,
+    64x128 up to 128, else 128x128 (vllm csrc/quantization/cutlass_w8a8/c3x/
+    scaled_mm_sm90_fp8_dispatch.cuh: sm90_fp8_config_M64 / _M128 / _default). The H100
+    reference table shows the steps: at n=32, k=65536 the time doubles from m=64 to m=65."""
+    if m <= 64:
+        return 64, 64
+    return (64, 128) if m <= 128 else (128, 128)
+
+
+def gemm_ideal_compute_us(m: int, n: int, k: int, hw: HardwareProfile, compute_dtype: str,
+                          family: str = "gemm_bf16") -> float:
+    """Tile-quantised compute time in µs of an ``m x n x k`` GEMM at tensor-core peak.
+
+    The output is cut into CTA tiles; how the tiles meet the SMs depends on the library:
+
+    - cuBLAS (``gemm_bf16``) and DeepGEMM (``gemm_fp8_block``): with fewer tiles than SMs the K
+      loop is split (split-K / stream-K) so every SM works; cuBLAS on Hopper also balances the
+      last partial wave (stream-K), so only the tile padding of m and n is wasted;
+    - vLLM's CUTLASS fp8 kernel (``gemm_fp8``): a data-parallel tile scheduler without split-K,
+      so tiles run in whole waves of ``sm_count`` and a thin GEMM walks all of K on few SMs.
+    """
     sms = int(hw.compute.sm_count.value)
+    peak = hw.peak_flops_per_us(compute_dtype)
+    if family == "gemm_fp8":
+        tm, tn = _cutlass_fp8_tile(m)
+        tiles = math.ceil(m / tm) * math.ceil(n / tn)
+        return math.ceil(tiles / sms) * 2.0 * tm * tn * k / (peak / sms)
     tm = _tile_m(m, int(hw.compute.gemm_tile_m.value))
     tn = int(hw.compute.gemm_tile_n.value)
     tiles = math.ceil(m / tm) * math.ceil(n / tn)
     tile_flops = 2.0 * tm * tn * k
-    peak = hw.peak_flops_per_us(compute_dtype)
-    if tiles < sms:
-        # Fewer output tiles than SMs: cuBLAS / CUTLASS split the K loop (split-K, stream-K)
-        # so all SMs work; only the tile padding of m and n is wasted.
+    if tiles < sms or family == "gemm_bf16":
         return tiles * tile_flops / peak
     # A partial wave still takes one tile's time on the SMs it occupies.
     return math.ceil(tiles / sms) * tile_flops / (peak / sms)
@@ -53,8 +76,9 @@ def gemm(name: str, m: int, n: int, k: int, hw: HardwareProfile, weight_dtype: s
     flops = 2.0 * m * n * k
     bytes_ = (m * k * ELEMENT_BYTES[act_dtype] + k * n * WEIGHT_BYTES[weight_dtype]
               + m * n * ELEMENT_BYTES[out_dtype])
-    return roofline(name, category, gemm_family(weight_dtype, act_dtype), flops, bytes_,
-                    gemm_ideal_compute_us(m, n, k, hw, cd), hw, kernels)
+    family = gemm_family(weight_dtype, act_dtype)
+    return roofline(name, category, family, flops, bytes_,
+                    gemm_ideal_compute_us(m, n, k, hw, cd, family), hw, kernels, k_loop=k)
 
 
 def linear(name: str, m: int, n: int, k: int, hw: HardwareProfile, weight_dtype: str = "bf16",
@@ -67,6 +91,14 @@ def linear(name: str, m: int, n: int, k: int, hw: HardwareProfile, weight_dtype:
     if gemm_family(weight_dtype, act_dtype) == "gemm_bf16":
         return [g]
     per_tensor = weight_dtype != "fp8_block"
-    q = memory_op(f"{name}_quant", m * k * (2.0 + ELEMENT_BYTES[act_dtype]) + m * k * 2.0 *
-                  per_tensor, hw, kernels=2 if per_tensor else 1, category=category)
+    bytes_ = m * k * (2.0 + ELEMENT_BYTES[act_dtype]) + m * k * 2.0 * per_tensor
+    if hw.kernels.quant_fp8 is None:
+        q = memory_op(f"{name}_quant", bytes_, hw, kernels=2 if per_tensor else 1,
+                      category=category)
+    else:
+        # The per-tensor scale is a max over the whole input: vLLM's segmented_max_reduction
+        # runs one block per row, each ending in an atomicMax on the same float, and those m
+        # atomics serialise (one step each: hardware.kernels.quant_fp8.step_us).
+        q = roofline(f"{name}_quant", category, "quant_fp8", 0.0, bytes_, 0.0, hw,
+                     kernels=2 if per_tensor else 1, steps=m if per_tensor else 0)
     return [q, g]

@@ -16,7 +16,7 @@ import numpy as np
 from ..spec.dtypes import ELEMENT_BYTES, WEIGHT_BYTES, gemm_compute_dtype
 from ..spec.hardware import HardwareProfile
 from .gemm import gemm
-from .op import OpCost, kernel_time_us, roofline
+from .op import OpCost, fit_terms, kernel_time_us, roofline
 
 # BLOCK_M / BLOCK_N chosen by vLLM's tuned fused-MoE configs as a function of the number of
 # tokens M entering the kernel (configs/E=128,N=384,device_name=NVIDIA_H100_80GB_HBM3.json as
@@ -71,6 +71,21 @@ def grouped_gemm_ideal_us(loads: np.ndarray, n: int, k: int, block_m, block_n,
     return np.ceil(tiles / sms) * (2.0 * bm * bn * k) / per_sm
 
 
+# Triton specialises an integer argument that is a multiple of 16 (the JIT's divisibility
+# hint), which is what lets it prove 16-byte alignment of every row and vectorise tile loads and
+# stores. A 16-bit expert GEMM whose K (row stride of A and of the weights) or N (row stride of
+# the output) is not a multiple of 16 elements runs the same tiles with narrow accesses: its own
+# fitted family, where the profile has one.
+ALIGN_ELEMENTS = 16
+
+
+def _gemm_family(family: str, n: int, k: int, hw: HardwareProfile) -> str:
+    if family == "moe_bf16" and (n % ALIGN_ELEMENTS or k % ALIGN_ELEMENTS) \
+            and hw.kernels.moe_unaligned is not None:
+        return "moe_unaligned"
+    return family
+
+
 def fused_terms(loads: np.ndarray, num_tokens, top_k: int, hidden: int, inter: int,
                 hw: HardwareProfile, weight_dtype: str, act_dtype: str, gated: bool = True
                 ) -> list[tuple[str, str, np.ndarray, np.ndarray, np.ndarray]]:
@@ -82,6 +97,11 @@ def fused_terms(loads: np.ndarray, num_tokens, top_k: int, hidden: int, inter: i
     ab, wb = ELEMENT_BYTES[act_dtype], WEIGHT_BYTES[weight_dtype]
     up_n = (2 if gated else 1) * inter
     slots = loads.sum(axis=-1).astype(np.float64)
+    # Every token entering the kernel brings top_k slots; those routed to experts held elsewhere
+    # (EP) still run through the pipeline: their GEMM blocks write zeros to the output cache,
+    # and the activation runs over the whole [tokens * top_k, 2I] cache (notes §2.1 step 4).
+    all_slots = np.maximum(tokens * top_k, slots)
+    remote = all_slots - slots
     active = np.count_nonzero(loads, axis=-1).astype(np.float64)
     family = "moe_fp8" if act_dtype in ("fp8", "fp8_block") else "moe_bf16"
     quant = act_dtype in ("fp8", "fp8_block")
@@ -93,13 +113,13 @@ def fused_terms(loads: np.ndarray, num_tokens, top_k: int, hidden: int, inter: i
         terms.append(("quant_in", "moe_aux", zero, tokens * hidden * (2.0 + ab), zero))
     for name, n, k in (("experts_up", up_n, hidden), ("experts_down", hidden, inter)):
         flops = 2.0 * slots * n * k  # useful work; padding shows up in the time only
-        bytes_ = active * n * k * wb + padded * k * ab + slots * n * 2.0
-        terms.append((name, family, flops, bytes_,
+        bytes_ = active * n * k * wb + padded * k * ab + all_slots * n * 2.0
+        terms.append((name, _gemm_family(family, n, k, hw), flops, bytes_,
                       grouped_gemm_ideal_us(loads, n, k, bm, bn, hw, cd)))
         if name == "experts_up":
-            terms.append(("activation", "moe_aux", zero, slots * (up_n + inter) * 2.0, zero))
+            terms.append(("activation", "moe_aux", zero, all_slots * (up_n + inter) * 2.0, zero))
             if quant:
-                terms.append(("quant_mid", "moe_aux", zero, slots * inter * (2.0 + ab), zero))
+                terms.append(("quant_mid", "moe_aux", zero, all_slots * inter * (2.0 + ab), zero))
     terms.append(("moe_sum", "moe_aux", zero,
                   tokens * top_k * hidden * 2.0 + tokens * hidden * 2.0, zero))
     return terms
@@ -116,7 +136,8 @@ def fused_expert_us(loads: np.ndarray, num_tokens, top_k: int, hidden: int, inte
         fit = hw.kernel(family)
         eff_c = fit.compute_efficiency.value if fit.compute_efficiency is not None else 1.0
         total = total + kernel_time_us(fit.t0_us.value, eff_c, fit.memory_efficiency.value,
-                                       ideal_c, bytes_ / hw.hbm_peak_bytes_per_us)
+                                       ideal_c, bytes_ / hw.hbm_peak_bytes_per_us,
+                                       **fit_terms(fit))
     return np.asarray(total)
 
 

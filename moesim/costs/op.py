@@ -45,7 +45,8 @@ class OpCost:
     host_floor_us: float = 0.0  # eager calls take at least this long (hardware.kernels.*)
     fixed_us: float = 0.0  # the kernels' fixed time (kernels * t0) inside time_us
     in_graph: bool = False  # replayed from a CUDA graph: no host dispatch per call
-    steps: int = 0  # latency steps of a collective (hardware.collectives.*.latency_per_step_us)
+    steps: int = 0  # serialised latency steps: a collective's rounds, a kernel's same-address atomics
+    k_loop: float = 0.0  # K elements one CTA of a GEMM walks before any split-K
 
     @property
     def total_us(self) -> float:
@@ -57,30 +58,66 @@ class OpCost:
 
 
 def kernel_time_us(t0_us, compute_efficiency, memory_efficiency, ideal_compute_us,
-                   ideal_memory_us, kernels=1, steps=0, step_us=0.0):
-    """``kernels * t0 + steps * step_us + max(ideal_compute / eff_c, ideal_memory / eff_m)``;
-    works on numpy arrays (calibration evaluates it over whole tables)."""
+                   ideal_memory_us, kernels=1, steps=0, step_us=0.0, k_loop=0.0,
+                   k_latency_us=0.0, k_split_above=float("inf"), overlap_exponent=None):
+    """``kernels * t0 + steps * step_us + combine(t_c, t_m, t_k)`` with ``t_c = ideal_compute /
+    eff_c``, ``t_m = ideal_memory / eff_m`` and ``t_k = k_latency_us * min(k_loop,
+    k_split_above) / 1024`` (the K loop one CTA walks serially: each K block waits on its loads,
+    so a thin GEMM is latency bound however little it moves). ``combine`` is the roofline's
+    maximum, or with an ``overlap_exponent`` p the p-norm ``(t_c^p + t_m^p + t_k^p)^(1/p)``: a
+    kernel overlaps its compute and memory phases imperfectly, most visibly near the ridge
+    point, and p -> inf recovers the maximum. Works on numpy arrays (calibration evaluates it
+    over whole tables)."""
     import numpy as np
 
-    return kernels * t0_us + steps * step_us + np.maximum(ideal_compute_us / compute_efficiency,
-                                                          ideal_memory_us / memory_efficiency)
+    t_c = np.asarray(ideal_compute_us) / compute_efficiency
+    t_m = np.asarray(ideal_memory_us) / memory_efficiency
+    t_k = k_latency_us * np.minimum(k_loop, k_split_above) / 1024.0
+    if overlap_exponent:
+        p = overlap_exponent
+        body = (t_c ** p + t_m ** p + t_k ** p) ** (1.0 / p)
+    else:
+        body = np.maximum(np.maximum(t_c, t_m), t_k)
+    return kernels * t0_us + steps * step_us + body
+
+
+def _opt(q, default):
+    return q.value if q is not None else default
+
+
+def fit_terms(fit) -> dict:
+    """A kernel family's optional parameters as :func:`kernel_time_us` keyword arguments."""
+    return {"step_us": _opt(fit.step_us, 0.0), "k_latency_us": _opt(fit.k_latency_us, 0.0),
+            "k_split_above": _opt(fit.k_split_above, float("inf")),
+            "overlap_exponent": _opt(fit.overlap_exponent, None)}
 
 
 def roofline(name: str, category: Category, family: str, flops: float, bytes_: float,
-             ideal_compute_us: float, hw: "HardwareProfile", kernels: int = 1) -> OpCost:
-    """Price one op of ``kernels`` kernels of ``family``; memory time is ``bytes_`` at HBM peak."""
+             ideal_compute_us: float, hw: "HardwareProfile", kernels: int = 1, steps: int = 0,
+             k_loop: float = 0.0) -> OpCost:
+    """Price one op of ``kernels`` kernels of ``family``; memory time is ``bytes_`` at HBM peak.
+    ``steps``: serialised steps (the family's ``step_us`` each); ``k_loop``: a GEMM's K extent
+    (the family's K-loop latency, where it has one)."""
     fit = hw.kernel(family)
     ideal_memory_us = bytes_ / hw.hbm_peak_bytes_per_us
     eff_c = fit.compute_efficiency.value if fit.compute_efficiency is not None else 1.0
+    extra = fit_terms(fit)
     t_c = ideal_compute_us / eff_c
     t_m = ideal_memory_us / fit.memory_efficiency.value
-    fixed = kernels * fit.t0_us.value
-    bound: Bound = "launch" if fixed > max(t_c, t_m) else "compute" if t_c >= t_m else "memory"
-    return OpCost(name, category, fixed + max(t_c, t_m), flops, bytes_, bound, kernels,
+    t_k = extra["k_latency_us"] * min(k_loop, extra["k_split_above"]) / 1024.0
+    fixed = kernels * fit.t0_us.value  # what a CUDA graph replaces (step.py): t0 only
+    # kernel_time_us's formula in plain floats: predict prices thousands of ops per second.
+    p = extra["overlap_exponent"]
+    body = (t_c ** p + t_m ** p + t_k ** p) ** (1.0 / p) if p else max(t_c, t_m, t_k)
+    time = fixed + steps * extra["step_us"] + body
+    # The K-loop latency is a memory-pipeline stall: reported as memory bound.
+    bound: Bound = "launch" if fixed > time - fixed else "compute" if t_c >= max(t_m, t_k) \
+        else "memory"
+    return OpCost(name, category, time, flops, bytes_, bound, kernels,
                   family=family, ideal_compute_us=ideal_compute_us,
                   ideal_memory_us=ideal_memory_us,
                   host_floor_us=fit.host_floor_us.value if fit.host_floor_us else 0.0,
-                  fixed_us=fixed)
+                  fixed_us=fixed, steps=steps, k_loop=k_loop)
 
 
 def eager_time_us(ops: "list[OpCost]") -> float:

@@ -808,7 +808,8 @@ def simulate(sc: Scenario, requests: Optional[int] = None, seed: Optional[int] =
              trace_path: Optional[Union[str, Path]] = None,
              sim: Union[SimulationSpec, dict, None] = None) -> SimResult:
     """Simulate serving ``sc``: ``requests`` requests (default: the simulation spec's
-    ``num_requests``, else 200, or every row of an arrival trace), ``seed`` (default: the
+    ``num_requests``, else the workload's, else 200, or every row of an arrival trace), ``seed``
+    (default: the
     spec's, else ``routing.seed``); ``sim``: a :class:`SimulationSpec` (or its dict), default the
     scenario's ``simulation`` block when it has one. ``trace_path``: write a Chrome trace-event
     JSON of the run (opens in Perfetto)."""
@@ -820,7 +821,7 @@ def simulate(sc: Scenario, requests: Optional[int] = None, seed: Optional[int] =
         raise InputError("requests", f"must be >= 1; got {requests!r}")
     if seed is not None and (isinstance(seed, bool) or int(seed) < 0):
         raise InputError("seed", f"must be >= 0; got {seed!r}")
-    n_req = requests or spec.num_requests
+    n_req = requests or spec.num_requests or sc.workload.num_requests
     if n_req is None:
         n_req = 1 << 62 if spec.arrival.process == "trace" else DEFAULT_REQUESTS
     seed_ = seed if seed is not None else spec.seed if spec.seed is not None else sc.routing.seed

@@ -29,9 +29,22 @@ class FrameworkProfile(BaseModel):
     gpu_memory_utilization: Quantity = Field(..., description="default fraction of HBM used")
     custom_all_reduce: Quantity = Field(
         ..., description="1 = TP all-reduces of small messages use the engine's own kernel")
+    piecewise_cuda_graphs: Quantity = Field(
+        ..., description="1 = steps that carry prefill tokens replay graphs for everything but "
+                         "attention (up to cuda_graph_max_batch tokens)")
+    mixed_batching: Quantity = Field(
+        ..., description="1 = prefill chunks share a step with the running decodes (chunked "
+                         "prefill / in-flight batching); 0 = prefill steps run alone and the "
+                         "decodes wait")
+    overlap_scheduler: Quantity = Field(
+        ..., description="1 = the host schedules step i+1 while the GPU runs step i, so a new "
+                         "request joins one step later")
     step_overhead_us: Quantity = Field(
         ..., description="host time per engine step not hidden behind the GPU (scheduling, "
                          "input preparation, sampling bookkeeping)")
+    request_overhead_us: Quantity = Field(
+        ..., description="time to first token outside the GPU steps: API server, tokenisation, "
+                         "admission into the running batch, streaming the first token back")
     provenance: dict = Field(default_factory=dict)
 
 

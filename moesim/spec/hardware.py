@@ -67,7 +67,13 @@ class Interconnect(_Strict):
 
 class CollectiveFit(_Strict):
     """t = latency_us + steps x latency_per_step_us + bytes_moved / (link bandwidth x
-    bus_efficiency) (nccl-tests bus model; NCCL's tuning model for the latency)."""
+    bus_efficiency) (nccl-tests bus model; NCCL's tuning model for the latency).
+
+    With ``ll_latency_us`` and ``ll_bus_efficiency`` the collective has a second protocol:
+    NCCL's LL/LL128 protocols (flags travel with the data: low latency, a fraction of the link
+    bandwidth) against Simple (full bandwidth, longer latency); NCCL's tuner picks the faster
+    per message size, so the time is the lower envelope of the two lines. For the engines'
+    custom all-reduce the pair is its one-shot / two-shot algorithm."""
 
     latency_us: Quantity
     latency_per_step_us: Optional[Quantity] = Field(
@@ -76,6 +82,10 @@ class CollectiveFit(_Strict):
     bus_efficiency: Quantity = Field(..., description="bus bandwidth / link bandwidth per direction")
     host_floor_us: Optional[Quantity] = Field(
         None, description="shortest eager call (host dispatch); hidden by CUDA graphs")
+    ll_latency_us: Optional[Quantity] = Field(
+        None, description="latency of the low-latency protocol (NCCL LL/LL128)")
+    ll_bus_efficiency: Optional[Quantity] = Field(
+        None, description="bus bandwidth / link bandwidth of the low-latency protocol")
 
 
 class Collectives(_Strict):
@@ -87,8 +97,10 @@ class Collectives(_Strict):
 
 
 class KernelFit(_Strict):
-    """One kernel family: t = t0_us + max(ideal compute / compute_efficiency,
-    ideal memory / memory_efficiency), ideal times at datasheet peaks (see costs/op.py)."""
+    """One kernel family: t = t0_us + steps x step_us + combine(ideal compute /
+    compute_efficiency, ideal memory / memory_efficiency, K-loop latency), ideal times at
+    datasheet peaks; ``combine`` is the maximum (a roofline) unless the family has an
+    ``overlap_exponent`` (see costs/op.py :func:`kernel_time_us`)."""
 
     t0_us: Quantity = Field(..., description="fixed time per kernel (launch latency, prologue, tail)")
     compute_efficiency: Optional[Quantity] = Field(
@@ -97,6 +109,18 @@ class KernelFit(_Strict):
     host_floor_us: Optional[Quantity] = Field(
         None, description="shortest time one eager call of this op takes, set by the host "
                           "(argument checks, JIT dispatch, launches); hidden by CUDA graphs")
+    overlap_exponent: Optional[Quantity] = Field(
+        None, description="p of the p-norm that combines the compute, memory and K-loop "
+                          "times: (t_c^p + t_m^p + t_k^p)^(1/p); absent = max (perfect overlap)")
+    step_us: Optional[Quantity] = Field(
+        None, description="µs per serialised step of the op (e.g. one same-address atomic per "
+                          "row in a dynamic per-tensor fp8 scale reduction)")
+    k_latency_us: Optional[Quantity] = Field(
+        None, description="µs per 1024 elements of K that one CTA walks serially (the "
+                          "latency-bound K loop of small GEMMs)")
+    k_split_above: Optional[Quantity] = Field(
+        None, description="K extent (elements) beyond which the library splits the K loop "
+                          "across CTAs (split-K), so one CTA never walks more")
 
 
 class Kernels(_Strict):
@@ -105,10 +129,25 @@ class Kernels(_Strict):
     gemm_fp8_block: Optional[KernelFit] = Field(None, description="dense GEMM, 128x128 block fp8")
     moe_bf16: KernelFit = Field(..., description="fused-MoE expert GEMMs, 16-bit activations")
     moe_fp8: Optional[KernelFit] = Field(None, description="fused-MoE expert GEMMs, fp8 activations")
+    moe_unaligned: Optional[KernelFit] = Field(
+        None, description="fused-MoE expert GEMMs, 16-bit activations, whose K or N is not a "
+                          "multiple of 16 elements (Triton cannot prove 16-byte alignment of "
+                          "the rows, so tile loads and stores are not vectorised); absent = "
+                          "moe_bf16")
     moe_aux: KernelFit = Field(..., description="the fused-MoE pipeline's small kernels: "
                                "token alignment, activation, top-k sum, quantisation")
+    quant_fp8: Optional[KernelFit] = Field(
+        None, description="bf16 -> fp8 activation quantisation before an fp8 linear layer "
+                          "(vLLM scaled_fp8_quant / per_token_group_quant_fp8); absent = "
+                          "priced as elementwise")
     attention_prefill: KernelFit
     attention_decode: KernelFit
+    attention_prefill_fp8: Optional[KernelFit] = Field(
+        None, description="prefill attention over an fp8 KV cache (FlashAttention-3's fp8 "
+                          "kernel: fp8 Q/K/V with descaling); absent = attention_prefill")
+    attention_decode_fp8: Optional[KernelFit] = Field(
+        None, description="decode attention over an fp8 KV cache (dequantised in the kernel); "
+                          "absent = attention_decode")
     attention_mla_decode: KernelFit = Field(
         ..., description="MLA decode (FlashMLA): all heads of a sequence in full tiles")
     elementwise: KernelFit = Field(..., description="memory-bound kernels: norms, activations, ...")

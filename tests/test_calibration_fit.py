@@ -1,0 +1,46 @@
+"""The fitter identifies the cost model's structural terms: synthetic tables generated from known
+parameters are fitted back to them (no GPU, no reference data needed)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from calibration.fit import Ops, fit_families, predict_rows, profile_params
+from moesim.costs.comm import all_gather
+from moesim.costs.gemm import linear
+from moesim.spec.hardware import load_profile
+
+BASE = load_profile("h100_sxm", calibrated=False)
+
+
+def _ops_and_truth(rows, make, truth):
+    """Ops of ``rows`` priced by ``make`` and 'measured' with the parameters ``truth``."""
+    ops_list = [make(*r) for r in rows]
+    ops = Ops.from_lists(ops_list, np.ones(len(rows)))
+    params = profile_params(BASE)
+    for fam, vals in truth.items():
+        params[fam].update(vals)
+    ops.measured = predict_rows(ops, params)
+    return ops
+
+
+def test_two_protocol_collective_is_recovered():
+    truth = {"all_gather": {"t0_us": 20.0, "memory_efficiency": 0.66, "step_us": 0.8,
+                            "ll_latency_us": 5.0, "ll_bus_efficiency": 0.27}}
+    rows = [(s, n) for n in (2, 4, 8) for s in 2 ** np.arange(9, 30)]
+    ops = _ops_and_truth(rows, lambda s, n: [all_gather("ag", float(s), n, BASE)], truth)
+    fitted, stats = fit_families(ops, profile_params(BASE), ("all_gather",))
+    assert stats["median_ape_pct"] < 0.5
+    for name, v in truth["all_gather"].items():
+        assert fitted["all_gather"][name] == pytest.approx(v, rel=0.05), name
+
+
+def test_fp8_quant_atomics_are_recovered():
+    truth = {"quant_fp8": {"t0_us": 1.2, "memory_efficiency": 0.7, "step_us": 0.006}}
+    rows = [(m, k) for m in (1, 64, 512, 4096, 16384, 32768) for k in (32, 1024, 16384)]
+    ops = _ops_and_truth(rows, lambda m, k: linear("x", m, 4096, k, BASE, "fp8", "fp8")[:1],
+                         truth)
+    fitted, stats = fit_families(ops, profile_params(BASE), ("quant_fp8",))
+    for name, v in truth["quant_fp8"].items():
+        assert fitted["quant_fp8"][name] == pytest.approx(v, rel=0.05), name
