@@ -282,7 +282,10 @@ def test_e2e_scenario_mapping():
     # MXFP4 experts as in the checkpoint (no fp4 tensor cores on H100), bf16 elsewhere
     assert (d["weight_dtype"], d["expert_weight_dtype"], d["activation_dtype"]) == \
         ("bf16", "mxfp4", "bf16")
-    assert sc["workload"] == {"batch_size": 16, "input_len": 1024, "output_len": 256}
+    # A benchmark run of 10 x concurrency requests (InferenceMAX's client protocol)
+    assert sc["workload"] == {"batch_size": 16, "input_len": 1024, "output_len": 256,
+                              "num_requests": 160}
+    assert sc["routing"]["distribution"] == "uniform"
     qwen = e2e_scenario({**row, "model_path": "Qwen/Qwen3-235B-A22B-FP8", "backend": "trtllm",
                          "gemm_quant_mode": "fp8_block", "moe_quant_mode": "fp8_block"})
     qd = qwen["deployment"]
