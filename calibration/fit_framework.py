@@ -113,7 +113,7 @@ def write_framework(path: Path, fit: dict[str, Any], table: Path, backend: str) 
                       f"TTFT and TPOT errors; fit median APE TTFT {fit['ttft_median_ape_pct']:.1f}%, "
                       f"TPOT {fit['tpot_median_ape_pct']:.1f}%")
             q = {"value": round(fit[key], 1), "kind": "calibrated", "source": source}
-            line = f"{key}: " + yaml.safe_dump(q, default_flow_style=True, width=10**6).strip() + "\n"
+            line = f"{key}: " + yaml.safe_dump(q, default_flow_style=True, width=10**6, sort_keys=False).strip() + "\n"
         out.append(line)
     path.write_text("".join(out))
 

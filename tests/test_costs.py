@@ -125,3 +125,38 @@ def test_fp8_kv_cache_attention_has_its_own_family():
     # A GPU without fp8 kernels prices an fp8 cache with the bf16 family.
     a100 = load_profile("a100_sxm")
     assert decode(8, 4096, 32, 8, 128, 128, a100, "fp8").family == "attention_decode"
+
+
+def test_ep_remote_slots_still_cost():
+    """EP: slots routed to experts held elsewhere still pass through the pipeline (zero rows
+    written by the GEMMs, activation over the whole cache), so a rank whose own experts get the
+    same tokens is slower when more tokens enter its kernel."""
+    from moesim.costs.moe import fused_terms
+
+    local = np.array([[4, 4, 4, 4]])
+    few, many = (fused_terms(local, t, 8, 2048, 768, HW, "bf16", "bf16") for t in (2, 2000))
+    act = lambda terms: next(float(b[0]) for n, _, _, b, _ in terms if n == "activation")
+    assert act(many) == pytest.approx(act(few) * 2000 * 8 / 16)
+    t_few, t_many = (fused_expert_us(local, t, 8, 2048, 768, HW, "bf16", "bf16")[0]
+                     for t in (2, 2000))
+    assert t_many > 2 * t_few
+
+
+@pytest.mark.parametrize("inter,unaligned", [(768, False), (24, True), (232, True), (48, False)])
+def test_unaligned_expert_gemms_pay_steps(inter, unaligned):
+    """A 16-bit expert GEMM whose K or N is not a multiple of 16 elements moves its rows with
+    narrow accesses: serialised steps at the fitted ``moe_bf16.step_us`` (fp8 never: its
+    128-element scale blocks keep K aligned)."""
+    from moesim.costs.moe import fused_terms_steps
+
+    loads = np.full((1, 16), 64)
+    steps = {t[0]: float(t[5][0]) for t in fused_terms_steps(loads, 128, 8, 2048, inter, HW,
+                                                              "bf16", "bf16")}
+    assert (steps["experts_down"] > 0) == unaligned
+    assert steps["experts_up"] == 0.0  # N = 2 * inter and K = hidden are multiples of 16 here
+    ops = expert_ops(loads[0], 128, 8, 2048, inter, HW, "bf16", "bf16")
+    down = next(o for o in ops if o.name == "experts_down")
+    assert (down.steps > 0) == unaligned
+    assert HW.kernels.moe_bf16.step_us is not None and HW.kernels.moe_bf16.step_us.value > 0
+    fp8 = fused_terms_steps(loads, 128, 8, 2048, inter, HW, "fp8_block", "fp8")
+    assert all(float(t[5][0]) == 0.0 for t in fp8)

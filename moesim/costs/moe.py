@@ -72,25 +72,31 @@ def grouped_gemm_ideal_us(loads: np.ndarray, n: int, k: int, block_m, block_n,
 
 
 # Triton specialises an integer argument that is a multiple of 16 (the JIT's divisibility
-# hint), which is what lets it prove 16-byte alignment of every row and vectorise tile loads and
-# stores. A 16-bit expert GEMM whose K (row stride of A and of the weights) or N (row stride of
-# the output) is not a multiple of 16 elements runs the same tiles with narrow accesses: its own
-# fitted family, where the profile has one.
+# hint); that is what lets it prove 16-byte alignment of every row and vectorise tile loads and
+# stores. A 16-bit expert GEMM whose K (row stride of the activations and of the weights) or N
+# (row stride of the output) is not a multiple of 16 elements moves the same data with narrow
+# accesses. Priced as serialised steps, one per UNALIGNED_STEP_ELEMENTS elements it loads and
+# stores, at the family's fitted ``step_us``.
 ALIGN_ELEMENTS = 16
-
-
-def _gemm_family(family: str, n: int, k: int, hw: HardwareProfile) -> str:
-    if family == "moe_bf16" and (n % ALIGN_ELEMENTS or k % ALIGN_ELEMENTS) \
-            and hw.kernels.moe_unaligned is not None:
-        return "moe_unaligned"
-    return family
+UNALIGNED_STEP_ELEMENTS = float(1 << 20)
 
 
 def fused_terms(loads: np.ndarray, num_tokens, top_k: int, hidden: int, inter: int,
                 hw: HardwareProfile, weight_dtype: str, act_dtype: str, gated: bool = True
                 ) -> list[tuple[str, str, np.ndarray, np.ndarray, np.ndarray]]:
     """The fused pipeline's kernels as ``(name, family, flops, bytes, ideal_compute_us)``, each
-    value an array over the leading axes of ``loads`` (``[..., E_local]``: one row per rank)."""
+    value an array over the leading axes of ``loads`` (``[..., E_local]``: one row per rank).
+    :func:`fused_terms_steps` adds each kernel's serialised steps and kernel count."""
+    return [t[:5] for t in fused_terms_steps(loads, num_tokens, top_k, hidden, inter, hw,
+                                             weight_dtype, act_dtype, gated)]
+
+
+def fused_terms_steps(loads: np.ndarray, num_tokens, top_k: int, hidden: int, inter: int,
+                      hw: HardwareProfile, weight_dtype: str, act_dtype: str, gated: bool = True
+                      ) -> list[tuple]:
+    """:func:`fused_terms` with two more values per kernel: its serialised steps (priced at the
+    family's ``step_us``; non-zero for 16-bit GEMMs with unaligned rows) and its kernel count
+    per row (0 where a row does not run it)."""
     loads = np.asarray(loads, dtype=np.int64)
     tokens = np.broadcast_to(np.asarray(num_tokens, dtype=np.float64), loads.shape[:-1])
     cd = gemm_compute_dtype(weight_dtype, act_dtype)
@@ -101,27 +107,32 @@ def fused_terms(loads: np.ndarray, num_tokens, top_k: int, hidden: int, inter: i
     # (EP) still run through the pipeline: their GEMM blocks write zeros to the output cache,
     # and the activation runs over the whole [tokens * top_k, 2I] cache (notes §2.1 step 4).
     all_slots = np.maximum(tokens * top_k, slots)
-    remote = all_slots - slots
     active = np.count_nonzero(loads, axis=-1).astype(np.float64)
     family = "moe_fp8" if act_dtype in ("fp8", "fp8_block") else "moe_bf16"
     quant = act_dtype in ("fp8", "fp8_block")
     bm, bn = block_shape(tokens)
     padded = np.sum(-(-loads // np.asarray(bm)[..., None]) * np.asarray(bm)[..., None], axis=-1)
     zero = np.zeros_like(slots)
-    terms = [("moe_align", "moe_aux", zero, slots * 4.0 * 3 + loads.shape[-1] * 8.0, zero)]
+    one = np.ones_like(slots)
+    terms = [("moe_align", "moe_aux", zero, slots * 4.0 * 3 + loads.shape[-1] * 8.0, zero, zero, one)]
     if quant:
-        terms.append(("quant_in", "moe_aux", zero, tokens * hidden * (2.0 + ab), zero))
+        terms.append(("quant_in", "moe_aux", zero, tokens * hidden * (2.0 + ab), zero, zero, one))
     for name, n, k in (("experts_up", up_n, hidden), ("experts_down", hidden, inter)):
         flops = 2.0 * slots * n * k  # useful work; padding shows up in the time only
         bytes_ = active * n * k * wb + padded * k * ab + all_slots * n * 2.0
-        terms.append((name, _gemm_family(family, n, k, hw), flops, bytes_,
-                      grouped_gemm_ideal_us(loads, n, k, bm, bn, hw, cd)))
+        steps = zero
+        if not quant and (n % ALIGN_ELEMENTS or k % ALIGN_ELEMENTS):
+            steps = (padded * k + all_slots * n) / UNALIGNED_STEP_ELEMENTS
+        terms.append((name, family, flops, bytes_,
+                      grouped_gemm_ideal_us(loads, n, k, bm, bn, hw, cd), steps, one))
         if name == "experts_up":
-            terms.append(("activation", "moe_aux", zero, all_slots * (up_n + inter) * 2.0, zero))
+            terms.append(("activation", "moe_aux", zero, all_slots * (up_n + inter) * 2.0, zero,
+                          zero, one))
             if quant:
-                terms.append(("quant_mid", "moe_aux", zero, all_slots * inter * (2.0 + ab), zero))
+                terms.append(("quant_mid", "moe_aux", zero, all_slots * inter * (2.0 + ab), zero,
+                              zero, one))
     terms.append(("moe_sum", "moe_aux", zero,
-                  tokens * top_k * hidden * 2.0 + tokens * hidden * 2.0, zero))
+                  tokens * top_k * hidden * 2.0 + tokens * hidden * 2.0, zero, zero, one))
     return terms
 
 
@@ -131,14 +142,55 @@ def fused_expert_us(loads: np.ndarray, num_tokens, top_k: int, hidden: int, inte
     """GPU time of the fused expert pipeline for each row of ``loads`` ``[R, E_local]`` — the
     same kernels :func:`expert_ops` returns, priced at once for every rank."""
     total = 0.0
-    for _, family, _, bytes_, ideal_c in fused_terms(loads, num_tokens, top_k, hidden, inter, hw,
-                                                     weight_dtype, act_dtype, gated):
+    for _, family, _, bytes_, ideal_c, steps, kernels in fused_terms_steps(
+            loads, num_tokens, top_k, hidden, inter, hw, weight_dtype, act_dtype, gated):
         fit = hw.kernel(family)
         eff_c = fit.compute_efficiency.value if fit.compute_efficiency is not None else 1.0
         total = total + kernel_time_us(fit.t0_us.value, eff_c, fit.memory_efficiency.value,
                                        ideal_c, bytes_ / hw.hbm_peak_bytes_per_us,
-                                       **fit_terms(fit))
+                                       kernels=kernels, steps=steps, **fit_terms(fit))
     return np.asarray(total)
+
+
+def fused_expert_kernels(loads: np.ndarray, num_tokens, top_k: int, hidden: int, inter: int,
+                         hw: HardwareProfile, weight_dtype: str, act_dtype: str,
+                         gated: bool = True) -> list[dict]:
+    """The kernels :func:`expert_ops` returns (fused strategy) for every row of ``loads``
+    ``[R, E_local]`` at once, without building an :class:`OpCost` per row: per kernel a dict of
+    OpCost fields, those that differ between rows as arrays ``[R]`` (``time_us``, ``flops``,
+    ``bytes``, ``ideal_compute_us``, ``ideal_memory_us``, ``fixed_us``, ``steps``,
+    ``kernels``, ``bound``; a row whose ``kernels`` is 0 does not run the kernel, and
+    :func:`expert_ops` leaves it out). The numbers are :func:`~.op.roofline`'s, by its formula
+    over arrays (:func:`~.op.kernel_time_us`). Used where many MoE layers with different loads
+    are priced (``step.build_step`` with routing draws, the sweep's vectorised pricer)."""
+    out = []
+    for term in fused_terms_steps(loads, num_tokens, top_k, hidden, inter, hw, weight_dtype,
+                                  act_dtype, gated):
+        name, family, flops, bytes_, ideal_c, steps = term[:6]
+        kernels = np.asarray(term[6] if len(term) > 6 else 1.0)
+        fit = hw.kernel(family)
+        eff_c = fit.compute_efficiency.value if fit.compute_efficiency is not None else 1.0
+        eff_m = fit.memory_efficiency.value
+        terms = fit_terms(fit)
+        ideal_m = np.asarray(bytes_ / hw.hbm_peak_bytes_per_us, dtype=np.float64)
+        kr = np.broadcast_to(kernels, ideal_m.shape).astype(np.int64)
+        fixed = kr * fit.t0_us.value
+        time = np.asarray(kernel_time_us(fit.t0_us.value, eff_c, eff_m, ideal_c, ideal_m,
+                                         kernels=kr, steps=steps, **terms), dtype=np.float64)
+        # roofline's bound (these kernels have no K-loop term: k_loop = 0)
+        t_c, t_m = np.asarray(ideal_c) / eff_c, ideal_m / eff_m
+        t_k = terms["k_latency_us"] * min(0.0, terms["k_split_above"]) / 1024.0
+        bound = np.where(fixed > time - fixed, "launch",
+                         np.where(t_c >= np.maximum(t_m, t_k), "compute", "memory"))
+        out.append({"name": name, "category": "moe", "family": family,
+                    "host_floor_us": fit.host_floor_us.value if fit.host_floor_us else 0.0,
+                    "time_us": time, "flops": np.asarray(flops, dtype=np.float64),
+                    "bytes": np.asarray(bytes_, dtype=np.float64),
+                    "ideal_compute_us": np.asarray(ideal_c, dtype=np.float64),
+                    "ideal_memory_us": ideal_m, "fixed_us": np.asarray(fixed, dtype=np.float64),
+                    "steps": np.broadcast_to(np.asarray(steps, dtype=np.float64), time.shape),
+                    "kernels": kr, "bound": bound})
+    return out
 
 
 def expert_ops(loads: np.ndarray, num_tokens: int, top_k: int, hidden: int, inter: int,
@@ -187,6 +239,8 @@ def expert_ops(loads: np.ndarray, num_tokens: int, top_k: int, hidden: int, inte
                              kernels=2))
         return ops
 
-    return [roofline(name, "moe", family, float(fl), float(by), float(ic), hw)
-            for name, family, fl, by, ic in fused_terms(loads, num_tokens, top_k, hidden, inter,
-                                                        hw, weight_dtype, act_dtype, gated)]
+    return [roofline(name, "moe", family, float(fl), float(by), float(ic), hw, kernels=int(kr),
+                     steps=float(st))
+            for name, family, fl, by, ic, st, kr in fused_terms_steps(
+                loads, num_tokens, top_k, hidden, inter, hw, weight_dtype, act_dtype, gated)
+            if kr > 0]

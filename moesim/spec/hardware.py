@@ -129,11 +129,6 @@ class Kernels(_Strict):
     gemm_fp8_block: Optional[KernelFit] = Field(None, description="dense GEMM, 128x128 block fp8")
     moe_bf16: KernelFit = Field(..., description="fused-MoE expert GEMMs, 16-bit activations")
     moe_fp8: Optional[KernelFit] = Field(None, description="fused-MoE expert GEMMs, fp8 activations")
-    moe_unaligned: Optional[KernelFit] = Field(
-        None, description="fused-MoE expert GEMMs, 16-bit activations, whose K or N is not a "
-                          "multiple of 16 elements (Triton cannot prove 16-byte alignment of "
-                          "the rows, so tile loads and stores are not vectorised); absent = "
-                          "moe_bf16")
     moe_aux: KernelFit = Field(..., description="the fused-MoE pipeline's small kernels: "
                                "token alignment, activation, top-k sum, quantisation")
     quant_fp8: Optional[KernelFit] = Field(
