@@ -2,11 +2,36 @@
 
 Runs ``python -m moesim sweep examples/sweeps/mixtral-grid.yaml --out <tmp>.csv`` as a user
 would (interpreter start, imports, sweep file, every point, the CSV) and divides the points by
-the wall time. Also reports the child's CPU seconds (the machine may be shared) and the cost of
-just starting Python and importing moesim, so the evaluation rate itself can be read off.
+the wall time. Also reports the child's CPU seconds (the machine may be shared: evaluations per
+CPU second do not depend on what else runs) and the cost of just starting Python and importing
+moesim. With ``--split routing`` (the default when the sweep has a ``routing`` axis) it also runs
+the sweep once per routing value (the other axes unchanged), so balanced and drawn routing get
+figures of their own.
 
     python benchmarks/bench_sweep.py                   # workers 1 and 2, best of 2
     python benchmarks/bench_sweep.py --workers 2 --repeat 3 --json
+
+Figures, 2026-11-23, this 2-core VM (shared with other jobs: load average 1.0-1.4 during the
+runs; best of 3; ``--json`` gives the same table with the load average):
+
+    =============================  =======  =======  ======  =======  ===========
+    sweep                          workers  points   wall s  evals/s  evals/CPU s
+    =============================  =======  =======  ======  =======  ===========
+    mixtral-grid.yaml              1        110,592  33.07    3,345    3,380
+    (balanced + zipf routing)      2        110,592  19.26    5,743    3,085
+    routing=balanced               1         55,296   8.87    6,234    6,207
+                                   2         55,296   4.90   11,288    6,678
+    routing=zipf (2 draws a step)  1         55,296  24.41    2,265    2,265
+                                   2         55,296  14.15    3,908    2,069
+    before: the old predict (one   1         55,296  13.40    4,127    4,111
+    decode step + first-wave       2         55,296   8.68    6,370    3,851
+    prefill), old grid, balanced
+    =============================  =======  =======  ======  =======  ===========
+
+Python start and ``import moesim`` take 0.4-0.5 s of each run. Drawn routing costs three times
+as much per point as balanced routing: ``serving_times`` runs twice per point (once to record
+the order in which predict draws, once with the draws' per-sample times, numpy arrays), and
+every group prices the MoE layers of all its draws (``StepPricer.moe_draws``).
 """
 
 from __future__ import annotations
@@ -20,6 +45,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 GRID = ROOT / "examples" / "sweeps" / "mixtral-grid.yaml"
@@ -41,50 +68,75 @@ def _timed(cmd: list[str]) -> tuple[float, float, str]:
     return wall, cpu, proc.stderr.strip()
 
 
+def _variants(path: str, split: str, tmp: str) -> list[tuple[str, str]]:
+    """(label, sweep file): the sweep itself, and with ``split`` one copy per value of that
+    axis (its base made absolute so that the copy resolves from the temporary folder)."""
+    out = [("all", path)]
+    if not split:
+        return out
+    doc = yaml.safe_load(Path(path).read_text())
+    values = (doc.get("axes") or {}).get(split)
+    if not isinstance(values, list):
+        return out
+    if isinstance(doc.get("base"), str):
+        doc["base"] = str((Path(path).parent / doc["base"]).resolve())
+    for i, v in enumerate(values):
+        one = dict(doc, axes=dict(doc["axes"], **{split: [v]}))
+        label = v.get("distribution", str(i)) if isinstance(v, dict) else str(v)
+        f = os.path.join(tmp, f"{split}-{i}.yaml")
+        Path(f).write_text(yaml.safe_dump(one, sort_keys=False))
+        out.append((f"{split}={label}", f))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sweep", default=str(GRID))
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--repeat", type=int, default=2, help="runs per setting; the best counts")
+    ap.add_argument("--split", default="routing",
+                    help="also run one sweep per value of this axis ('' : no)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
 
     sys.path.insert(0, str(ROOT))
     from moesim.sweep import load_sweep
 
-    points = len(load_sweep(args.sweep))
     base = _command()
     startup = min(_timed([sys.executable, "-c", "import moesim.sweep, moesim.cli"])[0]
                   for _ in range(args.repeat))
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "grid.csv")
-        for w in args.workers:
-            runs = [_timed(base + [args.sweep, "--out", out, "--workers", str(w),
-                                   "--no-progress"]) for _ in range(args.repeat)]
-            wall, cpu, summary = min(runs)
-            results.append({"workers": w, "points": points, "wall_s": round(wall, 3),
-                            "cpu_s": round(cpu, 3),
-                            "evaluations_per_s": round(points / wall, 1),
-                            "evaluations_per_cpu_s": round(points / cpu, 1),
-                            "startup_s": round(startup, 3),
-                            "evaluations_per_s_after_startup": round(points / (wall - startup),
-                                                                     1),
-                            "summary": summary.splitlines()[-1]})
+        for label, sweep in _variants(args.sweep, args.split, tmp):
+            points = len(load_sweep(sweep))
+            for w in args.workers:
+                runs = [_timed(base + [sweep, "--out", out, "--workers", str(w),
+                                       "--no-progress"]) for _ in range(args.repeat)]
+                wall, cpu, summary = min(runs)
+                results.append({"sweep": label, "workers": w, "points": points,
+                                "wall_s": round(wall, 3), "cpu_s": round(cpu, 3),
+                                "evaluations_per_s": round(points / wall, 1),
+                                "evaluations_per_cpu_s": round(points / cpu, 1),
+                                "startup_s": round(startup, 3),
+                                "evaluations_per_s_after_startup":
+                                    round(points / (wall - startup), 1),
+                                "summary": summary.splitlines()[-1]})
     if args.json:
         print(json.dumps({"sweep": args.sweep, "cpus": os.cpu_count(),
                           "load_average": os.getloadavg(), "results": results}, indent=2))
         return 0
-    print(f"{Path(args.sweep).name}: {points:,} points; {os.cpu_count()} CPUs, load average "
+    print(f"{Path(args.sweep).name}: {os.cpu_count()} CPUs, load average "
           f"{os.getloadavg()[0]:.2f}; python + import moesim: {startup:.2f} s")
-    print(f"  {'workers':>7} {'wall s':>8} {'evals/s':>9} {'CPU s':>7} {'evals/CPU s':>12} "
-          f"{'evals/s excl. startup':>22}")
+    print(f"  {'sweep':<26} {'workers':>7} {'points':>7} {'wall s':>8} {'evals/s':>9} "
+          f"{'CPU s':>7} {'evals/CPU s':>12} {'evals/s excl. startup':>22}")
     for r in results:
-        print(f"  {r['workers']:>7} {r['wall_s']:>8.2f} {r['evaluations_per_s']:>9,.0f} "
-              f"{r['cpu_s']:>7.2f} {r['evaluations_per_cpu_s']:>12,.0f} "
+        print(f"  {r['sweep']:<26} {r['workers']:>7} {r['points']:>7,} {r['wall_s']:>8.2f} "
+              f"{r['evaluations_per_s']:>9,.0f} {r['cpu_s']:>7.2f} "
+              f"{r['evaluations_per_cpu_s']:>12,.0f} "
               f"{r['evaluations_per_s_after_startup']:>22,.0f}")
     for r in results:
-        print(f"  workers={r['workers']}: {r['summary']}")
+        print(f"  {r['sweep']}, workers={r['workers']}: {r['summary']}")
     return 0
 
 

@@ -128,6 +128,13 @@ def write_report(tables_dir: Path, out: Path, system: str = "h100_sxm") -> None:
                                   f"{st['median_pred_over_meas']:.2f}"))
         lines += _table(["metric", "group", "rows", "median APE %", "p90 APE %",
                          "median pred/meas"], erows)
+        lines += ["", "E2E rows are predicted as `moesim validate` maps them "
+                  "(`moesim.validate.e2e_scenario`): uniform random routing, a benchmark run of "
+                  "10 x concurrency requests; the worst rows:", ""]
+        worst = [(metric.upper(), w["row"], f"{w['measured']:.4g}", f"{w['predicted']:.4g}",
+                  f"{w['ape_pct']:.1f}", w["label"])
+                 for metric in ("ttft", "tpot") for w in s["worst_rows"][metric]]
+        lines += _table(["metric", "row", "measured ms", "predicted ms", "APE %", "id"], worst)
         lines.append("")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")

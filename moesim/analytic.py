@@ -242,18 +242,24 @@ def serving_times(sc: Scenario, ss: SteadyState, time_of: Callable[[Batch], np.n
     (one step time in us per routing draw), as the module docstring derives them. Every driver
     that prices steps its own way (``predict``, the sweep's fast path) combines them here.
     ``draft``: GPU time to draft one decode iteration's tokens (:func:`draft_us`)."""
-    wl, fw = sc.workload, sc.framework
-    t_dec = time_of(ss.decode) + draft
+    wl, fw, d = sc.workload, sc.framework, ss.decode
+    t_dec = time_of(d) + draft
     mixed = bool(fw.mixed_batching.value)
+    carried: dict[Batch, tuple[np.ndarray, np.ndarray]] = {}  # ttft_mixes repeat mixes
 
     def carrying(p: Batch) -> tuple[np.ndarray, np.ndarray]:
         """(time of the iteration carrying ``p`` as the decodes see it, as ``p``'s request
         sees it)"""
-        if mixed:
-            t = time_of(replace(ss.decode, prefill=p)) + draft
-            return t, t
-        alone = time_of(p)
-        return t_dec + alone, alone
+        c = carried.get(p)
+        if c is None:
+            if mixed:
+                t = time_of(replace(d, prefill=p)) + draft
+                c = (t, t)
+            else:
+                alone = time_of(p)
+                c = (t_dec + alone, alone)
+            carried[p] = c
+        return c
 
     share = sum(w for _, w in ss.mixes)
     mean_us = (1.0 - share) * t_dec

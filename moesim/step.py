@@ -25,6 +25,18 @@ from .spec.scenario import Scenario
 Phase = Literal["prefill", "decode"]
 
 
+def _with(op: OpCost, **changes: Any) -> OpCost:
+    """``dataclasses.replace(op, **changes)`` without re-running ``OpCost.__init__`` (which has
+    nothing to check): a step builds hundreds of ops, and replace is most of their cost."""
+    if not hasattr(op, "__dict__"):  # a slotted OpCost: the dataclass way
+        return replace(op, **changes)
+    new = object.__new__(type(op))
+    d = new.__dict__
+    d.update(op.__dict__)
+    d.update(changes)
+    return new
+
+
 @dataclass(frozen=True)
 class Batch:
     """Work of one step on one attention-DP group: ``num_seqs`` sequences, each adding
@@ -230,24 +242,132 @@ def _max_over_mean(x: np.ndarray) -> float:
     return float(np.max(x)) / m if m > 0 else 1.0
 
 
+def _max_over_mean_rows(x: np.ndarray) -> np.ndarray:
+    """:func:`_max_over_mean` of each row of ``x`` ``[R, n]``."""
+    x = np.ascontiguousarray(x, dtype=np.float64)
+    m = x.mean(axis=1)
+    return np.where(m > 0, x.max(axis=1) / np.where(m > 0, m, 1.0), 1.0)
+
+
 def moe_layer_ops(sc: Scenario, b: Batch, loads: np.ndarray) -> _MoeLayer:
     """Ops of one MoE layer for global per-expert ``loads`` ``[E]`` (see :func:`moe_layers`)."""
     return moe_layers(sc, b, np.asarray(loads)[None, :])[0]
 
 
+#: OpCost fields that differ between MoE layers with different loads (the rest are the op's).
+_VARYING = ("time_us", "launch_us", "fixed_us", "flops", "bytes", "ideal_compute_us",
+            "ideal_memory_us", "bound", "kernels", "steps", "k_loop", "host_floor_us")
+
+
+class _Column:
+    """One op of every MoE layer priced together: the layers' OpCosts are ``template`` with the
+    fields in ``varying`` (arrays over the layers) replaced; ``varying`` None: one op shared by
+    every layer (the router, the shared experts, the all-reduce). ``present``: the layers that
+    run the op (None: all)."""
+
+    __slots__ = ("template", "varying", "present")
+
+    def __init__(self, template: OpCost, varying: Optional[dict[str, np.ndarray]] = None,
+                 present: Optional[np.ndarray] = None):
+        self.template, self.varying, self.present = template, varying, present
+
+    @staticmethod
+    def stack(ops: list[OpCost]) -> "_Column":
+        """The column of one op given per layer."""
+        return _Column(ops[0], {f: np.array([getattr(o, f) for o in ops]) for f in _VARYING})
+
+    def runs(self, layer: int) -> bool:
+        return self.present is None or bool(self.present[layer])
+
+    def op(self, layer: int) -> OpCost:
+        """The op of one layer (one that runs it)."""
+        if self.varying is None:
+            return self.template
+        return _with(self.template, **{f: v[layer].item() for f, v in self.varying.items()})
+
+    def average(self, idx: list[int], kind: str) -> OpCost:
+        """:func:`_average_layers` of this op over the layers ``idx`` (in layer order): the
+        sums of its times, FLOPs and bytes over the layers running it over the count of all,
+        the bound that accounts for most of the time, the other fields of the first layer's."""
+        n = len(idx)
+        if self.varying is None:
+            o = self.template
+            return _with(o, time_us=sum([o.time_us] * n) / n,
+                           launch_us=sum([o.launch_us] * n) / n,
+                           fixed_us=sum([o.fixed_us] * n) / n, flops=sum([o.flops] * n) / n,
+                           bytes=sum([o.bytes] * n) / n, count=n, layer_kind=kind)
+        v = self.varying
+        if self.present is not None:
+            idx = [i for i in idx if self.present[i]]
+        times = v["time_us"][idx].tolist()
+        bounds: dict[str, float] = {}
+        for bd, t in zip(v["bound"][idx].tolist(), times):
+            bounds[bd] = bounds.get(bd, 0.0) + t
+        return _with(self.op(idx[0]), time_us=sum(times) / n,
+                       launch_us=sum(v["launch_us"][idx].tolist()) / n,
+                       fixed_us=sum(v["fixed_us"][idx].tolist()) / n,
+                       flops=sum(v["flops"][idx].tolist()) / n,
+                       bytes=sum(v["bytes"][idx].tolist()) / n,
+                       bound=max(bounds, key=bounds.get), count=n, layer_kind=kind)
+
+
+def _kind_ops(columns: list[_Column], idx: list[int], kind: str) -> list[OpCost]:
+    """The MoE ops of the layers ``idx`` of one kind (rows of the priced loads, in layer order):
+    with the same loads everywhere the layer's ops, else :func:`_average_layers` of them (by op,
+    in the order the layers first run them; ``count * time`` is still their sum)."""
+    n = len(idx)
+    if all(i == idx[0] for i in idx):
+        return [_with(c.op(idx[0]), count=n, layer_kind=kind) for c in columns if c.runs(idx[0])]
+    order = [j for j, c in enumerate(columns) if c.runs(idx[0])]
+    if len(order) < len(columns):  # some op is not run by the first layer
+        seen = set(order)
+        for i in idx[1:]:
+            for j, c in enumerate(columns):
+                if j not in seen and c.runs(i):
+                    seen.add(j)
+                    order.append(j)
+    return [columns[j].average(idx, kind) for j in order]
+
+
+@dataclass(frozen=True)
+class _MoePriced:
+    """MoE layers with loads ``[L, E]`` priced at once: their ops as columns (op order) and per
+    layer the expert time of each EP rank, what the capacity cap did and the rank balance."""
+
+    columns: list[_Column]
+    rank_us: np.ndarray  # [L, ep]
+    dropped: np.ndarray  # [L] shares of the token-slots
+    rerouted: np.ndarray
+    ratio: np.ndarray  # [L] max / mean token-slots per rank, after placement
+    before: Optional[np.ndarray]  # [L] the same without EPLB (eplb only)
+
+    def layer(self, l: int) -> _MoeLayer:
+        return _MoeLayer([c.op(l) for c in self.columns if c.runs(l)], self.rank_us[l],
+                         float(self.dropped[l]), float(self.rerouted[l]), float(self.ratio[l]),
+                         None if self.before is None else float(self.before[l]))
+
+
 def moe_layers(sc: Scenario, b: Batch, loads: np.ndarray) -> list[_MoeLayer]:
     """Ops of MoE layers, their per-rank expert times, what the capacity cap did and the rank
-    balance, for global per-expert ``loads`` ``[L, E]`` (one row per layer).
+    balance, for global per-expert ``loads`` ``[L, E]`` (one row per layer); see
+    :func:`_moe_priced`."""
+    priced = _moe_priced(sc, b, loads)
+    return [priced.layer(l) for l in range(len(priced.rank_us))]
+
+
+def _moe_priced(sc: Scenario, b: Batch, loads: np.ndarray) -> _MoePriced:
+    """MoE layers for global per-expert ``loads`` ``[L, E]`` (one row per layer), priced at once.
 
     ``loads`` are the token-slots routed to each expert by all tokens that meet in a layer:
     with attention_dp == 1 every rank holds the whole batch (TP-style MoE) and the tokens are
     those of the batch; with attention_dp > 1 the groups' tokens are dispatched to the experts.
     A capacity factor caps each expert first (``routing.apply_capacity``); ``second_pass`` runs
     the overflow as further rounds of the expert kernels. Every rank of every layer is priced
-    at once (fused kernels over arrays); op lists are built for each layer's slowest rank, which
-    is what the layer waits for.
+    at once (fused kernels over arrays); a layer's expert ops are those of its slowest rank,
+    which is what the layer waits for, priced for all layers at once as well
+    (``moe.fused_expert_kernels``; the grouped and naive strategies per layer).
     """
-    from .routing import apply_capacity, rank_expert_loads  # a peer layer, imported on use
+    from .routing import apply_capacity  # a peer layer, imported on use
 
     m, d, hw, rs = sc.model, sc.deployment, sc.hardware, sc.routing
     mo = m.moe
@@ -286,45 +406,79 @@ def moe_layers(sc: Scenario, b: Batch, loads: np.ndarray) -> list[_MoeLayer]:
                 d.activation_dtype, m.gated_mlp, d.strategy)) for r in range(d.ep)]
                 for l in range(L)]
     slowest = np.argmax(rank_us, axis=1)
+    layer = np.arange(L)
     # Dispatch/combine: each token travels once to every rank holding one of its experts
     # (DeepEP de-duplicates per rank); the all-to-all waits for the rank receiving the most.
     processed = np.asarray(capped.processed).reshape(L, -1)
     # With one pass the processed loads are that pass's: reuse its placement.
     per_rank_all = passes[0][1] if len(passes) == 1 else placed(processed)
     a2a_tokens = received_tokens(per_rank_all, t_global).max(axis=1)
-    router = moe.router(t_group, H, mo.num_experts, mo.top_k, hw, mo.scoring, d.activation_dtype)
-    shared = _dense_mlp_ops(sc, b, mo.num_shared_experts * mo.shared_expert_intermediate_size,
-                            "shared_expert") if mo.num_shared_experts else []
-    all_reduce = _tp_all_reduce(sc, b, "moe_all_reduce") if dp == 1 else None
+
+    def per_layer(make: Any, values: np.ndarray) -> _Column:
+        """A column of scalar ops, one per distinct value (layers alike share it)."""
+        memo: dict[float, OpCost] = {}
+        ops = []
+        for x in values.tolist():
+            o = memo.get(x)
+            if o is None:
+                o = memo[x] = make(x)
+            ops.append(o)
+        return _Column.stack(ops)
+
+    columns = [_Column(o) for o in moe.router(t_group, H, mo.num_experts, mo.top_k, hw,
+                                                 mo.scoring, d.activation_dtype)]
+    if dp > 1:
+        columns.append(per_layer(lambda a: comm.all_to_all(
+            "dispatch", a * H * ELEMENT_BYTES[d.activation_dtype], d.ep, hw, sc.gpus_per_node),
+            a2a_tokens))
+    for p, per_rank, tokens_in in passes:
+        suffix = f"_pass{p + 1}" if p else ""
+        if d.strategy == "fused":
+            for k in moe.fused_expert_kernels(per_rank[layer, slowest],
+                                              tokens_in[layer, slowest], mo.top_k, H, inter_r,
+                                              hw, d.experts_dtype, d.activation_dtype,
+                                              m.gated_mlp):
+                template = OpCost(k["name"] + suffix, "moe", 0.0, 0.0, 0.0, "memory",
+                                  family=k["family"], host_floor_us=k["host_floor_us"])
+                zero = np.zeros(L)
+                runs = k["kernels"] > 0
+                columns.append(_Column(template, {
+                    "time_us": k["time_us"], "launch_us": zero, "fixed_us": k["fixed_us"],
+                    "flops": k["flops"], "bytes": k["bytes"],
+                    "ideal_compute_us": k["ideal_compute_us"],
+                    "ideal_memory_us": k["ideal_memory_us"],
+                    "bound": np.array(moe.BOUNDS)[k["bound"]],
+                    "kernels": k["kernels"], "steps": k["steps"], "k_loop": zero,
+                    "host_floor_us": np.full(L, k["host_floor_us"])},
+                    None if runs.all() else runs))
+        else:
+            lists = [moe.expert_ops(per_rank[l, slowest[l]], int(tokens_in[l, slowest[l]]),
+                                    mo.top_k, H, inter_r, hw, d.experts_dtype,
+                                    d.activation_dtype, m.gated_mlp, d.strategy)
+                     for l in range(L)]
+            for j in range(len(lists[0])):
+                col = _Column.stack([ops[j] for ops in lists])
+                if p:
+                    col.template = replace(col.template, name=col.template.name + suffix)
+                columns.append(col)
+    if mo.num_shared_experts:
+        columns += [_Column(o) for o in _dense_mlp_ops(
+            sc, b, mo.num_shared_experts * mo.shared_expert_intermediate_size, "shared_expert")]
+    if dp > 1:
+        columns.append(per_layer(lambda a: comm.all_to_all(
+            "combine", a * H * 2.0, d.ep, hw, sc.gpus_per_node), a2a_tokens))
+    else:
+        all_reduce = _tp_all_reduce(sc, b, "moe_all_reduce")
+        if all_reduce is not None:
+            columns.append(_Column(all_reduce))
     slots = max(1, t_global * mo.top_k)
     dropped = np.asarray(capped.dropped, dtype=float).reshape(L) / slots
     rerouted = np.asarray(capped.rerouted, dtype=float).reshape(L) / slots
-    ratio = [_max_over_mean(x) for x in per_rank_all.sum(axis=2)]
-    out = []
-    for l in range(L):
-        r = int(slowest[l])
-        ops = list(router)
-        if dp > 1:
-            ops.append(comm.all_to_all("dispatch", a2a_tokens[l] * H *
-                                       ELEMENT_BYTES[d.activation_dtype], d.ep, hw,
-                                       sc.gpus_per_node))
-        for p, per_rank, tokens_in in passes:
-            ops_r = moe.expert_ops(per_rank[l, r], int(tokens_in[l, r]), mo.top_k, H, inter_r,
-                                   hw, d.experts_dtype, d.activation_dtype, m.gated_mlp,
-                                   d.strategy)
-            ops += [replace(o, name=f"{o.name}_pass{p + 1}") for o in ops_r] if p else ops_r
-        ops += shared
-        if dp > 1:
-            ops.append(comm.all_to_all("combine", a2a_tokens[l] * H * 2.0, d.ep, hw,
-                                       sc.gpus_per_node))
-        elif all_reduce is not None:
-            ops.append(all_reduce)
-        before = None
-        if rs.placement == "eplb" and mo.num_experts % d.ep == 0:
-            before = _max_over_mean(processed[l].reshape(d.ep, -1).sum(axis=1))
-        out.append(_MoeLayer(ops, rank_us[l], float(dropped[l]), float(rerouted[l]), ratio[l],
-                             before))
-    return out
+    ratio = _max_over_mean_rows(per_rank_all.sum(axis=2))
+    before = None
+    if rs.placement == "eplb" and mo.num_experts % d.ep == 0:
+        before = _max_over_mean_rows(processed.reshape(L, d.ep, -1).sum(axis=2))
+    return _MoePriced(columns, rank_us, dropped, rerouted, ratio, before)
 
 
 def _head_ops(sc: Scenario, b: Batch) -> list[OpCost]:
@@ -354,7 +508,7 @@ def build_step(sc: Scenario, b: Batch, moe_loads: Optional[np.ndarray] = None) -
     for att, mlp in zip(m.layer_attention, m.layer_mlp):
         counts[(att, mlp)] = counts.get((att, mlp), 0) + 1
 
-    moe_per_kind: dict[str, list[list[OpCost]]] = {}
+    moe_per_kind: dict[str, list[OpCost]] = {}
     stats: dict[str, MoeLayerStats] = {}
     if m.moe is not None:
         from .routing import balanced_loads
@@ -365,27 +519,26 @@ def build_step(sc: Scenario, b: Batch, moe_loads: Optional[np.ndarray] = None) -
                                         (m.num_moe_layers, m.moe.num_experts))
         rows = np.asarray(moe_loads)
         uniq, inverse = np.unique(rows, axis=0, return_inverse=True)
-        priced = moe_layers(sc, b, uniq)
-        layers: list[_MoeLayer] = []
+        inverse = np.ravel(inverse)
+        priced = _moe_priced(sc, b, uniq)
+        idx_of: dict[str, list[int]] = {}  # each kind's layers, as rows of uniq
         moe_idx = 0
         for att, mlp in zip(m.layer_attention, m.layer_mlp):
             if mlp != "moe":
                 continue
-            layer = priced[int(np.ravel(inverse)[moe_idx])]
+            idx_of.setdefault(_layer_kind(att, mlp), []).append(int(inverse[moe_idx]))
             moe_idx += 1
-            layers.append(layer)
-            moe_per_kind.setdefault(_layer_kind(att, mlp), []).append(layer.ops)
+        for kind, idx in idx_of.items():
+            moe_per_kind[kind] = _kind_ops(priced.columns, idx, kind)
         max_tok = rows.max(axis=1)
         distinct = np.count_nonzero(rows, axis=1)
         mean_tok = t_global * m.moe.top_k / m.moe.num_experts
-        before = [l.rank_tokens_ratio_contiguous for l in layers]
+        mom = _max_over_mean_rows(priced.rank_us)
         stats["moe"] = MoeLayerStats(
-            float(mean_tok), float(np.mean(max_tok)),
-            float(np.mean([_max_over_mean(l.rank_us) for l in layers])),
-            float(np.mean(distinct)), float(np.mean([l.dropped for l in layers])),
-            float(np.mean([l.rerouted for l in layers])),
-            float(np.mean([l.rank_tokens_ratio for l in layers])),
-            None if before[0] is None else float(np.mean(before)))
+            float(mean_tok), float(np.mean(max_tok)), float(np.mean(mom[inverse])),
+            float(np.mean(distinct)), float(np.mean(priced.dropped[inverse])),
+            float(np.mean(priced.rerouted[inverse])), float(np.mean(priced.ratio[inverse])),
+            None if priced.before is None else float(np.mean(priced.before[inverse])))
 
     ops: list[OpCost] = []
     for (att, mlp), n in counts.items():
@@ -399,15 +552,15 @@ def build_step(sc: Scenario, b: Batch, moe_loads: Optional[np.ndarray] = None) -
             ar = _tp_all_reduce(sc, b, "mlp_all_reduce")
             if ar is not None:
                 layer.append(ar)
-            ops += [o.scaled(n, kind) for o in layer]
+            ops += [_with(o, count=n, layer_kind=kind) for o in layer]
         else:
-            ops += [o.scaled(n, kind) for o in layer]
-            ops += _average_layers(moe_per_kind[kind], kind)
-    ops += [o.scaled(1, "head") for o in _head_ops(sc, b)]
+            ops += [_with(o, count=n, layer_kind=kind) for o in layer]
+            ops += moe_per_kind[kind]
+    ops += [_with(o, count=1, layer_kind="head") for o in _head_ops(sc, b)]
     if d.pp > 1:
         send = comm.all_to_all("pp_send", b.tokens * m.hidden_size * 2.0 * 2, 2, hw,
                                sc.gpus_per_node)
-        ops.append(send.scaled(d.pp - 1, "pipeline"))
+        ops.append(_with(send, count=d.pp - 1, layer_kind="pipeline"))
     ops = [with_launch(sc, b, o) for o in ops]
     step_us = sc.framework.step_overhead_us.value
     if step_us:
@@ -419,10 +572,14 @@ def build_step(sc: Scenario, b: Batch, moe_loads: Optional[np.ndarray] = None) -
 def _average_layers(layers: list[list[OpCost]], kind: str) -> list[OpCost]:
     """Merge the op lists of several MoE layers (different loads, possibly different numbers of
     overflow passes) into one list, by op name, whose ``count * time`` sums equal the layers'
-    total; an op a layer lacks counts as zero time for that layer."""
+    total; an op a layer lacks counts as zero time for that layer.
+
+    The definition of the per-kind entries: :func:`build_step` computes them from the layers'
+    op columns without building a list per layer (:func:`_kind_ops`, ``_Column.average``);
+    ``tests/test_sweep.py`` holds the two equal."""
     n = len(layers)
     if all(l is layers[0] for l in layers):
-        return [o.scaled(n, kind) for o in layers[0]]
+        return [_with(o, count=n, layer_kind=kind) for o in layers[0]]
     by_name: dict[str, list[OpCost]] = {}
     for layer in layers:
         for o in layer:
@@ -470,7 +627,7 @@ def with_launch(sc: Scenario, b: Batch, op: OpCost) -> OpCost:
             bound = op.bound
             if bound == "launch" and t > 2 * graph_fixed:
                 bound = "compute" if op.ideal_compute_us >= op.ideal_memory_us else "memory"
-            return replace(op, time_us=t, fixed_us=graph_fixed, bound=bound)
+            return _with(op, time_us=t, fixed_us=graph_fixed, bound=bound)
         launch = graph_fixed - op.fixed_us
     else:
         # The host floors fitted from kernel tables (``op.host_floor_us``) belong to the
@@ -479,4 +636,4 @@ def with_launch(sc: Scenario, b: Batch, op: OpCost) -> OpCost:
         host = op.kernels * ov.kernel_launch_host_us.value
         launch = max(0.0, host - op.time_us)
     bound = "launch" if launch > op.time_us else op.bound
-    return replace(op, launch_us=launch, bound=bound)
+    return _with(op, launch_us=launch, bound=bound)

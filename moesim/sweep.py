@@ -28,34 +28,43 @@ Each point becomes one row: the values the axes set, ``feasible`` and ``error`` 
 scenario is invalid is kept, with the one-line reason), and the outputs of :func:`predict`
 (:data:`OUTPUT_COLUMNS`).
 
-Speed. ``predict`` costs milliseconds a point, so a sweep does not call it point by point. Points
-are grouped by everything except the workload (batch size, lengths); each group is resolved once
-and, when its routing is deterministic (``balanced``, or a dense model), evaluated by
-:class:`FastEvaluator`, which memoises the step builder's results by what each part of a step
-depends on: the ops outside attention and the LM head depend only on the phase and the tokens in
-the step (one :func:`~moesim.step.build_step` per distinct token count); the attention ops on the
-batch shape and context; the head ops on the sequences. All of them are priced by the very same
-functions (:func:`~moesim.step.build_step`, ``step._attention_ops``, ``step._head_ops``,
-``step.with_launch``); the TTFT sum over a repeated prefill chunk is taken in closed form, and
-the driver helpers that read the workload (``analytic.prefill_plan``, ``memory.activation_bytes``,
-the scenario checks) are memoised on the workload fields they actually read
-(:class:`WorkloadMemo`). The first point of every group is also run through :func:`predict` and
-compared (relative 1e-9); on a mismatch the group falls back to ``predict`` with a warning.
-Stochastic routing draws fresh loads for every prefill chunk and sample, so those groups always
-go through ``predict`` (exact, slow). Groups can be spread over local processes (``workers``) or
-a Ray cluster (``ray_address``; Ray is optional).
+Speed. ``predict`` costs milliseconds a point, so a sweep does not call it point by point.
+Points are grouped by everything except the workload (batch size, lengths); each group is
+resolved once and evaluated by :class:`FastEvaluator` (balanced routing, or a dense model) or
+:class:`StochasticEvaluator` (drawn routing: zipf, power_law, uniform, ...). Both call the
+driver's own ``analytic.steady_state``, ``serving_times`` and ``benchmark_means`` for every point
+and only price the steps differently: the steps all points of the group need (the steady
+state's decode step and the iterations carrying prefill, the first wave's prefill steps) are
+collected first and priced together, each distinct step once, by
+:class:`~moesim.vstep.StepPricer`, the vectorised twin of ``step.build_step`` (numpy over the
+steps; ``tests/test_sweep.py`` holds every twin to its scalar original). With drawn routing each
+point replays the order in which ``predict`` first prices its steps, which fixes each step's
+draw; the draws are kept in a tree shared by all points and groups that draw the same way
+(:class:`Draws`), and the MoE layers of every distinct draw are priced together
+(``StepPricer.moe_draws``). The driver helpers that read the workload (``analytic.prefill_plan``,
+``memory.activation_bytes``, the scenario checks) are memoised on the workload fields they
+actually read (:class:`WorkloadMemo`). The first point of every group is also run through
+:func:`predict` and compared (relative 1e-9); on a mismatch the group falls back to ``predict``
+with a warning. Routing the fast path does not cover (a capacity cap, EPLB placement, the
+grouped / naive MoE kernels, drawn routing with speculative decoding) goes through ``predict``.
+Groups can be spread over local processes (``workers``) or a Ray cluster (``ray_address``; Ray is
+optional). Figures: ``benchmarks/bench_sweep.py``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
+import gc
 import itertools
 import json
 import math
+import operator
 import sys
 import time
-from dataclasses import dataclass, field
+import weakref
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
@@ -67,12 +76,13 @@ from .errors import InputError
 #: Outputs of every row, after the axis columns.
 OUTPUT_COLUMNS: tuple[str, ...] = (
     "feasible", "error", "evaluator",
-    "ttft_ms", "tpot_ms", "throughput_output_tok_per_s", "throughput_output_tok_per_s_per_gpu",
-    "prefill_total_ms", "num_gpus",
+    "ttft_ms", "ttft_ms_first_wave", "tpot_ms", "throughput_output_tok_per_s",
+    "throughput_output_tok_per_s_per_gpu", "prefill_total_ms", "num_gpus",
     "memory_weights_bytes", "memory_kv_cache_bytes", "memory_activations_bytes",
     "memory_reserved_bytes", "memory_total_bytes", "memory_capacity_bytes",
     "fits", "max_batch_size",
     "prefill_step_tokens", "prefill_step_us", "decode_step_batch", "decode_step_us",
+    "mixed_fraction", "queued_requests",
     "prefill_bound_compute", "prefill_bound_memory", "prefill_bound_network",
     "prefill_bound_launch",
     "decode_bound_compute", "decode_bound_memory", "decode_bound_network", "decode_bound_launch",
@@ -493,15 +503,16 @@ def _shares(v: Sequence[float]) -> tuple[float, float, float, float]:
     return (v[1] / total, v[2] / total, v[3] / total, v[4] / total)
 
 
-def _outputs(evaluator: str, ttft: float, tpot: float, throughput: float, prefill_ms: float,
-             num_gpus: int, mem: Any, prefill_tokens: int, pvec: Sequence[float],
-             decode_batch: int, dvec: Sequence[float], samples: int, warnings: list[str]
+def _outputs(evaluator: str, ttft: float, ttft_first_wave: float, tpot: float,
+             throughput: float, prefill_ms: float, num_gpus: int, mem: Any, prefill_tokens: int,
+             pvec: Sequence[float], decode_batch: int, dvec: Sequence[float],
+             mixed_fraction: float, queued: float, samples: int, warnings: list[str]
              ) -> Outputs:
-    return (True, "", evaluator, ttft, tpot, throughput, throughput / num_gpus, prefill_ms,
-            num_gpus, mem.weights, mem.kv_cache, mem.activations, mem.reserved, mem.total,
-            mem.capacity, mem.fits, mem.max_batch_size, prefill_tokens, float(pvec[0]),
-            decode_batch, float(dvec[0])) + _shares(pvec) + _shares(dvec) + \
-        (samples, " | ".join(warnings))
+    return (True, "", evaluator, ttft, ttft_first_wave, tpot, throughput, throughput / num_gpus,
+            prefill_ms, num_gpus, mem.weights, mem.kv_cache, mem.activations, mem.reserved,
+            mem.total, mem.capacity, mem.fits, mem.max_batch_size, prefill_tokens,
+            float(pvec[0]), decode_batch, float(dvec[0]), mixed_fraction, queued) + \
+        _shares(pvec) + _shares(dvec) + (samples, " | ".join(warnings))
 
 
 def prediction_outputs(p: Any) -> Outputs:
@@ -509,11 +520,11 @@ def prediction_outputs(p: Any) -> Outputs:
     fast path reproduces)."""
     assert p.throughput_output_tok_per_s_per_gpu == \
         p.throughput_output_tok_per_s / p.scenario.num_gpus
-    return _outputs("predict", p.ttft_ms, p.tpot_ms, p.throughput_output_tok_per_s,
-                    p.prefill_total_ms, p.scenario.num_gpus, p.memory,
-                    p.prefill_step.batch.tokens, _bound_vector(p.prefill_step.ops),
-                    p.decode_step.batch.num_seqs, _bound_vector(p.decode_step.ops), p.samples,
-                    p.warnings)
+    return _outputs("predict", p.ttft_ms, p.ttft_ms_first_wave, p.tpot_ms,
+                    p.throughput_output_tok_per_s, p.prefill_total_ms, p.scenario.num_gpus,
+                    p.memory, p.prefill_step.batch.tokens, _bound_vector(p.prefill_step.ops),
+                    p.decode_step.batch.num_seqs, _bound_vector(p.decode_step.ops),
+                    p.mixed_fraction, p.queued_requests, p.samples, p.warnings)
 
 
 def error_outputs(exc: InputError) -> Outputs:
@@ -568,12 +579,14 @@ class WorkloadMemo:
 
     def __init__(self, sc: Any, fn: Callable[[Any], Any]) -> None:
         self.sc, self.fn = sc, fn
-        self.tables: dict[tuple[str, ...], dict[tuple[Any, ...], Any]] = {}
+        self.tables: dict[tuple[str, ...], dict[Any, Any]] = {}
+        # (key of a workload, table) per shape of reads: the lookup runs once per sweep point
+        self._keyed: list[tuple[Callable[[Any], Any], dict[Any, Any]]] = []
         self.calls = 0
 
     def __call__(self, wl: Any) -> Any:
-        for reads, table in self.tables.items():
-            hit = table.get(tuple(getattr(wl, r) for r in reads), _MISS)
+        for key, table in self._keyed:
+            hit = table.get(key(wl), _MISS)
             if hit is not _MISS:
                 break
         else:
@@ -588,10 +601,48 @@ class WorkloadMemo:
                 from .spec.workload import Workload
 
                 reads = tuple(Workload.model_fields)
-            self.tables.setdefault(reads, {})[tuple(getattr(wl, r) for r in reads)] = hit
+            table = self.tables.get(reads)
+            if table is None:
+                table = self.tables[reads] = {}
+                # attrgetter of one name gives the value, of several a tuple: either is a key
+                self._keyed.append((operator.attrgetter(*reads) if reads else _no_key, table))
+            key = next(k for k, t in self._keyed if t is table)
+            table[key(wl)] = hit
         if isinstance(hit, InputError):
             raise hit
         return hit
+
+
+def _no_key(wl: Any) -> tuple[()]:
+    return ()
+
+
+class _ScenarioView:
+    """Base of :func:`_view_class`: anything not copied onto the class is read from the
+    resolved scenario."""
+
+    __slots__ = ("workload",)
+    _sc: Any = None
+
+    def __init__(self, workload: Any) -> None:
+        self.workload = workload
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sc, name)
+
+
+def _view_class(sc: Any) -> type:
+    """A class whose instances are ``sc`` seen with another (validated) workload, like
+    :class:`_WithWorkload` but faster to read: the scenario's other fields and its properties
+    (all workload-independent) are class attributes. One instance per sweep point."""
+    attrs: dict[str, Any] = {"_sc": sc, "__slots__": ()}
+    for name in type(sc).model_fields:
+        if name != "workload":
+            attrs[name] = getattr(sc, name)
+    for name, member in vars(type(sc)).items():
+        if isinstance(member, property) and name != "workload":
+            attrs[name] = getattr(sc, name)
+    return type("ScenarioView", (_ScenarioView,), attrs)
 
 
 def deterministic(sc: Any) -> bool:
@@ -605,145 +656,475 @@ def with_workload(sc: Any, wl: Any) -> Any:
                                  "source": sc.source.model_copy(update={"workload": wl})})
 
 
+def _step_key(b: Any) -> Any:
+    """A batch as a flat tuple: hashed and compared in C, where the dataclass's own hash and
+    equality run Python code (the sweep looks steps up a few times per point)."""
+    p = b.prefill
+    if p is None:
+        return (b.phase, b.num_seqs, b.new_tokens, b.context)
+    if p.prefill is None:
+        return (b.phase, b.num_seqs, b.new_tokens, b.context, p.phase, p.num_seqs,
+                p.new_tokens, p.context)
+    return b
+
+
 class FastEvaluator:
     """``predict`` for many workloads of one resolved scenario with deterministic routing.
 
-    A step's time is split into three memoised parts, each priced by the step builder's own
-    functions: ``rest(phase, tokens)`` (every op but attention and the head: norms, all-reduces,
-    MoE / dense MLP, pipeline sends, engine overhead; one :func:`~moesim.step.build_step` per
-    distinct token count, minus the other two parts), attention (``step._attention_ops`` of the
-    batch shape and context) and the head (``step._head_ops``), each op through
-    ``step.with_launch``. Each part is a vector [time, compute, memory, network, launch] µs, so
-    the bound shares come out too. Exact while ``build_step`` keeps that dependence: the
-    per-group self-check in :func:`evaluate_group` and ``tests/test_sweep.py`` watch it.
+    ``predict`` = the closed loop's steady state (``analytic.steady_state``: the iteration mix),
+    its steps priced, combined by ``analytic.serving_times`` (and ``benchmark_means``); plus
+    the first-wave prefill timeline and the memory. This evaluator calls the same
+    ``steady_state``, ``serving_times`` and ``benchmark_means`` for every workload and only
+    prices the steps its own way: the steps all workloads of a batch of points need are
+    collected first and priced together by :class:`~moesim.vstep.StepPricer` (numpy over the
+    steps: the vectorised twin of ``build_step``), each distinct step once; ``serving_times``
+    then looks them up. The prefill plan, the first wave, the activation memory and the
+    scenario checks are memoised on the workload fields they read (:class:`WorkloadMemo`).
+    Exact to rounding: the per-group self-check in :func:`evaluate_group` and
+    ``tests/test_sweep.py`` compare it with ``predict``.
     """
 
     def __init__(self, sc: Any) -> None:
-        from .memory import weight_bytes_per_gpu
+        from . import analytic
+        from .memory import MemoryBreakdown, activation_bytes, kv_bytes_per_seq, \
+            weight_bytes_per_gpu
+        from .step import Batch
+        from .vstep import StepPricer
 
-        if not deterministic(sc):
-            raise ValueError("FastEvaluator needs deterministic (balanced) routing")
+        if not deterministic(sc) and type(self) is FastEvaluator:
+            raise ValueError("FastEvaluator needs deterministic (balanced) routing; "
+                             "StochasticEvaluator draws routing loads")
         self.sc = sc
-        counts: dict[str, int] = {}
-        for att in sc.model.layer_attention:
-            counts[att] = counts.get(att, 0) + 1
-        self._att_counts = list(counts.items())
-        self._steps: dict[tuple[str, int, int, float], tuple[float, ...]] = {}
-        self._rest: dict[tuple[str, int], list[float]] = {}
-        self._head: dict[tuple[str, int, int], list[float]] = {}
-        self._launch: dict[tuple[str, int, Any], tuple[float, int]] = {}
-        self._kv: dict[int, float] = {}
+        self.pricer = StepPricer(sc)
+        self.mixed = bool(sc.framework.mixed_batching.value)
+        self._vectors: dict[Any, tuple[float, ...]] = {}  # step key -> step vector
+        self._times: dict[Any, float] = {}  # step key -> step time
+        self._shares: dict[Any, tuple[float, ...]] = {}  # step key -> bound shares
+        self._drafts: dict[Any, float] = {}
+        self._kv: dict[float, float] = {}
         self._weights = weight_bytes_per_gpu(sc)
         cap = sc.hardware.memory.hbm_capacity_bytes.value
         self._cap = cap
         self._reserved = (1.0 - sc.gpu_memory_utilization) * cap + \
             sc.hardware.overheads.runtime_reserved_bytes.value
-        self.step_builds = 0
-        from .memory import activation_bytes
-
-        self._prefill = WorkloadMemo(sc, self._prefill_timeline)
+        self._overhead_us = sc.framework.request_overhead_us.value
+        self._view = _view_class(sc)
+        # Per prompt shape (what prefill_plan reads): [the prefill plan, then (lazily, once its
+        # steps are priced) its first wave].
+        self._prompt = WorkloadMemo(sc, lambda psc: [analytic.prefill_plan(psc), None])
         self._activations = WorkloadMemo(sc, activation_bytes)
+        # the drivers' functions, looked up once (a sweep calls them per point)
+        self._an = analytic
+        self._Batch, self._Memory, self._kv_bytes = Batch, MemoryBreakdown, kv_bytes_per_seq
+        self.step_builds = 0  # vectorised pricing calls (each prices many steps)
+        get, me = self._times.get, weakref.ref(self)  # no reference cycle through the closure
 
-    def _launched(self, b: Any, ops: Iterable[Any], n: int, v: list[float]) -> None:
-        """Add ``n`` x the launched cost of ``ops`` to ``v``."""
-        from .step import with_launch
+        def time_of(b: Any) -> float:
+            t = get(_step_key(b))
+            return t if t is not None else me().step(b)[0]  # type: ignore[union-attr]
 
-        for o in ops:
-            key = (b.phase, b.num_seqs, o)
-            try:
-                hit = self._launch.get(key)
-            except TypeError:  # an op with an unhashable field: no memo
-                key, hit = None, None
-            if hit is None:
-                lo = with_launch(self.sc, b, o)
-                hit = (lo.total_us, _BOUND_INDEX[lo.bound])
-                if key is not None:
-                    self._launch[key] = hit
-            t = n * hit[0]
-            v[0] += t
-            v[hit[1]] += t
+        self.time_of = time_of  # ``build_step(sc, b).time_us``: serving_times's step pricer
+
+    # -- steps -----------------------------------------------------------------------------------
+    def price(self, batches: Union[Iterable[Any], dict[Any, Any]]) -> None:
+        """Price every batch not priced yet, all in one vectorised call. ``batches``: batches,
+        or ``{step key: batch or (decode batch, prefill chunk riding in it)}``."""
+        vectors, Batch = self._vectors, self._Batch
+        if not isinstance(batches, dict):
+            batches = {_step_key(b): b for b in batches}
+        new = [(k, b) for k, b in batches.items() if k not in vectors]
+        if not new:
+            return
+        self.step_builds += 1
+        steps = [b if type(b) is not tuple else
+                 Batch(b[0].phase, b[0].num_seqs, b[0].new_tokens, b[0].context, b[1])
+                 for _, b in new]
+        times = self._times
+        for (k, _), v in zip(new, self._vectorise(steps).tolist()):
+            vectors[k] = v = tuple(v)
+            times[k] = v[0]
+
+    def _vectorise(self, steps: list[Any]) -> np.ndarray:
+        """Step vectors of new steps."""
+        return self.pricer.vectors(steps)
 
     def step(self, b: Any) -> tuple[float, ...]:
         """[time, compute, memory, network, launch] µs of ``build_step(sc, b)``."""
-        key = (b.phase, b.num_seqs, b.new_tokens, b.context)
-        out = self._steps.get(key)
-        if out is not None:
-            return out
-        from .step import _attention_ops, _head_ops, build_step
+        k = _step_key(b)
+        v = self._vectors.get(k)
+        if v is None:
+            self.price({k: b})
+            v = self._vectors[k]
+        return v
 
-        att = [0.0] * 5
-        for kind, n in self._att_counts:
-            self._launched(b, _attention_ops(self.sc, b, kind), n, att)
-        hkey = (b.phase, b.num_seqs, b.tokens)
-        head = self._head.get(hkey)
-        if head is None:
-            head = [0.0] * 5
-            self._launched(b, _head_ops(self.sc, b), 1, head)
-            self._head[hkey] = head
-        rkey = (b.phase, b.tokens)
-        rest = self._rest.get(rkey)
-        if rest is None:
-            full = _bound_vector(build_step(self.sc, b).ops)
-            self.step_builds += 1
-            rest = [f - a - h for f, a, h in zip(full, att, head)]
-            tiny = 1e-9 * max(full[0], 1.0)
-            rest[1:] = [0.0 if abs(x) < tiny else x for x in rest[1:]]
-            self._rest[rkey] = rest
-        out = self._steps[key] = tuple(r + a + h for r, a, h in zip(rest, att, head))
-        return out
+    def _draft(self, view: Any, ss: Any) -> float:
+        """``analytic.draft_us`` of the one-token decode step (speculative decoding only)."""
+        from .step import build_step
 
-    def _prefill_timeline(self, psc: Any) -> tuple[float, float, int, tuple[float, ...]]:
-        """(first group's prefill µs, prefill total µs, largest prefill step's tokens and vector):
-        analytic.predict's prefill loop, each repeated block summed in closed form."""
-        from .analytic import prefill_plan
+        b = replace(ss.decode, new_tokens=1)
+        key = (b, view.workload.speculative)  # draft_us reads the drafting settings
+        t = self._drafts.get(key)
+        if t is None:
+            t = self._drafts[key] = self._an.draft_us(view, build_step(self.sc, b))
+        return t
 
-        clock = 0.0
-        group: Optional[float] = None
-        big_tokens, big_vec = -1, (0.0,) * 5
-        for chunks, repeat in prefill_plan(psc):
+    def _first_wave(self, plan: Any) -> tuple[float, float, int, tuple[float, ...],
+                                              tuple[float, ...]]:
+        """(first-wave TTFT µs summed over requests / requests, before the request overhead;
+        prefill total µs; the largest prefill step's tokens, vector and bound shares) of a
+        prefill plan: ``predict``'s first-wave loop, each repeated block summed in closed
+        form (its steps were priced with the group's: outputs_many)."""
+        time_of = self.time_of
+        clock = ttft_sum = 0.0
+        finished = 0
+        big: Optional[Any] = None
+        for chunks, repeat in plan:
             block = 0.0
             for batch, done in chunks:
-                v = self.step(batch)
-                block += v[0]
-                if done and group is None:
-                    group = clock + block
-                if batch.tokens > big_tokens:
-                    big_tokens, big_vec = batch.tokens, v
+                block += time_of(batch)
+                if done:
+                    # the r-th repeat (r = 0..R-1) ends this chunk at clock + r * B + block
+                    ttft_sum += done * repeat * (clock + block)
+                    finished += done * repeat
+                if big is None or batch.tokens > big.tokens:
+                    big = batch
+            ttft_sum += sum(done for _, done in chunks) * block * repeat * (repeat - 1) / 2.0
             clock += repeat * block
-        assert group is not None
-        return group, clock, big_tokens, big_vec
+        assert big is not None and finished > 0
+        vec = self.step(big)
+        return ttft_sum / finished, clock, big.tokens, vec, _shares(vec)
 
+    # -- points ----------------------------------------------------------------------------------
     def outputs(self, workload: Any) -> Outputs:
         """The output columns of ``predict`` for this scenario with ``workload`` (a validated
         :class:`~moesim.spec.workload.Workload` that passed the scenario's checks)."""
-        from .analytic import _warnings
-        from .memory import MemoryBreakdown, kv_bytes_per_seq
-        from .step import Batch
+        return self.outputs_many([workload])[0]
 
-        sc = self.sc
+    def outputs_many(self, workloads: Sequence[Any]) -> list[Outputs]:
+        """:meth:`outputs` of many workloads: the steps they all need (the steps ``predict``
+        prices: the steady state's decode step and the iterations carrying prefill, the
+        first wave's prefill steps) are priced together first; one missed here would be
+        priced on demand."""
+        steady_state, prompt_of, Batch = self._an.steady_state, self._prompt, self._Batch
+        view = self._view
+        views = [view(wl) for wl in workloads]
+        states = [steady_state(v) for v in views]
+        prompts = [prompt_of(wl) for wl in workloads]
+        seen: set[int] = set()
+        need: dict[Any, Any] = {}
+        mixed = self.mixed
+        for ss, prompt in zip(states, prompts):
+            d = ss.decode
+            dk = _step_key(d)
+            need[dk] = d
+            for p, _ in ss.mixes:
+                if not mixed:
+                    need[_step_key(p)] = p
+                elif d.prefill is None and p.prefill is None:  # the key without the batch
+                    need[dk + (p.phase, p.num_seqs, p.new_tokens, p.context)] = (d, p)
+                else:
+                    b = Batch(d.phase, d.num_seqs, d.new_tokens, d.context, p)
+                    need[_step_key(b)] = b
+            if id(prompt) not in seen:  # a memoised plan's steps are listed once
+                seen.add(id(prompt))
+                for chunks, _ in prompt[0]:
+                    for b, _ in chunks:
+                        need[_step_key(b)] = b
+        self.price(need)
+        point = self._point
+        return [point(*args) for args in zip(views, states, prompts)]
+
+    def _point(self, view: Any, ss: Any, prompt: list[Any]) -> Outputs:
+        sc, wl, an = self.sc, view.workload, self._an
         dp = sc.deployment.attention_dp
-        bs, isl, osl = workload.batch_size, workload.input_len, workload.output_len
-        group_us, clock, big_tokens, big_vec = self._prefill(workload)
-        # analytic.predict's decode step, steady-state TTFT and throughput
-        seqs = -(-bs // dp)
-        dvec = self.step(Batch("decode", seqs, 1, isl + osl / 2.0))
-        tpot = dvec[0] / 1e3
-        ttft_us = group_us + 0.5 * dvec[0]
+        draft = self._draft(view, ss) if wl.speculative is not None else 0.0
+        served = an.serving_times(view, ss, self.time_of, draft)
+        if prompt[1] is None:
+            prompt[1] = self._first_wave(prompt[0])
+        first_us, clock, big_tokens, big_vec, big_shares = prompt[1]
+        # analytic.predict's first wave and its mix with the steady state
+        first_ms = (first_us + self._overhead_us) / 1e3
         prefill_ms = clock / 1e3
-        throughput = bs * osl / ((prefill_ms + (osl - 1) * tpot) / 1e3)
+        ttft, tpot = an.benchmark_means(view, served, first_ms, prefill_ms)
+        d = ss.decode
+        dk = _step_key(d)
+        dvec = self._vectors.get(dk) or self.step(d)
+        dshares = self._shares.get(dk)
+        if dshares is None:
+            dshares = self._shares[dk] = _shares(dvec)
         # memory.memory_per_gpu, its workload-independent parts computed once
-        seq_len = isl + osl
+        seq_len = wl.input_len + wl.output_len
         per_seq = self._kv.get(seq_len)
         if per_seq is None:
-            per_seq = self._kv[seq_len] = kv_bytes_per_seq(sc, seq_len)
-        act = self._activations(workload)
+            per_seq = self._kv[seq_len] = self._kv_bytes(sc, seq_len)
+        act = self._activations(wl)
         free = self._cap - self._weights - act - self._reserved
         max_batch = max(0, int(free // per_seq)) * dp if per_seq > 0 else 0
-        mem = MemoryBreakdown(self._weights, seqs * per_seq, act, self._reserved, self._cap,
-                              per_seq, max_batch)
-        return _outputs("fast", ttft_us / 1e3, tpot, throughput, prefill_ms, sc.num_gpus, mem,
-                        big_tokens, big_vec, seqs, dvec, 1,
-                        _warnings(_WithWorkload(sc, workload), mem))
+        kv = -(-wl.batch_size // dp) * per_seq
+        mem = self._Memory(self._weights, kv, act, self._reserved, self._cap, per_seq,
+                           max_batch)
+        total = mem.total
+        thr = served.throughput_output_tok_per_s
+        return (True, "", "fast", float(ttft), first_ms, float(tpot), thr, thr / sc.num_gpus,
+                prefill_ms, sc.num_gpus, self._weights, kv, act, self._reserved, total,
+                self._cap, total <= self._cap, max_batch, big_tokens, big_vec[0], d.num_seqs,
+                dvec[0], served.mixed_fraction, ss.queued_requests * dp) + big_shares + \
+            dshares + (1, " | ".join(an._warnings(view, mem, ss)))
+
+
+class _Draw:
+    """A node of :class:`Draws`: the routing loads ``[samples, L, E]`` drawn for one step, and
+    the generator state after the draw."""
+
+    __slots__ = ("id", "loads", "state", "children", "tokens")
+
+    def __init__(self, id_: int, tokens: int, loads: Optional[np.ndarray], state: Any) -> None:
+        self.id, self.tokens, self.loads, self.state = id_, tokens, loads, state
+        self.children: dict[int, "_Draw"] = {}
+
+
+class Draws:
+    """The routing draws ``predict`` makes, shared by every scenario that draws the same way.
+
+    ``predict`` seeds one generator per scenario (``routing.seed``) and draws
+    ``routing.samples`` loads for each distinct step, in the order it first prices them, with
+    ``sample_loads(routing, tokens, E, k, L, rng)``: the draws of a step depend only on the
+    global token counts of the steps drawn before it and its own. This is a tree of them keyed
+    by those token counts (the root: the seeded generator), so points sharing a prefix of steps
+    (the same prompt shape, then the same decode batch, ...) and scenarios with the same routing
+    and model shape share the draws (:meth:`child`)."""
+
+    def __init__(self, routing: Any, num_experts: int, top_k: int, num_layers: int) -> None:
+        self.routing, self.E, self.k, self.L = routing, num_experts, top_k, num_layers
+        self.samples = int(routing.samples)
+        self.root = _Draw(0, 0, None, np.random.default_rng(routing.seed).bit_generator.state)
+        self.count = 1
+        self.nbytes = 0  # of the loads held
+
+    def child(self, node: _Draw, tokens: int) -> _Draw:
+        """The draw after ``node`` for a step of ``tokens`` global tokens."""
+        c = node.children.get(tokens)
+        if c is None:
+            from .routing import sample_loads
+
+            rng = np.random.default_rng()
+            rng.bit_generator.state = node.state
+            loads = sample_loads(self.routing, tokens, self.E, self.k, self.L, rng,
+                                 num_samples=self.samples)
+            c = node.children[tokens] = _Draw(self.count, tokens, loads, rng.bit_generator.state)
+            self.count += 1
+            self.nbytes += loads.nbytes
+        return c
+
+
+def _draws_key(sc: Any) -> tuple[Any, ...]:
+    mo = sc.model.moe
+    return (sc.routing.model_dump_json(), mo.num_experts, mo.top_k, sc.model.num_moe_layers)
+
+
+def stochastic_supported(sc: Any) -> bool:
+    """Whether :class:`StochasticEvaluator` covers ``sc`` (routing draws priced by the
+    vectorised MoE path: fused kernels, no capacity cap, a static placement); else ``predict``
+    evaluates it."""
+    rs = sc.routing
+    return (not deterministic(sc) and sc.deployment.strategy == "fused"
+            and (rs.capacity_factor is None or rs.overflow == "dropless")
+            and rs.placement != "eplb")
+
+
+class StochasticEvaluator(FastEvaluator):
+    """``predict`` for many workloads of one resolved scenario whose routing is drawn (zipf,
+    power_law, uniform, ...; :func:`stochastic_supported`).
+
+    The same plan as :class:`FastEvaluator` (``steady_state``, ``serving_times`` and
+    ``benchmark_means`` per workload; steps priced together), with ``predict``'s draws: each
+    point replays the order in which ``predict`` first prices its steps (the first wave's
+    prefill steps, the decode step, then whatever ``serving_times`` asks for, recorded by
+    calling it once with a stand-in pricer), which fixes each step's draw (:class:`Draws`).
+    A step's time per sample is its non-MoE part (:class:`~moesim.vstep.StepPricer`, each step
+    once) plus its MoE layers for its draw (``StepPricer.moe_draws``, each draw and launch
+    mode once)."""
+
+    def __init__(self, sc: Any, draws: Draws) -> None:
+        super().__init__(sc)
+        # Here FastEvaluator's tables (``price``, ``step``, ``time_of``) hold each step's ops
+        # outside the MoE layers (see _vectorise); ``_svector`` / ``_stimes`` add the draws'.
+        self.draws = draws
+        self.S = draws.samples
+        self._moe: dict[tuple[int, bool], np.ndarray] = {}  # (draw, graph) -> [S, 5]
+        # (step key, draw) -> [S, 5] vectors and their times
+        self._svec: dict[tuple[Any, int], np.ndarray] = {}
+        self._stime: dict[tuple[Any, int], np.ndarray] = {}
+        self._moe_t: dict[tuple[int, bool], np.ndarray] = {}  # MoE times [S] by draw, graph
+        self._gflag: dict[Any, bool] = {}  # step key -> graph-covered MoE
+
+    def _graph(self, b: Any) -> bool:
+        """Whether a CUDA graph covers ``b``'s MoE ops (``step.graphs_cover``)."""
+        p = self.pricer
+        g = p.graphs and b.tokens <= p.graph_max
+        return bool(g and ((b.phase == "decode" and b.prefill is None) or p.piecewise))
+
+    def _replay(self, view: Any, ss: Any, prompt: list[Any]) -> dict[Any, tuple[Any, _Draw]]:
+        """{step key: (batch, draw)} of one point, in ``predict``'s order."""
+        draws, dp = self.draws, self.sc.deployment.attention_dp
+        if len(prompt) < 3:  # the first wave's steps come first: the same for a prompt shape
+            seq: dict[Any, tuple[Any, _Draw]] = {}
+            node = draws.root
+            for chunks, _ in prompt[0]:
+                for b, _ in chunks:
+                    k = _step_key(b)
+                    if k not in seq:
+                        node = draws.child(node, b.tokens * dp)
+                        seq[k] = (b, node)
+            prompt.append((seq, node))
+        seq0, node0 = prompt[2]
+        seq = dict(seq0)
+        last = [node0]
+
+        def rec(b: Any) -> float:  # any positive time: only the order of the calls matters
+            k = _step_key(b)
+            if k not in seq:
+                last[0] = draws.child(last[0], b.tokens * dp)
+                seq[k] = (b, last[0])
+            return 1.0
+
+        rec(ss.decode)
+        self._an.serving_times(view, ss, rec, 0.0)
+        return seq
+
+    def outputs_many(self, workloads: Sequence[Any]) -> list[Outputs]:
+        if any(wl.speculative is not None for wl in workloads):
+            raise NotImplementedError("speculative decoding with drawn routing: use predict")
+        steady_state, prompt_of = self._an.steady_state, self._prompt
+        view = self._view
+        views = [view(wl) for wl in workloads]
+        states = [steady_state(v) for v in views]
+        prompts = [prompt_of(wl) for wl in workloads]
+        seqs = [self._replay(v, ss, pr) for v, ss, pr in zip(views, states, prompts)]
+        steps: dict[Any, Any] = {}
+        moe: dict[tuple[int, bool], _Draw] = {}
+        for seq in seqs:
+            for k, (b, node) in seq.items():
+                steps[k] = b
+                moe.setdefault((node.id, self._graph(b)), node)
+        self.price(steps)  # the parts outside the MoE layers (_vectorise)
+        new = [(k, n) for k, n in moe.items() if k not in self._moe]
+        if new:
+            tokens = np.array([n.tokens for _, n in new], dtype=np.float64) / \
+                self.sc.deployment.attention_dp
+            loads = np.stack([n.loads for _, n in new])
+            cov = np.array([g for (_, g), _ in new])
+            for ((k, _), v) in zip(new, self.pricer.moe_draws(tokens, loads, cov)):
+                self._moe[k] = v
+        return [self._spoint(v, ss, pr, seq)
+                for v, ss, pr, seq in zip(views, states, prompts, seqs)]
+
+    def _vectorise(self, steps: list[Any]) -> np.ndarray:
+        """Step vectors of new steps without their MoE layers (priced per draw)."""
+        return self.pricer.vectors(steps, moe=False)
+
+    def _svector(self, k: Any, b: Any, node: _Draw) -> np.ndarray:
+        """[S, 5] step vectors of step ``b`` (key ``k``) with draw ``node``."""
+        v = self._svec.get((k, node.id))
+        if v is None:
+            v = self._svec[(k, node.id)] = \
+                np.asarray(self._vectors[k]) + self._moe[(node.id, self._graph(b))]
+        return v
+
+    def _stimes(self, k: Any, b: Any, node: _Draw) -> np.ndarray:
+        """[S] step times of step ``b`` (key ``k``) with draw ``node``: its non-MoE time plus
+        its MoE layers' with that draw (the time column of :meth:`_svector`, for less)."""
+        t = self._stime.get((k, node.id))
+        if t is None:
+            g = self._gflag.get(k)
+            if g is None:
+                g = self._gflag[k] = self._graph(b)
+            m = self._moe_t.get((node.id, g))
+            if m is None:
+                m = self._moe_t[(node.id, g)] = self._moe[(node.id, g)][:, 0].copy()
+            t = self._stime[(k, node.id)] = self._times[k] + m
+        return t
+
+    def _spoint(self, view: Any, ss: Any, prompt: list[Any], seq: dict[Any, Any]) -> Outputs:
+        sc, wl, an = self.sc, view.workload, self._an
+        dp = sc.deployment.attention_dp
+
+        def time_of(b: Any) -> np.ndarray:
+            k = _step_key(b)
+            return self._stimes(k, *seq[k])
+
+        served = an.serving_times(view, ss, time_of, 0.0)
+        if prompt[1] is None:
+            prompt[1] = self._sfirst_wave(prompt[0], prompt[2][0])
+        first_us, clock, big_tokens, big_vec, big_shares = prompt[1]
+        first_ms = (first_us + self._overhead_us) / 1e3
+        prefill_ms = clock / 1e3
+        ttft, tpot = an.benchmark_means(view, served, first_ms, prefill_ms)
+        d = ss.decode
+        dk = _step_key(d)
+        dvec = self._svector(dk, *seq[dk])[0]
+        seq_len = wl.input_len + wl.output_len
+        per_seq = self._kv.get(seq_len)
+        if per_seq is None:
+            per_seq = self._kv[seq_len] = self._kv_bytes(sc, seq_len)
+        act = self._activations(wl)
+        free = self._cap - self._weights - act - self._reserved
+        max_batch = max(0, int(free // per_seq)) * dp if per_seq > 0 else 0
+        kv = -(-wl.batch_size // dp) * per_seq
+        mem = self._Memory(self._weights, kv, act, self._reserved, self._cap, per_seq,
+                           max_batch)
+        total = mem.total
+        thr = served.throughput_output_tok_per_s
+        return (True, "", "fast", _mean(ttft), _mean(first_ms), _mean(tpot), thr,
+                thr / sc.num_gpus, _mean(prefill_ms),
+                sc.num_gpus, self._weights, kv, act, self._reserved, total, self._cap,
+                total <= self._cap, max_batch, big_tokens, float(big_vec[0]), d.num_seqs,
+                float(dvec[0]), served.mixed_fraction, ss.queued_requests * dp) + \
+            big_shares + _shares(dvec) + (self.S, " | ".join(an._warnings(view, mem, ss)))
+
+    def _sfirst_wave(self, plan: Any, seq: dict[Any, Any]) -> tuple[Any, ...]:
+        """:meth:`FastEvaluator._first_wave` per sample (arrays)."""
+        clock = ttft_sum = np.zeros(self.S)
+        finished = 0
+        big: Optional[Any] = None
+        for chunks, repeat in plan:
+            block = np.zeros(self.S)
+            for batch, done in chunks:
+                k = _step_key(batch)
+                block = block + self._stimes(k, *seq[k])
+                if done:
+                    ttft_sum = ttft_sum + done * repeat * (clock + block)
+                    finished += done * repeat
+                if big is None or batch.tokens > big.tokens:
+                    big = batch
+            ttft_sum = ttft_sum + sum(done for _, done in chunks) * block * repeat * \
+                (repeat - 1) / 2.0
+            clock = clock + repeat * block
+        assert big is not None and finished > 0
+        bk = _step_key(big)
+        vec = self._svector(bk, *seq[bk])[0]
+        return ttft_sum / finished, clock, big.tokens, vec, _shares(vec)
+
+
+def _mean(x: np.ndarray) -> float:
+    """``float(x.mean())`` (the same sum over the same count), without its overhead."""
+    return float(np.add.reduce(x)) / x.size
+
+
+def evaluator_for(sc: Any, draws: Optional[dict[Any, Draws]] = None
+                  ) -> Optional[FastEvaluator]:
+    """The fast evaluator of a resolved scenario (None: only ``predict`` covers it);
+    ``draws``: routing draws to share (:class:`Draws` by :func:`_draws_key`)."""
+    if deterministic(sc):
+        return FastEvaluator(sc)
+    if not stochastic_supported(sc):
+        return None
+    shared = {} if draws is None else draws
+    key = _draws_key(sc)
+    if key not in shared:
+        shared[key] = Draws(sc.routing, sc.model.moe.num_experts, sc.model.moe.top_k,
+                            sc.model.num_moe_layers)
+    return StochasticEvaluator(sc, shared[key])
 
 
 def outputs_agree(fast: Outputs, ref: Outputs, rtol: float = VERIFY_RTOL) -> Optional[str]:
@@ -776,6 +1157,7 @@ class GroupResult:
     outputs: list[tuple[int, Outputs]]
     warnings: list[str] = field(default_factory=list)
     step_builds: int = 0
+    cells: list[str] = field(default_factory=list)  # each output's CSV cells (csv_cells)
 
 
 def _merged_workload(doc: dict[str, Any], assigns: list[tuple[str, Any]]) -> Any:
@@ -798,13 +1180,18 @@ def _full_parse(doc: dict[str, Any], base_dir: Optional[Path]) -> tuple[Any, Opt
 
 
 def evaluate_group(base: dict[str, Any], base_dir: Optional[Path], task: GroupTask, *,
-                   verify: bool = True, fast: bool = True) -> GroupResult:
+                   verify: bool = True, fast: bool = True,
+                   workloads: Optional[dict[Any, Any]] = None,
+                   draws: Optional[dict[Any, Draws]] = None) -> GroupResult:
     """Outputs of one group's points.
 
     The group is resolved once with a workload that passes every check; each point's workload is
     then validated and checked against the resolved scenario (``_check_consistency``), which
     reports the same first error as parsing the point's whole scenario would. Where that order
-    could differ (an invalid workload field, or a routing-file error) the point is parsed whole."""
+    could differ (an invalid workload field, or a routing-file error) the point is parsed whole.
+    ``workloads``: validated workloads by their documents' items, and ``draws``: routing draws
+    (:class:`Draws`), both shared by the groups one process evaluates (a grid repeats every
+    workload in every group, and the draws of every routing)."""
     from pydantic import ValidationError
 
     from .analytic import predict
@@ -824,11 +1211,14 @@ def evaluate_group(base: dict[str, Any], base_dir: Optional[Path], task: GroupTa
         sc, group_err = _full_parse(gdoc, base_dir)
     except InputError as exc:
         group_err = exc
-    evaluator = FastEvaluator(sc) if (fast and sc is not None and deterministic(sc)
-                                      and len(task.points) >= 4) else None
-    checked = not verify
-    wl_cache: dict[Any, Any] = {}
+    evaluator: Optional[FastEvaluator] = None
+    if fast and sc is not None and len(task.points) >= 4:
+        if draws and sum(d.nbytes for d in draws.values()) > _MAX_DRAW_BYTES:
+            draws.clear()  # drawn again when needed: the same draws
+        evaluator = evaluator_for(sc, draws)
+    wl_cache: dict[Any, Any] = {} if workloads is None else workloads
     out = res.outputs
+    pending: list[tuple[int, Any]] = []  # points for the fast evaluator
     check = None
     if sc is not None:
         check = WorkloadMemo(sc, lambda s: _check_consistency(
@@ -869,17 +1259,25 @@ def evaluate_group(base: dict[str, Any], base_dir: Optional[Path], task: GroupTa
         if evaluator is None:
             out.append((idx, prediction_outputs(predict(with_workload(sc, wl)))))
             continue
-        o = evaluator.outputs(wl)
-        if not checked:
-            checked = True
-            ref = prediction_outputs(predict(with_workload(sc, wl)))
-            diff = outputs_agree(o, ref)
+        pending.append((idx, wl))
+    if pending:
+        # All points at once: their steps are priced together (FastEvaluator.outputs_many).
+        assert evaluator is not None and sc is not None
+        try:
+            outs = evaluator.outputs_many([wl for _, wl in pending])
+        except NotImplementedError:  # a case the evaluator leaves to predict
+            outs = [prediction_outputs(predict(with_workload(sc, wl))) for _, wl in pending]
+            evaluator = None
+        if verify and evaluator is not None:
+            ref = prediction_outputs(predict(with_workload(sc, pending[0][1])))
+            diff = outputs_agree(outs[0], ref)
             if diff is not None:
                 res.warnings.append(f"fast path disagrees with predict ({diff}) for "
                                     f"{dict(task.structural)}: group evaluated with predict")
+                outs = [prediction_outputs(predict(with_workload(sc, wl)))
+                        for _, wl in pending]
                 evaluator = None
-                o = ref
-        out.append((idx, o))
+        out.extend((idx, o) for (idx, _), o in zip(pending, outs))
     if evaluator is not None:
         res.step_builds = evaluator.step_builds
     return res
@@ -888,7 +1286,53 @@ def evaluate_group(base: dict[str, Any], base_dir: Optional[Path], task: GroupTa
 def _run_tasks(args: tuple[dict[str, Any], Optional[Path], list[GroupTask], bool, bool]
                ) -> list[GroupResult]:
     base, base_dir, tasks, verify, fast = args
-    return [evaluate_group(base, base_dir, t, verify=verify, fast=fast) for t in tasks]
+    workloads, draws = _worker_caches()
+    with _no_gc():
+        out = [evaluate_group(base, base_dir, t, verify=verify, fast=fast, workloads=workloads,
+                              draws=draws) for t in tasks]
+        # The output part of each CSV line is formatted here, in parallel, rather than by the
+        # parent after every worker has finished (write_csv uses it).
+        for g in out:
+            g.cells = csv_cells(o for _, o in g.outputs)
+        return out
+
+
+# A worker process's caches, kept from one batch of groups to the next (the same workloads and
+# routing draws recur in every group of a grid); see _worker_caches.
+_WORKER_CACHES: tuple[dict[Any, Any], dict[Any, "Draws"]] = ({}, {})
+_MAX_DRAW_BYTES = 256 * 1024 * 1024
+
+
+def _worker_caches() -> tuple[dict[Any, Any], dict[Any, "Draws"]]:
+    """This process's (validated workloads, routing draws), emptied when the draws hold more
+    than :data:`_MAX_DRAW_BYTES` of loads (a long-lived process serves many sweeps)."""
+    workloads, draws = _WORKER_CACHES
+    if sum(d.nbytes for d in draws.values()) > _MAX_DRAW_BYTES or len(workloads) > 1_000_000:
+        workloads.clear()
+        draws.clear()
+    return workloads, draws
+
+
+@contextlib.contextmanager
+def _no_gc() -> Iterator[None]:
+    """Cyclic garbage collection off while groups are evaluated: a sweep allocates millions of
+    small objects and keeps large memo tables alive, so the collector's passes cost a quarter of
+    the time while finding next to nothing (reference counting still frees everything that is
+    not in a cycle)."""
+    was, frozen = gc.isenabled(), gc.get_freeze_count()
+    gc.disable()
+    try:
+        yield
+    finally:
+        # Everything made meanwhile (still alive: the results and memo tables) would be walked
+        # by the first collection after re-enabling, a quarter of a second for a big sweep:
+        # move it straight to the oldest generation instead (freeze, then unfreeze into the
+        # oldest generation, unless something else froze objects first).
+        gc.freeze()
+        if not frozen:
+            gc.unfreeze()
+        if was:
+            gc.enable()
 
 
 def _slot(a: Axis, j: int) -> Any:
@@ -971,16 +1415,31 @@ def _input_columns(spec: SweepSpec, n: int) -> tuple[list[str], list[list[Any]]]
     return names, cols
 
 
-def _batches(tasks: list[GroupTask], parts: int) -> list[list[GroupTask]]:
-    """Split groups into about ``parts`` batches of similar point counts (big groups first)."""
+def _batches(tasks: list[GroupTask], parts: int, base: Optional[dict[str, Any]] = None
+             ) -> list[list[GroupTask]]:
+    """Split groups into about ``parts`` batches of similar cost (big groups first): a point
+    costs about three times as much with drawn routing as with balanced routing (in ``base``
+    with the group's assignments)."""
     parts = max(1, min(parts, len(tasks)))
-    order = sorted(tasks, key=lambda t: -len(t.points))
+    routing = (base or {}).get("routing")
+
+    def cost(t: GroupTask) -> float:
+        r = dict(routing) if isinstance(routing, dict) else {}
+        for path, value in t.structural:
+            if path == "routing" and isinstance(value, dict):
+                r = dict(value)
+            elif path.startswith("routing."):
+                r[path.split(".", 1)[1]] = value
+        drawn = r.get("distribution", "balanced") != "balanced"
+        return len(t.points) * (3.0 if drawn else 1.0)
+
+    order = sorted(tasks, key=lambda t: -cost(t))
     bins: list[list[GroupTask]] = [[] for _ in range(parts)]
-    loads = [0] * parts
+    loads = [0.0] * parts
     for t in order:
         i = loads.index(min(loads))
         bins[i].append(t)
-        loads[i] += len(t.points)
+        loads[i] += cost(t)
     return [b for b in bins if b]
 
 
@@ -1023,6 +1482,10 @@ class SweepResult:
     seconds: float
     warnings: list[str]
     step_builds: int = 0
+    # (the rows they belong to, each row's output cells as a CSV fragment): formatted by the
+    # worker processes; write_csv uses them while ``rows`` is still that list
+    _cells: Optional[tuple[list[Any], list[str]]] = field(default=None, repr=False,
+                                                          compare=False)
 
     def column(self, name: str) -> list[Any]:
         i = self.columns.index(name)
@@ -1048,18 +1511,26 @@ def _ray_module() -> Any:
 def _execute(tasks: list[GroupTask], n: int, base: dict[str, Any], base_dir: Optional[Path], *,
              workers: int = 1, ray_address: Optional[str] = None, progress: Optional[bool] = None,
              verify: bool = True, fast: bool = True
-             ) -> tuple[list[Outputs], list[str], int]:
+             ) -> tuple[list[Outputs], list[str], int, Optional[list[str]]]:
     ray = _ray_module() if ray_address else None
     results: list[Optional[Outputs]] = [None] * n
     bar = Progress(n, progress)
     warnings: list[str] = []
     builds = 0
 
+    cells: list[str] = [""] * n
+    formatted = True
+
     def take(batch: list[GroupResult]) -> None:
-        nonlocal builds
+        nonlocal builds, formatted
         for g in batch:
             for idx, o in g.outputs:
                 results[idx] = o
+            if g.cells:
+                for (idx, _), c in zip(g.outputs, g.cells):
+                    cells[idx] = c
+            elif g.outputs:
+                formatted = False
             warnings.extend(g.warnings)
             builds += g.step_builds
             bar.update(len(g.outputs))
@@ -1071,7 +1542,7 @@ def _execute(tasks: list[GroupTask], n: int, base: dict[str, Any], base_dir: Opt
         remote = ray.remote(_run_tasks)
         size = max(1, int(ray.cluster_resources().get("CPU", 1)))
         pending = [remote.remote((base, base_dir, b, verify, fast))
-                   for b in _batches(tasks, 4 * size)]
+                   for b in _batches(tasks, 4 * size, base)]
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
             take(ray.get(done[0]))
@@ -1082,15 +1553,18 @@ def _execute(tasks: list[GroupTask], n: int, base: dict[str, Any], base_dir: Opt
         ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None
         with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
             futs = [pool.submit(_run_tasks, (base, base_dir, b, verify, fast))
-                    for b in _batches(tasks, 4 * workers)]
+                    for b in _batches(tasks, 4 * workers, base)]
             for f in cf.as_completed(futs):
                 take(f.result())
     else:
-        for t in tasks:
-            take([evaluate_group(base, base_dir, t, verify=verify, fast=fast)])
+        workloads, draws = _worker_caches()
+        with _no_gc():
+            for t in tasks:
+                take([evaluate_group(base, base_dir, t, verify=verify, fast=fast,
+                                     workloads=workloads, draws=draws)])
     bar.close()
     assert all(r is not None for r in results)
-    return results, warnings, builds  # type: ignore[return-value]
+    return results, warnings, builds, (cells if formatted else None)  # type: ignore
 
 
 def run_sweep(spec: SweepSpec, *, workers: int = 1, ray_address: Optional[str] = None,
@@ -1105,14 +1579,17 @@ def run_sweep(spec: SweepSpec, *, workers: int = 1, ray_address: Optional[str] =
     if ray_address:
         _ray_module()
     tasks, n = make_tasks(spec, limit)
-    results, warnings, builds = _execute(tasks, n, spec.base, spec.base_dir, workers=workers,
-                                         ray_address=ray_address, progress=progress,
-                                         verify=verify, fast=fast)
+    results, warnings, builds, cells = _execute(
+        tasks, n, spec.base, spec.base_dir, workers=workers, ray_address=ray_address,
+        progress=progress, verify=verify, fast=fast)
     names, cols = _input_columns(spec, n)
     rows = [tuple(inp) + o for inp, o in zip(zip(*cols), results)] if cols \
         else [tuple(o) for o in results]
-    return SweepResult(names + list(OUTPUT_COLUMNS), rows, time.perf_counter() - t0, warnings,
-                       builds)
+    res = SweepResult(names + list(OUTPUT_COLUMNS), rows, time.perf_counter() - t0, warnings,
+                      builds)
+    if cells is not None:
+        res._cells = (rows, cells)
+    return res
 
 
 def evaluate(base: dict[str, Any], points: Sequence[Sequence[tuple[str, Any]]], *,
@@ -1126,8 +1603,8 @@ def evaluate(base: dict[str, Any], points: Sequence[Sequence[tuple[str, Any]]], 
         wa = [(p, v) for p, v in assigns if p.startswith("workload.")]
         key = _freeze([[p, _freeze(v)] for p, v in st])
         groups.setdefault(key, GroupTask(st, [])).points.append((idx, wa))
-    results, _, _ = _execute(list(groups.values()), len(points), base, base_dir,
-                             workers=workers, progress=False, verify=verify, fast=fast)
+    results, _, _, _ = _execute(list(groups.values()), len(points), base, base_dir,
+                                workers=workers, progress=False, verify=verify, fast=fast)
     return [outputs_dict(o) for o in results]
 
 
@@ -1141,28 +1618,65 @@ def _cell(v: Any) -> Any:
     return v
 
 
-def _format_column(col: list[Any]) -> list[str]:
-    """CSV cells of one column: floats with 12 significant digits (``repr`` of every float costs
-    twice as much and the model is nowhere near that precise; parquet keeps full precision)."""
-    out: list[str] = []
-    for v in col:
-        t = type(v)
-        if t is float:
-            out.append("%.12g" % v)
-        elif t is str:
-            out.append(v)
-        else:
-            out.append(str(v))
+def _quoted(v: str) -> str:
+    """A CSV cell as ``csv.writer`` (QUOTE_MINIMAL) writes it."""
+    if '"' in v:
+        return '"' + v.replace('"', '""') + '"'
+    if "," in v or "\n" in v:  # the delimiter or the line terminator
+        return '"' + v + '"'
+    return v
+
+
+def _row_format(types: tuple[type, ...]) -> tuple[str, tuple[int, ...]]:
+    """The ``%`` format of a CSV line whose cells have these types, and the positions of its
+    string cells (quoted first): floats with 12 significant digits (``repr`` of every float
+    costs twice as much and the model is nowhere near that precise; parquet keeps full
+    precision), everything else as ``str``."""
+    fmt = ",".join("%.12g" if t is float else "%s" for t in types) + "\n"
+    return fmt, tuple(i for i, t in enumerate(types) if t is str)
+
+
+def csv_lines(rows: Iterable[Sequence[Any]], end: str = "\n") -> list[str]:
+    """The CSV lines of ``rows`` (what ``csv.writer`` writes for their formatted cells), one
+    ``%`` format per distinct row of cell types: a few dozen µs a row. ``end``: the line
+    terminator (:func:`csv_cells`: none)."""
+    formats: dict[tuple[type, ...], tuple[str, tuple[int, ...]]] = {}
+    out = []
+    for row in rows:
+        types = tuple(map(type, row))
+        f = formats.get(types)
+        if f is None:
+            fmt, strs = _row_format(types)
+            f = formats[types] = (fmt[:-1] + end, strs)
+        fmt, strs = f
+        if strs:
+            row = list(row)
+            for i in strs:
+                row[i] = _quoted(row[i])
+            row = tuple(row)
+        out.append(fmt % row)
     return out
 
 
+def csv_cells(rows: Iterable[Sequence[Any]]) -> list[str]:
+    """:func:`csv_lines` without the line terminators: fragments of lines."""
+    return csv_lines(rows, "")
+
+
 def write_csv(result: SweepResult, stream: Any) -> None:
-    w = csv.writer(stream, lineterminator="\n")
-    w.writerow(result.columns)
-    if not result.rows:
+    csv.writer(stream, lineterminator="\n").writerow(result.columns)
+    pre = result._cells
+    if pre is None or pre[0] is not result.rows or not result.rows:
+        stream.writelines(csv_lines(result.rows))
         return
-    cols = [_format_column(list(c)) for c in zip(*result.rows)]
-    w.writerows(zip(*cols))
+    # The output cells came formatted from the workers: format the axis columns and join.
+    cells = pre[1]
+    k = len(result.columns) - len(OUTPUT_COLUMNS)
+    if k == 0:
+        stream.writelines(c + "\n" for c in cells)
+        return
+    heads = csv_cells(r[:k] for r in result.rows)
+    stream.writelines([h + "," + c + "\n" for h, c in zip(heads, cells)])
 
 
 def write_table(result: SweepResult, out: Union[str, Path]) -> None:

@@ -15,8 +15,8 @@ from moesim.analytic import predict
 from moesim.errors import InputError
 from moesim.spec.scenario import parse_scenario
 from moesim.sweep import (
-    OUTPUT_COLUMNS, FastEvaluator, Progress, WorkloadMemo, evaluate, load_sweep,
-    outputs_agree, parse_sweep, prediction_outputs, run_sweep, set_path, write_table)
+    OUTPUT_COLUMNS, Progress, WorkloadMemo, evaluate, evaluator_for, load_sweep, outputs_agree,
+    parse_sweep, prediction_outputs, run_sweep, set_path, write_table)
 
 ROOT = Path(__file__).resolve().parents[1]
 GRID = ROOT / "examples" / "sweeps" / "mixtral-grid.yaml"
@@ -30,7 +30,7 @@ def _base() -> dict:
 def _fast_vs_predict(doc: dict, base_dir: Path = ROOT / "examples") -> None:
     """The fast evaluator's outputs for ``doc`` equal predict's (relative 1e-9)."""
     sc = parse_scenario(doc, base_dir=base_dir)
-    fast = FastEvaluator(sc).outputs(sc.workload)
+    fast = evaluator_for(sc).outputs(sc.workload)
     ref = prediction_outputs(predict(sc))
     diff = outputs_agree(fast, ref, rtol=1e-9)
     assert diff is None, f"{doc['model']} {doc['deployment']} {doc['workload']}: {diff}"
@@ -85,6 +85,34 @@ def test_fast_path_equals_predict_across_models(model, deployment, workload):
     _fast_vs_predict(doc)
 
 
+@pytest.mark.parametrize("framework", ["vllm", "sglang", "trtllm", "generic"])
+@pytest.mark.parametrize("deployment,workload", [
+    # long prompts: chunks of the budget left by the decodes ride in decode steps (mixed
+    # batching: vLLM with piecewise CUDA graphs, TensorRT-LLM) or run alone (SGLang defaults)
+    ({"tp": 2}, {"batch_size": 64, "input_len": 20000, "output_len": 200}),
+    ({"tp": 1, "attention_dp": 2, "ep": 2}, {"batch_size": 40, "input_len": 12000,
+                                             "output_len": 64}),
+    # short prompts, many per iteration; prefill-limited (queueing) at a large batch
+    ({"tp": 2, "ep": 2}, {"batch_size": 256, "input_len": 300, "output_len": 20}),
+    ({"tp": 2}, {"batch_size": 2048, "input_len": 4096, "output_len": 32}),
+    # speculative decoding (verification steps, MTP drafts) and a benchmark's first wave
+    ({"tp": 2}, {"batch_size": 24, "input_len": 3000, "output_len": 300, "num_requests": 100,
+                 "speculative": {"num_draft_tokens": 3, "acceptance_rate": 0.7}}),
+])
+def test_fast_path_equals_predict_on_mixed_steps(framework, deployment, workload):
+    dep = dict(deployment, framework=framework)
+    gpus = dep.get("tp", 1) * dep.get("attention_dp", 1)
+    doc = {"model": "mixtral-8x7b", "hardware": {"profile": "h100_sxm", "num_gpus": gpus},
+           "deployment": dep, "workload": workload}
+    sc = parse_scenario(doc)
+    p = predict(sc)
+    if framework == "sglang":
+        assert p.mixed_step is None  # mixed_batching = 0: prefill steps of their own
+    elif workload["input_len"] > 10000:
+        assert p.mixed_step is not None and p.mixed_step.batch.prefill is not None
+    _fast_vs_predict(doc)
+
+
 def test_sweep_rows_equal_predict_rows():
     """Whole path (groups, workload checks, memos): every row equals predict's."""
     spec = parse_sweep({"base": _base(), "axes": {
@@ -108,18 +136,52 @@ def test_sweep_rows_equal_predict_rows():
         assert outputs_agree(out, prediction_outputs(predict(sc)), rtol=1e-9) is None
 
 
-def test_stochastic_routing_goes_through_predict():
+def _rows_equal_predict(spec, res) -> set:
+    """Every row of ``res`` equals predict's for its point; returns the evaluators used."""
+    used = set()
+    for point, row in zip(spec.points(), res.dicts()):
+        try:
+            sc = parse_scenario(spec.scenario(point), base_dir=spec.base_dir)
+        except InputError as exc:
+            assert row["feasible"] is False and row["error"] == exc.one_line()
+            continue
+        used.add(row["evaluator"])
+        out = tuple(row[c] for c in OUTPUT_COLUMNS)
+        diff = outputs_agree(out, prediction_outputs(predict(sc)), rtol=1e-9)
+        assert diff is None, f"{point}: {diff}"
+    return used
+
+
+def test_drawn_routing_fast_path_equals_predict():
+    """Zipf / power-law / uniform routing: the sweep replays predict's draws (one generator per
+    point, a draw per distinct step in predict's order) and shares them between points."""
+    spec = parse_sweep({"base": _base(), "axes": {
+        "layout": [{"deployment.tp": 2},
+                   {"deployment.tp": 1, "deployment.attention_dp": 2, "deployment.ep": 2},
+                   {"deployment.tp": 2, "deployment.framework": "sglang"}],
+        "routing": [{"distribution": "zipf", "s": 1.0, "samples": 2},
+                    {"distribution": "power_law", "alpha": 1.2, "samples": 2, "seed": 3},
+                    {"distribution": "uniform", "samples": 3}],
+        "workload.batch_size": [1, 64, 700],
+        "workload.input_len": [100, 9000],
+        "workload.output_len": [1, 300]}}, base_dir=ROOT / "examples")
+    res = run_sweep(spec, progress=False)
+    assert res.warnings == []
+    assert _rows_equal_predict(spec, res) == {"fast"}
+    assert {r["routing_samples"] for r in res.dicts() if r["feasible"]} == {2, 3}
+
+
+def test_routing_the_fast_path_does_not_cover_goes_through_predict():
     base = _base()
     base["routing"] = {"distribution": "zipf", "s": 1.0, "samples": 2}
-    spec = parse_sweep({"base": base, "axes": {"workload.batch_size": [1, 2, 4, 8, 16],
-                                               "workload.input_len": [64]}},
-                       base_dir=ROOT / "examples")
+    spec = parse_sweep({"base": base, "axes": {
+        "cap": [{"routing.capacity_factor": 1.0, "routing.overflow": "second_pass"},
+                {"deployment.moe_strategy": "grouped"}],
+        "workload.batch_size": [1, 2, 4, 8, 16], "workload.input_len": [64]}},
+        base_dir=ROOT / "examples")
     res = run_sweep(spec, progress=False)
-    rows = res.dicts()
-    assert {r["evaluator"] for r in rows} == {"predict"}
-    assert all(r["routing_samples"] == 2 for r in rows)
-    sc = parse_scenario(spec.scenario(next(iter(spec.points()))), base_dir=spec.base_dir)
-    assert rows[0]["tpot_ms"] == predict(sc).tpot_ms
+    assert _rows_equal_predict(spec, res) == {"predict"}
+    assert all(r["routing_samples"] == 2 for r in res.dicts())
 
 
 def test_workload_memo_keys_on_what_was_read():
@@ -266,11 +328,16 @@ def _small_spec():
         base_dir=ROOT / "examples")
 
 
-def test_workers_give_the_same_rows():
+def test_workers_give_the_same_rows(tmp_path):
     spec = _small_spec()
     one = run_sweep(spec, progress=False)
     two = run_sweep(spec, workers=2, progress=False)
     assert one.columns == two.columns and one.rows == two.rows
+    # the workers format the output cells of the CSV themselves: the same file
+    write_table(one, tmp_path / "one.csv")
+    write_table(two, tmp_path / "two.csv")
+    assert two._cells is not None
+    assert (tmp_path / "one.csv").read_text() == (tmp_path / "two.csv").read_text()
 
 
 def test_ray_local_cluster_gives_the_same_rows():
@@ -422,3 +489,175 @@ def test_cli_recommend_prints_and_writes_frontier(tmp_path, capsys):
     code, text, _ = _cli("recommend", str(MIXTRAL), "--gpus", "2", "--slo-tpot-ms", "0.01",
                          "--precisions", "fp8", "--batch-sizes", "8", capsys=capsys)
     assert code == 1 and "no configuration" in text
+
+
+# ---------------------------------------------------------------------------------------------
+# the vectorised twins (moesim/vstep.py) and the MoE layers priced together (moesim/step.py)
+# ---------------------------------------------------------------------------------------------
+
+def _close(a, b, what):
+    assert a == pytest.approx(b, rel=1e-12, abs=1e-12), what
+
+
+@pytest.mark.parametrize("profile", ["h100_sxm", "a100_sxm", "b200", "h100_pcie"])
+def test_vector_twins_match_scalar_costs(profile):
+    """Each v_* function of moesim/vstep.py gives its scalar original's numbers (a change to a
+    cost function in moesim/costs/ must be mirrored there)."""
+    from moesim.costs import attention, comm
+    from moesim.costs.elementwise import memory_op
+    from moesim.costs.gemm import gemm, linear
+    from moesim.spec.hardware import load_profile
+    from moesim import vstep
+    from moesim.vstep import BOUND_CODE
+
+    hw = load_profile(profile)
+    rng = np.random.default_rng(3)
+    m = np.unique(np.concatenate([rng.integers(1, 20000, 40), [1, 16, 63, 64, 65, 128, 129,
+                                                              512, 8192]]))
+    fp8 = hw.compute.peak_dense_tflops.fp8 is not None
+
+    def same(v, ops):
+        for i, o in enumerate(ops):
+            got = v.take(np.array([i]))
+            _close(float(np.ravel(got.time)[0]), o.time_us, (o.name, "time"))
+            _close(float(np.ravel(np.broadcast_to(got.fixed, (1,)))[0]), o.fixed_us,
+                   (o.name, "fixed"))
+            _close(float(np.ravel(np.broadcast_to(got.ideal_c, (1,)))[0]), o.ideal_compute_us,
+                   (o.name, "ideal compute"))
+            _close(float(np.ravel(np.broadcast_to(got.ideal_m, (1,)))[0]), o.ideal_memory_us,
+                   (o.name, "ideal memory"))
+            assert int(np.ravel(np.broadcast_to(got.bound, (1,)))[0]) == BOUND_CODE[o.bound]
+
+    dtypes = [("bf16", "bf16"), ("int4", "bf16"), ("mxfp4", "bf16")]
+    if fp8:
+        dtypes += [("fp8", "fp8"), ("fp8_block", "fp8"), ("fp8", "bf16")]
+    for wd, ad in dtypes:
+        for n, k in [(4096, 4096), (96, 7168), (32000, 2048), (8, 640)]:
+            same(vstep.v_gemm(m, n, k, hw, wd, ad), [gemm("g", int(x), n, k, hw, wd, ad)
+                                                       for x in m])
+            twin = vstep.v_linear(m, n, k, hw, wd, ad)
+            ref = [linear("l", int(x), n, k, hw, wd, ad) for x in m]
+            assert len(twin) == len(ref[0])
+            for j, v in enumerate(twin):
+                same(v, [r[j] for r in ref])
+    b = m * 4096 * 2.0
+    same(vstep.v_memory_op(b, hw, 3), [memory_op("e", x, hw, 3) for x in b])
+    msg = np.concatenate([b, [8 * 1024 * 1024, 8 * 1024 * 1024 + 2]])
+    for n, gpn in [(2, 8), (4, 8), (8, 8), (16, 8), (4, 2)]:
+        for custom in (False, True):
+            same(vstep.v_all_reduce(msg, n, hw, gpn, custom),
+                 [comm.all_reduce("ar", x, n, hw, gpn, custom) for x in msg])
+        same(vstep.v_all_to_all(msg, n, hw, gpn), [comm.all_to_all("a", x, n, hw, gpn)
+                                                   for x in msg])
+    assert vstep.v_all_reduce(msg, 1, hw) is None
+    seqs, ctx = rng.integers(1, 600, 30).astype(float), rng.uniform(1, 40000, 30)
+    for kvd in ("bf16", "fp8") if fp8 else ("bf16",):
+        for window, chunk in [(0, 0), (4096, 0), (0, 8192)]:
+            for heads, kv_heads in [(32, 8), (64, 64), (8, 1)]:
+                same(vstep.v_attention_decode(seqs, ctx, heads * 2.0, kv_heads, 128, 128, hw,
+                                              kvd, window, chunk),
+                     [attention.decode(int(s), c, heads * 2, kv_heads, 128, 128, hw, kvd,
+                                       window, chunk) for s, c in zip(seqs, ctx)])
+        same(vstep.v_mla_decode(seqs, ctx, 16.0, 512, 64, hw, kvd),
+             [attention.mla_decode(int(s), c, 16, 512, 64, hw, kvd) for s, c in zip(seqs, ctx)])
+
+
+def test_launch_twin_matches_with_launch():
+    from moesim.costs.elementwise import memory_op
+    from moesim.costs.gemm import gemm
+    from moesim.step import Batch, with_launch
+    from moesim.vstep import BOUND_CODE, VOp, launched
+
+    sc = parse_scenario(_base(), base_dir=ROOT / "examples")
+    ov = sc.hardware.overheads
+    hw = sc.hardware
+    ops = [gemm("g", m, 4096, 4096, hw) for m in (1, 7, 64, 300, 5000)] + \
+        [memory_op("e", x, hw, k) for x in (10.0, 1e5, 1e8) for k in (1, 3)]
+    for b, cov in [(Batch("decode", 8, 1, 100.0), True), (Batch("prefill", 2, 9000, 0.0), False)]:
+        tot, bound = launched(VOp.stack(ops), cov, ov.graph_kernel_us.value,
+                              ov.kernel_launch_host_us.value)
+        for o, t, bd in zip(ops, tot, bound):
+            ref = with_launch(sc, b, o)
+            _close(float(t), ref.total_us, (o.name, cov))
+            assert int(bd) == BOUND_CODE[ref.bound]
+
+
+@pytest.mark.parametrize("model,deployment", [
+    ("mixtral-8x7b", {"tp": 2}),
+    ("deepseek-v2-lite", {"tp": 1, "attention_dp": 2, "ep": 2}),   # a dense first layer, MLA
+    ("llama-4-scout", {"tp": 4, "ep": 4}),                        # two attention kinds
+    ("gpt-oss-20b", {"tp": 2, "ep": 2}),                          # sliding + full
+    ("mixtral-8x7b", {"tp": 2, "moe_strategy": "grouped"}),
+])
+def test_moe_layers_with_drawn_loads_average_as_per_layer_ops(model, deployment):
+    """build_step prices MoE layers with different loads together (no op list per layer); its
+    per-kind entries are still _average_layers of the per-layer ops, launched."""
+    from moesim.routing import sample_loads
+    from moesim.step import Batch, _average_layers, _layer_kind, build_step, moe_layers, \
+        with_launch
+
+    gpus = deployment.get("tp", 1) * deployment.get("attention_dp", 1)
+    sc = parse_scenario({"model": model, "hardware": {"profile": "h100_sxm", "num_gpus": gpus},
+                         "deployment": deployment,
+                         "workload": {"batch_size": 8, "input_len": 100, "output_len": 10},
+                         "routing": {"distribution": "zipf", "s": 1.2}})
+    m = sc.model
+    rng = np.random.default_rng(11)
+    for b in (Batch("decode", 3, 1, 500.0), Batch("decode", 40, 1, 900.0,
+                                                  Batch("prefill", 1, 700, 0.0))):
+        loads = sample_loads(sc.routing, b.tokens * sc.deployment.attention_dp,
+                             m.moe.num_experts, m.moe.top_k, m.num_moe_layers, rng)
+        loads[1] = loads[0]  # two layers alike, the rest drawn
+        step = build_step(sc, b, loads)
+        layers = moe_layers(sc, b, loads)
+        kinds: dict = {}
+        j = 0
+        for att, mlp in zip(m.layer_attention, m.layer_mlp):
+            if mlp == "moe":
+                kinds.setdefault(_layer_kind(att, mlp), []).append(layers[j].ops)
+                j += 1
+        names = {o.name for layer in layers for o in layer.ops}
+        for kind, lists in kinds.items():
+            ref = [with_launch(sc, b, o) for o in _average_layers(lists, kind)]
+            got = [o for o in step.ops if o.layer_kind == kind and o.name in names]
+            assert [o.name for o in got] == [o.name for o in ref]
+            for g, r in zip(got, ref):
+                assert (g.count, g.bound, g.kernels, g.family) == \
+                    (r.count, r.bound, r.kernels, r.family), g.name
+                for f in ("time_us", "launch_us", "flops", "bytes", "fixed_us"):
+                    _close(getattr(g, f), getattr(r, f), (kind, g.name, f))
+
+
+def test_csv_lines_match_the_csv_module():
+    from moesim.sweep import csv_lines
+
+    rows = [(1.5, 2, True, "plain", "", None, 1e-300, 123456789.123456789),
+            (float("nan"), -3, False, 'a "quoted", text', "x\ny", "tail\r", 0.0, 2.0),
+            ("", "", "", "", "", "", "", ""),
+            (np.float64(0.1), np.int64(4), "a,b", "{\"k\": 1}", " lead", "z", 1.0, 7)]
+    ref = io.StringIO()
+    w = csv.writer(ref, lineterminator="\n")
+    for r in rows:
+        w.writerow(["%.12g" % v if type(v) is float else v if type(v) is str else str(v)
+                    for v in r])
+    assert "".join(csv_lines(rows)) == ref.getvalue()
+
+
+def test_draws_replay_predicts_generator():
+    """A Draws tree gives each step the loads predict's generator draws for it after the same
+    earlier steps, whichever tree (a cleared cache draws them again identically)."""
+    from moesim.routing import sample_loads
+    from moesim.spec.routing import RoutingSpec
+    from moesim.sweep import Draws
+
+    rs = RoutingSpec(distribution="zipf", s=1.0, samples=3, seed=4)
+    a, b = Draws(rs, 8, 2, 32), Draws(rs, 8, 2, 32)
+    rng = np.random.default_rng(4)
+    node = a.root
+    for tokens in (512, 64, 64, 4097):
+        node = a.child(node, tokens)
+        ref = sample_loads(rs, tokens, 8, 2, 32, rng, num_samples=3)
+        assert np.array_equal(node.loads, ref)
+    assert a.child(a.root, 512) is a.child(a.root, 512)
+    assert np.array_equal(b.child(b.child(b.root, 512), 64).loads,
+                          a.child(a.child(a.root, 512), 64).loads)

@@ -152,6 +152,11 @@ def fused_expert_us(loads: np.ndarray, num_tokens, top_k: int, hidden: int, inte
     return np.asarray(total)
 
 
+#: Bound names by the codes :func:`fused_expert_kernels` returns.
+BOUNDS = ("", "compute", "memory", "network", "launch")
+BOUND_COMPUTE, BOUND_MEMORY, BOUND_LAUNCH = 1, 2, 4
+
+
 def fused_expert_kernels(loads: np.ndarray, num_tokens, top_k: int, hidden: int, inter: int,
                          hw: HardwareProfile, weight_dtype: str, act_dtype: str,
                          gated: bool = True) -> list[dict]:
@@ -159,7 +164,8 @@ def fused_expert_kernels(loads: np.ndarray, num_tokens, top_k: int, hidden: int,
     ``[R, E_local]`` at once, without building an :class:`OpCost` per row: per kernel a dict of
     OpCost fields, those that differ between rows as arrays ``[R]`` (``time_us``, ``flops``,
     ``bytes``, ``ideal_compute_us``, ``ideal_memory_us``, ``fixed_us``, ``steps``,
-    ``kernels``, ``bound``; a row whose ``kernels`` is 0 does not run the kernel, and
+    ``kernels``, and ``bound`` as an index into :data:`BOUNDS`; a row whose ``kernels`` is 0
+    does not run the kernel, and
     :func:`expert_ops` leaves it out). The numbers are :func:`~.op.roofline`'s, by its formula
     over arrays (:func:`~.op.kernel_time_us`). Used where many MoE layers with different loads
     are priced (``step.build_step`` with routing draws, the sweep's vectorised pricer)."""
@@ -180,8 +186,8 @@ def fused_expert_kernels(loads: np.ndarray, num_tokens, top_k: int, hidden: int,
         # roofline's bound (these kernels have no K-loop term: k_loop = 0)
         t_c, t_m = np.asarray(ideal_c) / eff_c, ideal_m / eff_m
         t_k = terms["k_latency_us"] * min(0.0, terms["k_split_above"]) / 1024.0
-        bound = np.where(fixed > time - fixed, "launch",
-                         np.where(t_c >= np.maximum(t_m, t_k), "compute", "memory"))
+        bound = np.where(fixed > time - fixed, BOUND_LAUNCH,
+                         np.where(t_c >= np.maximum(t_m, t_k), BOUND_COMPUTE, BOUND_MEMORY))
         out.append({"name": name, "category": "moe", "family": family,
                     "host_floor_us": fit.host_floor_us.value if fit.host_floor_us else 0.0,
                     "time_us": time, "flops": np.asarray(flops, dtype=np.float64),
