@@ -257,10 +257,13 @@ def launched(op: VOp, covered: Any, graph_kernel_us: float, launch_host_us: floa
     launch_g = gf - fixed
     tot_g = np.where(shrink, t_shrunk, t + launch_g)
     b_g = np.where(shrink, b_shrunk, np.where(launch_g > t, LAUNCH, b))
-    # Eager: the GPU idles while the host launches a kernel longer than it runs.
-    launch_e = np.maximum(0.0, kern * launch_host_us - t)
-    tot_e = t + launch_e
-    b_e = np.where(launch_e > t, LAUNCH, b)
+    # Eager: the fixed time shrinks the same way, and the GPU idles while the host dispatches
+    # a kernel (one launch, or the fitted fixed time where that is longer) longer than it runs.
+    launch_s = np.maximum(0.0, np.maximum(kern * launch_host_us, fixed) - t_shrunk)
+    launch_u = np.maximum(0.0, kern * launch_host_us - t)
+    tot_e = np.where(shrink, t_shrunk + launch_s, t + launch_u)
+    b_e = np.where(shrink, np.where(launch_s > t_shrunk, LAUNCH, b_shrunk),
+                   np.where(launch_u > t, LAUNCH, b))
     tot, bound = np.where(covered, tot_g, tot_e), np.where(covered, b_g, b_e)
     if np.any(np.asarray(kern) == 0):  # no kernel: nothing to launch
         tot, bound = np.where(kern == 0, t, tot), np.where(kern == 0, b, bound)

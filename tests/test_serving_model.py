@@ -162,3 +162,23 @@ def test_uniform_routing_touches_fewer_experts_than_balanced_at_small_batch():
     assert uni.decode_step.moe_stats["moe"].distinct_experts == pytest.approx(expect, rel=0.05)
     assert bal.decode_step.moe_stats["moe"].distinct_experts == t * k
     assert uni.decode_step.time_us < bal.decode_step.time_us
+
+
+def test_framework_fit_recovers_known_overheads():
+    """calibration.fit_framework's least squares on synthetic rows made from known overheads
+    (plus one wild row the robust loss must shrug off) gives them back, also when the start
+    sits on the zero bound."""
+    from calibration.fit_framework import Linearised, fit_lines
+
+    rng = np.random.default_rng(0)
+    s_true, o_true = 900.0, 40_000.0
+    rows = []
+    for _ in range(40):
+        t0, dt, p0, dp = rng.uniform(20, 200), rng.uniform(1e-3, 5e-3), rng.uniform(3, 30), 1e-3
+        rows.append(Linearised((t0, dt, 1e-3), (p0, dp), t0 + dt * s_true + o_true / 1e3,
+                               p0 + dp * s_true))
+    rows.append(Linearised((50.0, 1e-3, 1e-3), (5.0, 1e-3), 5e4, 60.0))  # queue-limited row
+    for start in (0.0, 2000.0):
+        x = fit_lines(rows, start)
+        assert x[0] == pytest.approx(s_true, rel=0.02)
+        assert x[1] == pytest.approx(o_true, rel=0.02)
