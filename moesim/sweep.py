@@ -834,6 +834,20 @@ class FastEvaluator:
         point = self._point
         return [point(*args) for args in zip(views, states, prompts)]
 
+    def _memory(self, sc: Any, wl: Any, dp: int) -> Any:
+        """``memory.memory_per_gpu`` of a point, its workload-independent parts computed
+        once."""
+        seq_len = wl.input_len + wl.output_len
+        per_seq = self._kv.get(seq_len)
+        if per_seq is None:
+            per_seq = self._kv[seq_len] = self._kv_bytes(sc, seq_len)
+        act = self._activations(wl)
+        free = self._cap - self._weights - act - self._reserved
+        max_batch = max(0, int(free // per_seq)) * dp if per_seq > 0 else 0
+        kv = -(-wl.batch_size // dp) * per_seq
+        return self._Memory(self._weights, kv, act, self._reserved, self._cap, per_seq,
+                            max_batch)
+
     def _point(self, view: Any, ss: Any, prompt: list[Any]) -> Outputs:
         sc, wl, an = self.sc, view.workload, self._an
         dp = sc.deployment.attention_dp
@@ -852,18 +866,8 @@ class FastEvaluator:
         dshares = self._shares.get(dk)
         if dshares is None:
             dshares = self._shares[dk] = _shares(dvec)
-        # memory.memory_per_gpu, its workload-independent parts computed once
-        seq_len = wl.input_len + wl.output_len
-        per_seq = self._kv.get(seq_len)
-        if per_seq is None:
-            per_seq = self._kv[seq_len] = self._kv_bytes(sc, seq_len)
-        act = self._activations(wl)
-        free = self._cap - self._weights - act - self._reserved
-        max_batch = max(0, int(free // per_seq)) * dp if per_seq > 0 else 0
-        kv = -(-wl.batch_size // dp) * per_seq
-        mem = self._Memory(self._weights, kv, act, self._reserved, self._cap, per_seq,
-                           max_batch)
-        total = mem.total
+        mem = self._memory(sc, wl, dp)
+        kv, act, total, max_batch = mem.kv_cache, mem.activations, mem.total, mem.max_batch_size
         thr = served.throughput_output_tok_per_s
         return (True, "", "fast", float(ttft), first_ms, float(tpot), thr, thr / sc.num_gpus,
                 prefill_ms, sc.num_gpus, self._weights, kv, act, self._reserved, total,
@@ -1063,17 +1067,8 @@ class StochasticEvaluator(FastEvaluator):
         d = ss.decode
         dk = _step_key(d)
         dvec = self._svector(dk, *seq[dk])[0]
-        seq_len = wl.input_len + wl.output_len
-        per_seq = self._kv.get(seq_len)
-        if per_seq is None:
-            per_seq = self._kv[seq_len] = self._kv_bytes(sc, seq_len)
-        act = self._activations(wl)
-        free = self._cap - self._weights - act - self._reserved
-        max_batch = max(0, int(free // per_seq)) * dp if per_seq > 0 else 0
-        kv = -(-wl.batch_size // dp) * per_seq
-        mem = self._Memory(self._weights, kv, act, self._reserved, self._cap, per_seq,
-                           max_batch)
-        total = mem.total
+        mem = self._memory(sc, wl, dp)
+        kv, act, total, max_batch = mem.kv_cache, mem.activations, mem.total, mem.max_batch_size
         thr = served.throughput_output_tok_per_s
         return (True, "", "fast", _mean(ttft), _mean(first_ms), _mean(tpot), thr,
                 thr / sc.num_gpus, _mean(prefill_ms),
