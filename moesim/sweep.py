@@ -834,6 +834,15 @@ class FastEvaluator:
         point = self._point
         return [point(*args) for args in zip(views, states, prompts)]
 
+    def _run_means(self, view: Any, served: Any, first_wave: tuple) -> tuple:
+        """analytic.predict's first wave and its mix with the steady state: (TTFT, TPOT,
+        first-wave TTFT, first-wave prefill), ms (per draw where ``served`` has draws)."""
+        first_us, clock = first_wave[0], first_wave[1]
+        first_ms = (first_us + self._overhead_us) / 1e3
+        prefill_ms = clock / 1e3
+        ttft, tpot = self._an.benchmark_means(view, served, first_ms, prefill_ms)
+        return ttft, tpot, first_ms, prefill_ms
+
     def _memory(self, sc: Any, wl: Any, dp: int) -> Any:
         """``memory.memory_per_gpu`` of a point, its workload-independent parts computed
         once."""
@@ -855,11 +864,8 @@ class FastEvaluator:
         served = an.serving_times(view, ss, self.time_of, draft)
         if prompt[1] is None:
             prompt[1] = self._first_wave(prompt[0])
-        first_us, clock, big_tokens, big_vec, big_shares = prompt[1]
-        # analytic.predict's first wave and its mix with the steady state
-        first_ms = (first_us + self._overhead_us) / 1e3
-        prefill_ms = clock / 1e3
-        ttft, tpot = an.benchmark_means(view, served, first_ms, prefill_ms)
+        _, _, big_tokens, big_vec, big_shares = prompt[1]
+        ttft, tpot, first_ms, prefill_ms = self._run_means(view, served, prompt[1])
         d = ss.decode
         dk = _step_key(d)
         dvec = self._vectors.get(dk) or self.step(d)
@@ -1060,10 +1066,8 @@ class StochasticEvaluator(FastEvaluator):
         served = an.serving_times(view, ss, time_of, 0.0)
         if prompt[1] is None:
             prompt[1] = self._sfirst_wave(prompt[0], prompt[2][0])
-        first_us, clock, big_tokens, big_vec, big_shares = prompt[1]
-        first_ms = (first_us + self._overhead_us) / 1e3
-        prefill_ms = clock / 1e3
-        ttft, tpot = an.benchmark_means(view, served, first_ms, prefill_ms)
+        _, _, big_tokens, big_vec, big_shares = prompt[1]
+        ttft, tpot, first_ms, prefill_ms = self._run_means(view, served, prompt[1])
         d = ss.decode
         dk = _step_key(d)
         dvec = self._svector(dk, *seq[dk])[0]

@@ -34,7 +34,7 @@ import numpy as np
 
 from .costs import attention, comm, moe
 from .costs.gemm import gemm_family
-from .costs.op import OpCost, fit_terms
+from .costs.op import OpCost, roofline_terms
 from .spec.dtypes import ELEMENT_BYTES, WEIGHT_BYTES, gemm_compute_dtype
 
 #: Index of each bound in a step vector ``[time, compute, memory, network, launch]``.
@@ -87,18 +87,9 @@ class VOp:
 def v_roofline(family: str, bytes_: Any, ideal_compute_us: Any, hw: Any, kernels: int = 1,
                steps: Any = 0, k_loop: Any = 0.0) -> VOp:
     """``costs.op.roofline`` over arrays."""
-    fit = hw.kernel(family)
-    ideal_memory_us = bytes_ / hw.hbm_peak_bytes_per_us
-    eff_c = fit.compute_efficiency.value if fit.compute_efficiency is not None else 1.0
-    extra = fit_terms(fit)
-    t_c = ideal_compute_us / eff_c
-    t_m = ideal_memory_us / fit.memory_efficiency.value
-    t_k = extra["k_latency_us"] * np.minimum(k_loop, extra["k_split_above"]) / 1024.0
-    fixed = kernels * fit.t0_us.value
-    p = extra["overlap_exponent"]
-    body = (t_c ** p + t_m ** p + t_k ** p) ** (1.0 / p) if p else \
-        np.maximum(np.maximum(t_c, t_m), t_k)
-    time = fixed + steps * extra["step_us"] + body
+    time, fixed, ideal_memory_us, t_c, t_m, t_k = roofline_terms(
+        hw.kernel(family), hw, bytes_, ideal_compute_us, kernels, steps, k_loop, np.maximum,
+        np.minimum)
     bound = np.where(fixed > time - fixed, LAUNCH,
                      np.where(t_c >= np.maximum(t_m, t_k), COMPUTE, MEMORY))
     return VOp(time, fixed, kernels, bound, ideal_compute_us, ideal_memory_us,
@@ -166,17 +157,9 @@ def v_collective(family: str, factor: float, message_bytes: Any, n: int, hw: Any
     """``costs.comm._collective``; None for a group of one GPU (no kernel, no time)."""
     if n <= 1:
         return None
-    fit = getattr(hw.collectives, family)
-    alpha, busbw, _ = comm._link(n, gpus_per_node, hw, fit)
-    moved = factor * (n - 1) / n * message_bytes
-    eff = fit.bus_efficiency.value
-    steps = int(factor) * (n - 1)
-    step_us = fit.latency_per_step_us.value if fit.latency_per_step_us else 0.0
-    t = alpha + steps * step_us + moved / busbw
-    if fit.ll_latency_us is not None and fit.ll_bus_efficiency is not None:
-        t = np.minimum(t, alpha - fit.latency_us.value + fit.ll_latency_us.value
-                       + steps * step_us + moved / (busbw / eff * fit.ll_bus_efficiency.value))
-    return VOp(t, 0.0, 1, NETWORK, 0.0, moved / (busbw / eff), False)
+    t, _, ideal_us, _ = comm.collective_terms(getattr(hw.collectives, family), factor,
+                                              message_bytes, n, gpus_per_node, hw, np.minimum)
+    return VOp(t, 0.0, 1, NETWORK, 0.0, ideal_us, False)
 
 
 def v_all_reduce(message_bytes: Any, n: int, hw: Any, gpus_per_node: int = 8,

@@ -31,15 +31,11 @@ def _link(n: int, gpus_per_node: int, hw: HardwareProfile, fit: CollectiveFit) -
         ic.scaleout_gb_per_s_per_direction.value * 1e3 * eff, False
 
 
-def _collective(name: str, family: str, factor: float, message_bytes: float, n: int,
-                hw: HardwareProfile, gpus_per_node: int) -> OpCost:
-    # ``factor``: 2 for all-reduce (reduce-scatter then all-gather), which is also its number
-    # of step rounds: 2(n-1) steps against n-1 for the others.
-    """``family`` names the fit in ``hardware.collectives``; the op keeps ``moved / link
-    bandwidth`` as its ideal time so calibration can refit latency and bus efficiency."""
-    if n <= 1:
-        return OpCost(name, "comm", 0.0, 0.0, 0.0, "network", kernels=0)
-    fit = getattr(hw.collectives, family)
+def collective_terms(fit: CollectiveFit, factor: float, message_bytes, n: int, gpus_per_node: int,
+                     hw: HardwareProfile, minimum):
+    """(time us, bytes moved per GPU, ideal time at link bandwidth us, latency steps) of one
+    collective of ``n`` GPUs. ``minimum``: ``min`` for a float message, ``np.minimum`` for an
+    array of messages (the sweep's step pricer)."""
     alpha, busbw, _ = _link(n, gpus_per_node, hw, fit)
     moved = factor * (n - 1) / n * message_bytes
     eff = fit.bus_efficiency.value
@@ -49,10 +45,24 @@ def _collective(name: str, family: str, factor: float, message_bytes: float, n: 
     if fit.ll_latency_us is not None and fit.ll_bus_efficiency is not None:
         # The low-latency protocol on the same path (its own latency and bus efficiency); the
         # tuner takes whichever is faster for this size (hardware.CollectiveFit).
-        t = min(t, alpha - fit.latency_us.value + fit.ll_latency_us.value + steps * step_us
-                + moved / (busbw / eff * fit.ll_bus_efficiency.value))
+        t = minimum(t, alpha - fit.latency_us.value + fit.ll_latency_us.value + steps * step_us
+                    + moved / (busbw / eff * fit.ll_bus_efficiency.value))
+    return t, moved, moved / (busbw / eff), steps
+
+
+def _collective(name: str, family: str, factor: float, message_bytes: float, n: int,
+                hw: HardwareProfile, gpus_per_node: int) -> OpCost:
+    """``family`` names the fit in ``hardware.collectives``; the op keeps ``moved / link
+    bandwidth`` as its ideal time so calibration can refit latency and bus efficiency."""
+    # ``factor``: 2 for all-reduce (reduce-scatter then all-gather), which is also its number
+    # of step rounds: 2(n-1) steps against n-1 for the others.
+    if n <= 1:
+        return OpCost(name, "comm", 0.0, 0.0, 0.0, "network", kernels=0)
+    fit = getattr(hw.collectives, family)
+    t, moved, ideal_us, steps = collective_terms(fit, factor, message_bytes, n, gpus_per_node,
+                                                 hw, min)
     return OpCost(name, "comm", t, 0.0, moved, "network",
-                  family=family, ideal_memory_us=moved / (busbw / eff),
+                  family=family, ideal_memory_us=ideal_us,
                   host_floor_us=fit.host_floor_us.value if fit.host_floor_us else 0.0,
                   steps=steps)
 

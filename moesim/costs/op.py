@@ -45,7 +45,7 @@ class OpCost:
     host_floor_us: float = 0.0  # eager calls take at least this long (hardware.kernels.*)
     fixed_us: float = 0.0  # the kernels' fixed time (kernels * t0) inside time_us
     in_graph: bool = False  # replayed from a CUDA graph: no host dispatch per call
-    steps: int = 0  # serialised latency steps: a collective's rounds, a kernel's same-address atomics
+    steps: int = 0  # serialised latency steps: collective rounds, same-address atomics
     k_loop: float = 0.0  # K elements one CTA of a GEMM walks before any split-K
 
     @property
@@ -92,6 +92,26 @@ def fit_terms(fit) -> dict:
             "overlap_exponent": _opt(fit.overlap_exponent, None)}
 
 
+def roofline_terms(fit, hw: "HardwareProfile", bytes_, ideal_compute_us, kernels, steps, k_loop,
+                   maximum, minimum):
+    """:func:`kernel_time_us` of one kernel family's fit, and its parts: (time, fixed time,
+    ideal memory time, compute, memory and K-loop time), all us. ``maximum`` / ``minimum``:
+    the builtins for plain floats (predict prices thousands of ops per second), ``np.maximum``
+    / ``np.minimum`` for arrays (the sweep's step pricer)."""
+    ideal_memory_us = bytes_ / hw.hbm_peak_bytes_per_us
+    eff_c = fit.compute_efficiency.value if fit.compute_efficiency is not None else 1.0
+    extra = fit_terms(fit)
+    t_c = ideal_compute_us / eff_c
+    t_m = ideal_memory_us / fit.memory_efficiency.value
+    t_k = extra["k_latency_us"] * minimum(k_loop, extra["k_split_above"]) / 1024.0
+    fixed = kernels * fit.t0_us.value  # what a CUDA graph replaces (step.py): t0 only
+    p = extra["overlap_exponent"]
+    body = (t_c ** p + t_m ** p + t_k ** p) ** (1.0 / p) if p else \
+        maximum(maximum(t_c, t_m), t_k)
+    time = fixed + steps * extra["step_us"] + body
+    return time, fixed, ideal_memory_us, t_c, t_m, t_k
+
+
 def roofline(name: str, category: Category, family: str, flops: float, bytes_: float,
              ideal_compute_us: float, hw: "HardwareProfile", kernels: int = 1, steps: int = 0,
              k_loop: float = 0.0) -> OpCost:
@@ -99,17 +119,8 @@ def roofline(name: str, category: Category, family: str, flops: float, bytes_: f
     ``steps``: serialised steps (the family's ``step_us`` each); ``k_loop``: a GEMM's K extent
     (the family's K-loop latency, where it has one)."""
     fit = hw.kernel(family)
-    ideal_memory_us = bytes_ / hw.hbm_peak_bytes_per_us
-    eff_c = fit.compute_efficiency.value if fit.compute_efficiency is not None else 1.0
-    extra = fit_terms(fit)
-    t_c = ideal_compute_us / eff_c
-    t_m = ideal_memory_us / fit.memory_efficiency.value
-    t_k = extra["k_latency_us"] * min(k_loop, extra["k_split_above"]) / 1024.0
-    fixed = kernels * fit.t0_us.value  # what a CUDA graph replaces (step.py): t0 only
-    # kernel_time_us's formula in plain floats: predict prices thousands of ops per second.
-    p = extra["overlap_exponent"]
-    body = (t_c ** p + t_m ** p + t_k ** p) ** (1.0 / p) if p else max(t_c, t_m, t_k)
-    time = fixed + steps * extra["step_us"] + body
+    time, fixed, ideal_memory_us, t_c, t_m, t_k = roofline_terms(
+        fit, hw, bytes_, ideal_compute_us, kernels, steps, k_loop, max, min)
     # The K-loop latency is a memory-pipeline stall: reported as memory bound.
     bound: Bound = "launch" if fixed > time - fixed else "compute" if t_c >= max(t_m, t_k) \
         else "memory"

@@ -108,7 +108,7 @@ def _unknown(ref: str, field: str) -> InputError:
               "`python -m moesim models`)"
     if ref.endswith((".json", ".yaml", ".yml")) or ref.startswith((".", "/", "~")):
         return InputError(field, f"no such file: {ref}", "give a path to a config.json, its "
-                          f"folder, or a preset name")
+                          "folder, or a preset name")
     if ref.count("/") == 1:
         # Looks like an HF id: configs are never fetched, so say how to get one.
         return InputError(field, f"{ref!r} is not a preset and moesim does not download configs",
