@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import datetime as _dt
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -60,7 +60,13 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]
     return lines
 
 
-def write_report(tables_dir: Path, out: Path, system: str = "h100_sxm") -> None:
+def write_report(tables_dir: Path, out: Path, system: str = "h100_sxm",
+                 time_units: Optional[dict[str, str]] = None) -> None:
+    """``time_units``: table file name -> unit of its ``latency_us`` column (``moesim validate
+    --time-unit``); a table refused for its unit is listed with the reason."""
+    from moesim.errors import InputError
+
+    time_units = time_units or {}
     kernel_dir = tables_dir / system
     lines = [
         "# Accuracy of moesim's predictions",
@@ -91,9 +97,15 @@ def write_report(tables_dir: Path, out: Path, system: str = "h100_sxm") -> None:
         path = kernel_dir / f"{name}.csv"
         if not path.exists():
             continue
-        s = validate_run(str(path)).summary
+        try:
+            s = validate_run(str(path), time_unit=time_units.get(path.name)).summary
+        except InputError as exc:
+            rows.append((f"`{name}.csv`", "", "", f"not read: {exc.one_line()}", "", ""))
+            continue
+        unit = time_units.get(path.name)
+        label = f"`{name}.csv`" + (f" (latency_us read as {unit})" if unit else "")
         m = s["metrics"]["latency"]
-        rows.append((f"`{name}.csv`", s["rows"], s["unpredicted"],
+        rows.append((label, s["rows"], s["unpredicted"],
                      f"{m['median_ape_pct']:.1f}", f"{m['p90_ape_pct']:.1f}",
                      f"{m['median_pred_over_meas']:.2f}"))
         if name in ("gemm", "collective", "attention_context", "attention_generation"):

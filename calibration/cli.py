@@ -81,6 +81,10 @@ def _configure_fit(p: argparse.ArgumentParser) -> None:
     p.add_argument("--transfer", nargs="*", default=[], metavar="ID",
                    help="also write overlays for these profile ids with the fitted values marked "
                         "as estimates (same-architecture GPUs without measurements)")
+    p.add_argument("--time-unit", action="append", default=[], metavar="TABLE=UNIT",
+                   help="unit a table's latency_us column actually holds, e.g. moe_a2a.csv=ns "
+                        "(us, ns or ms; repeatable; as `moesim validate --time-unit`). A moe_a2a "
+                        "table implausible in µs is skipped unless named here")
     p.add_argument("--multistart", action="store_true",
                    help="fit from each start of a grid of efficiencies and keep the lowest-loss "
                         "fit (calibration/fit_starts.py; the CPU loop uses it)")
@@ -99,7 +103,11 @@ def _fit(args: argparse.Namespace) -> int:
     # The tables' rows are priced on the base file itself (not on the profile id their `system`
     # column names): the same profile for the shipped ids, and the only way to reach a profile
     # that lives outside hardware_profiles/ (e.g. the CPU profile of a calibration run).
+    time_units = _time_units(args.time_unit)
     if args.multistart:
+        if time_units:
+            raise CalibrationError("--multistart does not take --time-unit; fit without "
+                                   "--multistart for those tables")
         if args.transfer:
             raise CalibrationError("--multistart does not write --transfer overlays; fit "
                                    "without --multistart for those")
@@ -107,7 +115,7 @@ def _fit(args: argparse.Namespace) -> int:
         report = run_fit_multistart(source, base, Path(args.out), hardware=str(base.resolve()))
     else:
         report = run_fit(source, base, Path(args.out), args.transfer,
-                         hardware=str(base.resolve()))
+                         hardware=str(base.resolve()), time_units=time_units)
     for name, st in report.items():
         if "skipped" in st:
             print(f"{name:<28} skipped: {st['skipped']}")
@@ -126,6 +134,22 @@ def _configure_accuracy(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tables", default="../shared/reference/measurements",
                    help="folder with e2e_serving.csv and <system>/*.csv")
     p.add_argument("--out", default="docs/accuracy.md")
+    p.add_argument("--time-unit", action="append", default=[], metavar="TABLE=UNIT",
+                   help="unit a table's latency_us column holds, e.g. moe_a2a.csv=ns")
+
+
+def _time_units(items: list[str]) -> dict[str, str]:
+    """``TABLE=UNIT`` options as {file name: unit}; a malformed one is a CalibrationError."""
+    from pathlib import Path
+
+    out = {}
+    for item in items:
+        name, _, unit = item.partition("=")
+        if not name or unit not in ("us", "ns", "ms"):
+            raise CalibrationError(f"--time-unit: {item!r} is not TABLE=UNIT with UNIT us, ns "
+                                   "or ms (e.g. moe_a2a.csv=ns)")
+        out[Path(name).name] = unit
+    return out
 
 
 def _accuracy(args: argparse.Namespace) -> int:
@@ -136,7 +160,7 @@ def _accuracy(args: argparse.Namespace) -> int:
     tables = Path(args.tables)
     if not tables.is_dir():
         raise CalibrationError(f"--tables: {tables} is not a folder")
-    write_report(tables, Path(args.out))
+    write_report(tables, Path(args.out), time_units=_time_units(args.time_unit))
     print(f"wrote {args.out}")
     return 0
 

@@ -22,7 +22,7 @@ import yaml
 from scipy.optimize import least_squares
 
 from moesim.costs.op import OpCost, kernel_time_us
-from moesim.spec.hardware import HardwareProfile, load_profile
+from moesim.spec.hardware import DeepEP, HardwareProfile, load_profile
 from moesim.validate import table_ops
 
 # Families fitted from each layout (a moe table also exercises the small kernels of the fused-MoE
@@ -35,6 +35,12 @@ FITTED_BY_LAYOUT = {
     "collective": ("all_reduce", "all_to_all", "all_gather"),
     "allreduce_custom": ("all_reduce_custom",),
 }
+# DeepEP dispatch / combine (moesim/costs/deepep.py): latency + NVLink bytes / (link x
+# bus_efficiency), one family per moe_a2a.csv comm_backend and phase. Their fixed time is a
+# whole communication call (notify, barrier, handshake: tens to hundreds of µs), so the
+# kernels' 20 µs cap on t0 does not apply.
+DEEPEP_FAMILIES = tuple("deepep_" + f for f in DeepEP.model_fields)
+FITTED_BY_LAYOUT["moe_a2a"] = DEEPEP_FAMILIES
 # Dense GEMM, attention and eager custom all-reduce tables are timed call by call: a call cannot be faster than the host's
 # dispatch of it, which shows as a floor in the small shapes (DeepGEMM's ~85 µs). Fitted as its
 # own parameter so that the GPU-side fixed time t0 stays what a CUDA graph would see.
@@ -61,7 +67,7 @@ EXTRA_TERMS = {"step_us": 0.0, "k_latency_us": 0.0, "k_split_above": float("inf"
 # Fused-MoE families whose serialised steps are unaligned elements (costs/moe.py).
 MOE_STEP_FAMILIES = ("moe_bf16",)
 LAYOUT_ORDER = ("moe", "gemm", "attention_context", "attention_generation", "collective",
-                "allreduce_custom")
+                "allreduce_custom", "moe_a2a")
 MAX_ROWS_PER_FIT = 6000
 T0_MAX_US = 20.0  # a seeded stratified sample beyond this keeps each fit to seconds
 
@@ -132,6 +138,13 @@ def profile_params(hw: HardwareProfile) -> Params:
                     "ll_latency_us": c.ll_latency_us.value if c.ll_latency_us else 0.0,
                     "ll_bus_efficiency": c.ll_bus_efficiency.value
                     if c.ll_bus_efficiency else 0.0}
+    for fam in DEEPEP_FAMILIES:
+        d = getattr(hw.deepep, fam[len("deepep_"):]) if hw.deepep is not None else None
+        # An uncalibrated family starts where fit_families puts it (t0 0 = the fastest row,
+        # efficiency 0 = half the link); it prices nothing until fitted.
+        out[fam] = {"t0_us": d.latency_us.value if d else 0.0, "compute_efficiency": 1.0,
+                    "memory_efficiency": d.bus_efficiency.value if d else 0.0,
+                    "host_floor_us": 0.0}
     return out
 
 
@@ -220,6 +233,10 @@ def fit_families(ops: Ops, base: Params, families: Sequence[str]) -> tuple[Param
             # up to half the link bandwidth, with a fraction of Simple's latency).
             base_name = "t0_us" if name == "ll_latency_us" else "memory_efficiency"
             v = 0.5 * params[fam][base_name]
+        if fam in DEEPEP_FAMILIES and v <= 0.0:
+            # Not in the base profile: start at the family's fastest row, half the link.
+            v = float(ops.measured[np.unique(ops.row[ops.family == fam])].min()) \
+                if name == "t0_us" else 0.5
         if name == "step_us" and fam in MOE_STEP_FAMILIES:
             # µs per Mi-element an unaligned expert GEMM moves (costs/moe.py): aligned streaming
             # is ~0.7 µs per Mi 16-bit elements on an H100, narrow accesses several times that.
@@ -246,7 +263,8 @@ def fit_families(ops: Ops, base: Params, families: Sequence[str]) -> tuple[Param
         elif name in ("t0_us", "host_floor_us", "step_us", "ll_latency_us"):
             # GPU-side fixed time per kernel is launch latency plus prologue and tail: a few µs,
             # never tens. Longer floors in a table belong to the host (host_floor_us).
-            top = T0_MAX_US if name == "t0_us" and fam not in COLLECTIVES else 500.0
+            top = T0_MAX_US if name == "t0_us" and fam not in COLLECTIVES + DEEPEP_FAMILIES \
+                else 500.0
             x0.append(np.log(min(max(v, 0.05), top)))
             lo.append(np.log(0.01))
             hi.append(np.log(top))
@@ -270,8 +288,9 @@ def sample_rows(n: int, limit: int, seed: int = 0) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, size=limit, replace=False))
 
 
-def load_ops(table: Path, hardware: Optional[str]) -> tuple[str, list[dict], Ops]:
-    layout, rows, ops_list, measured = table_ops(str(table), hardware)
+def load_ops(table: Path, hardware: Optional[str], time_unit: Optional[str] = None
+             ) -> tuple[str, list[dict], Ops]:
+    layout, rows, ops_list, measured = table_ops(str(table), hardware, time_unit)
     return layout, rows, Ops.from_lists(ops_list, measured)
 
 
@@ -285,19 +304,35 @@ def find_tables(source: Path) -> list[Path]:
     return sorted(p for p in source.glob("*.csv"))
 
 
+def _sms_by_family(rows: list[dict]) -> dict[str, list[int]]:
+    """SM counts (``sms`` column) of a moe_a2a table's rows, per DeepEP family."""
+    out: dict[str, set] = {}
+    for r in rows:
+        fam = f"{r['comm_backend'].strip().lower()}_{r['phase'].strip().lower()}"
+        out.setdefault(fam, set()).add(int(r.get("sms") or 0))
+    return {f: sorted(v) for f, v in out.items()}
+
+
 def fit_tables(tables: Sequence[Path], base: HardwareProfile, hardware: Optional[str] = None,
-               limit: int = MAX_ROWS_PER_FIT) -> tuple[Params, dict]:
+               limit: int = MAX_ROWS_PER_FIT, time_units: Optional[dict[str, str]] = None
+               ) -> tuple[Params, dict]:
     """Fit every family the tables exercise, in :data:`LAYOUT_ORDER`. Returns the fitted params
-    and per-table statistics."""
+    and per-table statistics. ``time_units``: table file name -> unit of its ``latency_us``
+    column (``moesim validate --time-unit``); a moe_a2a table implausible in µs is skipped with
+    the reason unless named here."""
     params = profile_params(base)
+    time_units = time_units or {}
     loaded = {}
+    sms: dict[Path, dict] = {}
     for t in tables:
         try:
-            layout, _, ops = load_ops(t, hardware or base.id)
+            layout, rows, ops = load_ops(t, hardware or base.id, time_units.get(t.name))
         except Exception as exc:  # a table this fit cannot use is reported, not fatal
             loaded[t] = (None, str(exc).splitlines()[0])
             continue
         loaded[t] = (layout, ops)
+        if layout == "moe_a2a":
+            sms[t] = _sms_by_family(rows)
     report: dict = {}
     for layout in LAYOUT_ORDER:
         for t, (lay, ops) in loaded.items():
@@ -310,6 +345,10 @@ def fit_tables(tables: Sequence[Path], base: HardwareProfile, hardware: Optional
                          all_rows_median_ape_pct=round(float(np.median(full_ape)), 2),
                          all_rows_p90_ape_pct=round(float(np.percentile(full_ape, 90)), 2),
                          sha256=_sha256(t))
+            if t.name in time_units:
+                stats["time_unit"] = time_units[t.name]
+            if t in sms:
+                stats["sms"] = sms[t]
             report[t.name] = {"layout": layout, **stats}
     for t, (lay, why) in loaded.items():
         if lay is None:
@@ -337,6 +376,7 @@ def overlay(base: HardwareProfile, params: Params, report: dict, tables: Sequenc
 
     kernels: dict = {}
     collectives: dict = {}
+    deepep: dict = {}
     for fam, vals in params.items():
         fields = {}
         for name in ("t0_us", "compute_efficiency", "memory_efficiency", "host_floor_us",
@@ -351,6 +391,18 @@ def overlay(base: HardwareProfile, params: Params, report: dict, tables: Sequenc
                    "host_floor_us": "host_floor_us", "step_us": "latency_per_step_us",
                    "ll_latency_us": "ll_latency_us", "ll_bus_efficiency": "ll_bus_efficiency"}
             collectives[fam] = {ren[k]: v for k, v in fields.items()}
+        elif fam in DEEPEP_FAMILIES and transferred_from:
+            continue  # measured on this node's NVLink fabric (H800's differs): not carried over
+        elif fam in DEEPEP_FAMILIES:
+            name = fam[len("deepep_"):]
+            entry = {"latency_us": fields["t0_us"], "bus_efficiency": fields["memory_efficiency"]}
+            for table, st in report.items():
+                counts = st.get("sms", {}).get(fam)
+                if counts and len(counts) == 1:  # the SM count the efficiency was fitted at
+                    entry["sms"] = {"value": float(counts[0]), "kind": "derived",
+                                    "source": f"{table}: sms column of the rows fitted "
+                                              "(0 = the backend's default)"}
+            deepep[name] = entry
         elif getattr(base.kernels, fam, None) is not None:
             kernels[fam] = fields
     out: dict = {}
@@ -358,6 +410,8 @@ def overlay(base: HardwareProfile, params: Params, report: dict, tables: Sequenc
         out["kernels"] = kernels
     if collectives:
         out["collectives"] = collectives
+    if deepep:
+        out["deepep"] = deepep
     out["provenance"] = {
         "tool": "python -m calibration fit",
         "date": _dt.date.today().isoformat(),
@@ -375,10 +429,10 @@ def write_overlay(data: dict, path: Path, header: str) -> None:
 
 
 def run_fit(source: Path, base_path: Path, out: Path, transfer: Sequence[str] = (),
-            hardware: Optional[str] = None) -> dict:
+            hardware: Optional[str] = None, time_units: Optional[dict[str, str]] = None) -> dict:
     tables = find_tables(source)
     base = load_profile(str(base_path), calibrated=False)
-    params, report = fit_tables(tables, base, hardware)
+    params, report = fit_tables(tables, base, hardware, time_units=time_units)
     header = (f"# Calibrated overlay for {base.id}, written by `python -m calibration fit "
               f"--from {source} --base {base_path}`.\n# Fields here replace the base profile's "
               "one by one; every value says which table and fit produced it.\n")

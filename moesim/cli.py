@@ -30,7 +30,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 def _cmd_validate(args: argparse.Namespace) -> int:
     from .validate import run
 
-    res = run(args.table, hardware=args.hardware, out=args.out, as_json=args.json)
+    res = run(args.table, hardware=args.hardware, out=args.out, as_json=args.json,
+              time_unit=args.time_unit)
     print(res.text)
     return 0
 
@@ -118,6 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     pv.add_argument("--hardware", help="profile id or path (default: each row's `system`)")
     pv.add_argument("--out", help="write every row with its prediction and error to this CSV")
     pv.add_argument("--json", action="store_true", help="summary as JSON")
+    pv.add_argument("--time-unit", choices=("us", "ns", "ms"), default=None,
+                    help="unit the table's latency_us column actually holds (default us, as "
+                         "named); the report and --out CSV state the unit used. A moe_a2a "
+                         "table whose values are implausible in the unit used is refused")
     pv.set_defaults(func=_cmd_validate)
     pm = sub.add_parser("models", help="list model presets with total / active parameters")
     pm.add_argument("--json", action="store_true")

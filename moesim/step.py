@@ -15,7 +15,7 @@ from typing import Any, Literal, Optional
 
 import numpy as np
 
-from .costs import attention, comm, moe
+from .costs import attention, comm, deepep, moe
 from .costs.elementwise import memory_op
 from .costs.gemm import gemm, linear
 from .costs.op import OpCost
@@ -200,6 +200,29 @@ def _dense_mlp_ops(sc: Scenario, b: Batch, inter: int, prefix: str = "mlp") -> l
             memory_op(f"{prefix}_act", b.tokens * (up + inter_r) * 2.0, hw),
             *linear(f"{prefix}_down", b.tokens, m.hidden_size, inter_r, hw, d.weight_dtype,
                     d.activation_dtype)]
+
+
+def deepep_backend(sc: Scenario, b: "Batch") -> Optional[str]:
+    """The DeepEP backend (costs/deepep.py) that moves batch ``b``'s dispatch / combine, or None
+    for the NCCL all-to-all (``deployment.ep_comm_backend``). ``deepep`` / ``deepep_v2`` pick
+    the low-latency (generation) kernels for decode-only steps and the normal (context) ones for
+    steps carrying prefill tokens, as SGLang's ``--deepep-mode auto`` does."""
+    d = sc.deployment
+    mode = d.ep_comm_backend
+    if mode == "nccl":
+        return None
+    from .errors import InputError
+
+    if d.ep > sc.gpus_per_node:
+        raise InputError("deployment.ep_comm_backend", f"{mode} over ep={d.ep} spans nodes "
+                         f"({sc.gpus_per_node} GPUs per node); only intra-node DeepEP is "
+                         "modelled", "use ep_comm_backend nccl or ep <= GPUs per node")
+    decode_only = b.phase == "decode" and b.prefill is None
+    if mode in ("deepep_ht", "deepep_ll"):
+        return mode[len("deepep_"):]
+    if mode == "deepep_v2":
+        return "v2_generation" if decode_only else "v2_context"
+    return "ll" if decode_only else "ht"
 
 
 def received_tokens(rank_loads: np.ndarray, num_tokens: int) -> np.ndarray:
@@ -427,7 +450,17 @@ def _moe_priced(sc: Scenario, b: Batch, loads: np.ndarray) -> _MoePriced:
 
     columns = [_Column(o) for o in moe.router(t_group, H, mo.num_experts, mo.top_k, hw,
                                                  mo.scoring, d.activation_dtype)]
-    if dp > 1:
+    a2a_backend = deepep_backend(sc, b) if dp > 1 else None
+    if a2a_backend is not None:
+        # DeepEP (costs/deepep.py): the copies the busiest rank receives from the other ranks,
+        # per (token, rank) for the normal kernels, per (token, expert) for the low-latency ones.
+        a2a_copies = (per_rank_all.sum(axis=-1).max(axis=1)
+                      if a2a_backend in deepep.PER_EXPERT_BACKENDS else a2a_tokens) \
+            * (d.ep - 1) / d.ep
+    if a2a_backend is not None:
+        columns.append(per_layer(lambda c: deepep.deepep_op(
+            "dispatch", a2a_backend, c, H, hw), a2a_copies))
+    elif dp > 1:
         columns.append(per_layer(lambda a: comm.all_to_all(
             "dispatch", a * H * ELEMENT_BYTES[d.activation_dtype], d.ep, hw, sc.gpus_per_node),
             a2a_tokens))
@@ -464,7 +497,10 @@ def _moe_priced(sc: Scenario, b: Batch, loads: np.ndarray) -> _MoePriced:
     if mo.num_shared_experts:
         columns += [_Column(o) for o in _dense_mlp_ops(
             sc, b, mo.num_shared_experts * mo.shared_expert_intermediate_size, "shared_expert")]
-    if dp > 1:
+    if a2a_backend is not None:
+        columns.append(per_layer(lambda c: deepep.deepep_op(
+            "combine", a2a_backend, c, H, hw), a2a_copies))
+    elif dp > 1:
         columns.append(per_layer(lambda a: comm.all_to_all(
             "combine", a * H * 2.0, d.ep, hw, sc.gpus_per_node), a2a_tokens))
     else:

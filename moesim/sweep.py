@@ -691,6 +691,13 @@ class FastEvaluator:
         from .step import Batch
         from .vstep import StepPricer
 
+        if sc.deployment.ep_comm_backend != "nccl" and sc.deployment.attention_dp > 1:
+            # vstep's pricer mirrors the NCCL all-to-all only; DeepEP steps are priced by
+            # predict (step.py), not by the sweep's fast path.
+            from .errors import InputError
+            raise InputError("deployment.ep_comm_backend", "the sweep prices dispatch/combine "
+                             "with the NCCL all-to-all only", "sweep with ep_comm_backend nccl "
+                             "or run moesim predict for DeepEP scenarios")
         if not deterministic(sc) and type(self) is FastEvaluator:
             raise ValueError("FastEvaluator needs deterministic (balanced) routing; "
                              "StochasticEvaluator draws routing loads")

@@ -36,11 +36,19 @@ How each layout is predicted (the same functions :mod:`moesim.step` calls):
   ``seq_len`` new tokens after ``kv_len`` cached ones (0 in the reference table).
 - ``attention_generation``: :func:`moesim.costs.attention.decode` with ``kv_len + 1`` keys (the
   ``kv_len`` cached tokens and the new one, as :mod:`moesim.step` calls it).
-- ``moe_a2a``: one DeepEP dispatch or combine as an :func:`moesim.costs.comm.all_to_all` over
-  ``ep_size`` GPUs: each of a rank's ``num_tokens`` tokens is sent once to every rank holding one
-  of its experts (the busiest receiver, :func:`moesim.step.received_tokens`), ``hidden``
-  values of 2 bytes (bf16: the table does not say whether dispatch was fp8-quantised). ``sms`` and
-  the backend flavour (ht / ll / v2) are not modelled.
+- ``moe_a2a``: one DeepEP dispatch or combine, :func:`moesim.costs.deepep.deepep_op` of the
+  row's ``comm_backend`` (``deepep_ht`` / ``deepep_ll`` / ``deepep_v2_context`` /
+  ``deepep_v2_generation``) and ``phase``, with the copies a rank sends over NVLink under uniform
+  routing of its ``num_tokens`` tokens (:func:`moesim.costs.deepep.expected_remote_copies`) and
+  the row's ``sms``. Intra-node rows only (``nodes`` = 1).
+
+Time unit. The kernel tables' ``latency_us`` column is read as µs unless ``time_unit``
+(``--time-unit``) says otherwise (``ns`` or ``ms``); the value is never rescaled silently. A
+``moe_a2a`` table is checked first (:func:`check_a2a_unit`): its best row must move its NVLink
+bytes at between :data:`A2A_MIN_LINK_FRACTION` and 1x the link's per-direction peak under the
+unit used; a table slower than that everywhere (e.g. ns in the µs column: 20 s for a 5 GB
+combine) or faster than the link is refused with a one-line error naming ``--time-unit``. The
+report and the ``--out`` CSV (columns ``latency_unit``, ``measured_us``) state the unit used.
 - ``e2e_serving``: a scenario per row (model = ``model_path``, hardware = ``system`` x
   ``tp * attention_dp * pp`` GPUs, parallel sizes, dtypes from the quant-mode columns, framework
   = ``backend``, workload = ``batch_size / isl / osl``) through :func:`moesim.predict`.
@@ -250,6 +258,7 @@ class _Hardware:
         self.forced = forced
         self.cache: dict[str, Any] = {}
         self.memo: dict[tuple, float] = {}  # per-run memo of predictions by shape
+        self.for_fit = False  # table_ops: ops of uncalibrated families are kept (ideal times)
         if forced is not None:
             from .spec.hardware import load_profile
 
@@ -468,25 +477,95 @@ def _attention_args(row: dict[str, str]) -> tuple[int, int, int, str, int]:
     return heads, kv_heads, hd, _dtype(row.get("kv_cache_dtype") or "bf16"), window
 
 
-def _predict_moe_a2a(row: dict[str, str], hws: _Hardware) -> list:
-    from .costs import comm
-    from .routing import balanced_loads
-    from .step import received_tokens
+def _a2a_args(row: dict[str, str]) -> tuple[str, str, int, int, int, int, int, int]:
+    """(backend, phase, ep, tokens per rank, hidden, topk, experts, sms) of a moe_a2a row."""
+    from .costs import deepep
 
-    hw = hws.get(row)
+    backend = (row.get("comm_backend") or "").strip().lower()
+    if not backend.startswith("deepep_") or backend[len("deepep_"):] not in deepep.BACKENDS:
+        raise _Unpredictable(f"unknown comm_backend {backend!r} (valid: "
+                             f"{', '.join('deepep_' + b for b in deepep.BACKENDS)})")
     phase = (row.get("phase") or "").strip().lower()
-    if phase not in ("dispatch", "combine"):
+    if phase not in deepep.PHASES:
         raise _Unpredictable(f"unknown phase {phase!r} (dispatch or combine)")
     ep, T = _int(row, "ep_size"), _int(row, "num_tokens")
     H, k, E = _int(row, "hidden_size"), _int(row, "topk"), _int(row, "num_experts")
-    nodes = _int(row, "nodes", 1)
-    if min(ep, T, H, k, E, nodes) < 1 or E % ep or k > E:
+    nodes, sms = _int(row, "nodes", 1), _int(row, "sms", 0)
+    if min(ep, T, H, k, E, nodes) < 1 or E % ep or k > E or sms < 0:
         raise _Unpredictable("needs ep_size | num_experts, topk <= num_experts, sizes >= 1")
-    if ep % nodes:
-        raise _Unpredictable(f"ep_size={ep} not divisible over nodes={nodes}")
-    # Every rank sends num_tokens tokens; the busiest receiver sets the pace (as in step.py).
-    recv = received_tokens(balanced_loads(T * ep, E, k).reshape(ep, -1), T * ep).max()
-    return [comm.all_to_all(phase, recv * H * 2.0, ep, hw, gpus_per_node=ep // nodes)]
+    if nodes != 1:
+        raise _Unpredictable(f"nodes={nodes}: only intra-node DeepEP (one NVLink domain) is "
+                             "modelled")
+    return backend[len("deepep_"):], phase, ep, T, H, k, E, sms
+
+
+def _predict_moe_a2a(row: dict[str, str], hws: _Hardware) -> list:
+    from .costs import deepep
+
+    hw = hws.get(row)
+    backend, phase, ep, T, H, k, E, sms = _a2a_args(row)
+    if ep > int(hw.interconnect.nvlink_domain_size.value):
+        raise _Unpredictable(f"ep_size={ep} exceeds {hw.id}'s NVLink domain")
+    copies = deepep.expected_remote_copies(backend, T, k, E, ep)
+    try:
+        return [deepep.deepep_op(phase, backend, copies, H, hw, sms, unfitted=hws.for_fit)]
+    except InputError as exc:  # no DeepEP fit in this profile
+        raise _Unpredictable(exc.one_line()) from None
+
+
+#: Lowest fraction of the NVLink per-direction peak the best row of a DeepEP table may reach
+#: and still be taken at the unit used. DeepEP reaches 35-80 % of the link on large transfers
+#: (DeepEP README: 153-158 GB/s of H800's ~160; research notes §1.2) and NCCL's all-to-all
+#: ~70 %; a table whose best row reaches under 1 % (a 5 GB combine taking 20 s) is not
+#: plausible, while the next unit down (ns in a µs column) is 1000x away, so the test cannot
+#: confuse the two.
+A2A_MIN_LINK_FRACTION = 0.01
+#: --time-unit choices: µs per unit.
+TIME_UNITS = {"us": 1.0, "ns": 1e-3, "ms": 1e3}
+
+
+def check_a2a_unit(rows: list[dict[str, str]], hws: "_Hardware", unit: Optional[str]) -> None:
+    """Refuse a moe_a2a table whose ``latency_us`` values, read in ``unit`` (default µs), are not
+    physically plausible: the best row's bytes over NVLink at peak / its time must lie in
+    [:data:`A2A_MIN_LINK_FRACTION`, 1]. Raises :class:`InputError` (one line, naming the fix)."""
+    from .costs import deepep
+
+    scale = TIME_UNITS[unit or "us"]
+    best = None
+    for row in rows:
+        try:
+            backend, phase, ep, T, H, k, E, _ = _a2a_args(row)
+            hw = hws.get(row)
+            meas = _float(row, "latency_us") * scale
+        except _Unpredictable:
+            continue
+        link = hw.interconnect.nvlink_gb_per_s_per_direction.value * 1e3  # bytes/µs
+        if meas <= 0 or link <= 0:
+            continue
+        moved = deepep.expected_remote_copies(backend, T, k, E, ep) * \
+            deepep.bytes_per_copy(backend, phase, H)
+        frac = moved / link / meas
+        best = frac if best is None else max(best, frac)
+    if best is None:
+        return
+    given = f"--time-unit {unit}" if unit else "µs, as the column name says"
+    if best < A2A_MIN_LINK_FRACTION:
+        fix = ("if the column holds nanoseconds, rerun with --time-unit ns" if unit in (None, "us")
+               else "check the table's unit (--time-unit us, ns or ms)")
+        raise InputError("latency_us", f"read as {given}, the fastest DeepEP row moves its "
+                         f"NVLink bytes at {best * 100:.2g} % of the link's peak (plausible: "
+                         f">= {A2A_MIN_LINK_FRACTION * 100:g} %); the values look like another "
+                         "unit", fix)
+    if best > 1.0:
+        raise InputError("latency_us", f"read as {given}, a DeepEP row moves its NVLink bytes "
+                         f"{best:.3g}x faster than the link's peak allows",
+                         "check the table's unit (--time-unit us, ns or ms)")
+
+
+def _unit_label(unit: Optional[str]) -> str:
+    if unit in (None, "us"):
+        return "us"
+    return f"{unit} (--time-unit {unit}: measured_us = latency_us x {TIME_UNITS[unit]:g})"
 
 
 KERNEL_PREDICTORS: dict[str, Callable[[dict[str, str], _Hardware], Any]] = {
@@ -718,16 +797,18 @@ WORST_ROWS = 10
 
 
 def run(table_path: str, hardware: Optional[str] = None, out: Optional[str] = None,
-        as_json: bool = False) -> ValidationResult:
+        as_json: bool = False, time_unit: Optional[str] = None) -> ValidationResult:
     """Predict every row of ``table_path`` and summarise the errors.
 
     ``hardware``: profile id or path used for every row (default: each row's ``system``);
     ``out``: write every row with its prediction and error columns to this CSV; ``as_json``:
-    ``text`` is the summary as JSON instead of the human report."""
+    ``text`` is the summary as JSON instead of the human report; ``time_unit``: the unit of the
+    ``latency_us`` column (``us`` default, ``ns``, ``ms``; see the module docstring)."""
     columns, rows = _read_table(table_path)
     layout = detect_layout(columns, rows)
     hws = _Hardware(hardware)
     e2e = layout == "e2e_serving"
+    scale = _time_scale(layout, rows, hws, time_unit)
     metrics = ("ttft", "tpot") if e2e else ("latency",)
     measured_col = {"ttft": "silicon_ttft_ms", "tpot": "silicon_tpot_ms", "latency": "latency_us"}
     pred_col = {"ttft": "predicted_ttft_ms", "tpot": "predicted_tpot_ms",
@@ -737,6 +818,9 @@ def run(table_path: str, hardware: Optional[str] = None, out: Optional[str] = No
     if layout == "moe":
         extra_cols += ["pred_draw_min_us", "pred_draw_max_us"]
     extra_cols.append("unpredicted_reason")
+    state_unit = not e2e and (layout == "moe_a2a" or time_unit not in (None, "us"))
+    if state_unit:  # the CSV says how latency_us was read
+        extra_cols += ["latency_unit", "measured_us"]
     out_columns = list(columns) + [c for c in extra_cols if c not in columns]
 
     ape: dict[str, list[float]] = {m: [] for m in metrics}
@@ -751,6 +835,12 @@ def run(table_path: str, hardware: Optional[str] = None, out: Optional[str] = No
         out_row: dict[str, Any] = dict(row)
         for c in extra_cols:
             out_row[c] = ""
+        if state_unit:
+            out_row["latency_unit"] = time_unit or "us"
+            try:
+                out_row["measured_us"] = _fmt(_float(row, "latency_us") * scale)
+            except _Unpredictable:
+                pass
         preds: dict[str, float] = {}
         try:
             if e2e:
@@ -777,7 +867,7 @@ def run(table_path: str, hardware: Optional[str] = None, out: Optional[str] = No
         for m in metrics:
             out_row[pred_col[m]] = _fmt(preds[m])
             try:
-                meas = _float(row, measured_col[m])
+                meas = _float(row, measured_col[m]) * (1.0 if e2e else scale)
             except _Unpredictable as exc:
                 notes.append(f"{m}: {exc}")
                 continue
@@ -810,6 +900,7 @@ def run(table_path: str, hardware: Optional[str] = None, out: Optional[str] = No
         "layout": layout,
         "hardware": [hardware] if hardware else sorted({r.get("system", "") for r in rows} - {""}),
         "rows": len(rows),
+        "latency_unit": None if e2e else _unit_label(time_unit),
         "predicted": len(rows) - len(unpredicted),
         "unpredicted": len(unpredicted),
         "unpredicted_reasons": reasons,
@@ -857,6 +948,8 @@ def _report(s: dict[str, Any]) -> str:
              f"layout    {s['layout']}",
              f"hardware  {', '.join(s['hardware']) or '-'}",
              f"rows      {s['rows']}  predicted {s['predicted']}  unpredicted {s['unpredicted']}"]
+    if s.get("latency_unit"):
+        lines.append(f"unit      latency_us read as {s['latency_unit']}")
     if s["layout"] == "moe":
         lines.append(f"power-law rows: median prediction over {s['power_law_draws']} routing draws")
     head = f"  {'group':<34}{'n':>7}{'median APE':>12}{'p90 APE':>10}{'pred/meas':>11}"
@@ -893,11 +986,31 @@ def _report(s: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def table_ops(table_path: str, hardware: Optional[str] = None
+def _time_scale(layout: str, rows: list[dict[str, str]], hws: _Hardware,
+                time_unit: Optional[str]) -> float:
+    """µs per unit of the ``latency_us`` column, after the plausibility check of a moe_a2a
+    table; bad ``time_unit`` or an e2e table with one: :class:`InputError`."""
+    if time_unit is None:
+        scale = 1.0
+    elif time_unit not in TIME_UNITS:
+        raise InputError("time_unit", f"unknown unit {time_unit!r}",
+                         f"valid: {', '.join(TIME_UNITS)}")
+    elif layout == "e2e_serving":
+        raise InputError("time_unit", "e2e_serving tables have ms columns, not latency_us",
+                         "drop --time-unit")
+    else:
+        scale = TIME_UNITS[time_unit]
+    if layout == "moe_a2a":
+        check_a2a_unit(rows, hws, time_unit)
+    return scale
+
+
+def table_ops(table_path: str, hardware: Optional[str] = None, time_unit: Optional[str] = None
               ) -> tuple[str, list[dict[str, str]], list[list], list[float]]:
     """For calibration: (layout, rows, the op list predicting each row, measured µs) of every
     predictable kernel-table row; moe rows use their median routing draw. Same predictors as
-    :func:`run`, so a fit on these ops is a fit of the predictions ``validate`` reports."""
+    :func:`run`, so a fit on these ops is a fit of the predictions ``validate`` reports.
+    ``time_unit``: as in :func:`run` (the measured values are returned in µs)."""
     columns, rows = _read_table(table_path)
     layout = detect_layout(columns, rows)
     predictor = KERNEL_PREDICTORS.get(layout)
@@ -905,11 +1018,13 @@ def table_ops(table_path: str, hardware: Optional[str] = None
         raise InputError("table", f"{layout} tables have no per-kernel ops to fit",
                          "give a kernel table (gemm, moe, collective, attention, ...)")
     hws = _Hardware(hardware)
+    hws.for_fit = True
+    scale = _time_scale(layout, rows, hws, time_unit)
     kept, ops_list, measured = [], [], []
     for row in rows:
         try:
             res = predictor(row, hws)
-            meas = _float(row, "latency_us")
+            meas = _float(row, "latency_us") * scale
         except _Unpredictable:
             continue
         ops = _median_draw(res)[0] if layout == "moe" else res

@@ -332,13 +332,15 @@ def test_calibrated_overlay_keeps_the_schema_promises(profiles, pid):
     _check_fractions(pid, cal, t0_max=501.0)  # the fit bounds t0_us to [0.01, 500]
     assert "calibration" in cal.provenance
     assert cal.provenance["sources"] == base.provenance["sources"]
-    # A calibration run fits kernel families and collectives only; datasheet numbers stay put.
+    # A calibration run fits kernel families, collectives and DeepEP only; datasheet numbers
+    # stay put.
     b, c = flatten(base.model_dump(exclude={"provenance"})), \
         flatten(cal.model_dump(exclude={"provenance"}))
     missing = object()
     changed = {k for k in b.keys() | c.keys() if b.get(k, missing) != c.get(k, missing)}
     assert changed, "an overlay that changes nothing"
-    assert all(k.startswith(("kernels.", "collectives.")) for k in changed), sorted(changed)
+    assert all(k.startswith(("kernels.", "collectives.", "deepep")) for k in changed), \
+        sorted(changed)
 
 
 # --- values traced to the reference measurements ------------------------------------------------

@@ -10,6 +10,7 @@ from .dtypes import canonical
 
 Framework = Literal["vllm", "sglang", "trtllm", "generic"]
 MoeStrategy = Literal["fused", "grouped", "naive"]
+EpCommBackend = Literal["nccl", "deepep", "deepep_ht", "deepep_ll", "deepep_v2"]
 
 
 class Deployment(BaseModel):
@@ -42,6 +43,13 @@ class Deployment(BaseModel):
     gpu_memory_utilization: Optional[float] = Field(
         None, gt=0, le=1, description="fraction of HBM the engine may use; default: framework's")
     framework: Framework = "generic"
+    ep_comm_backend: EpCommBackend = Field(
+        "nccl", description="dispatch / combine of attention-DP + EP: nccl (alpha-beta "
+        "all-to-all), deepep (normal kernels for steps with prefill tokens, low-latency ones for "
+        "decode-only steps: SGLang --deepep-mode auto), deepep_ht / deepep_ll (one kind for all "
+        "steps: vLLM --all2all-backend deepep_high_throughput / deepep_low_latency), deepep_v2 "
+        "(V2 context / generation kernels, chosen like deepep); DeepEP is intra-node only and "
+        "needs the hardware profile's deepep fits")
 
     @model_validator(mode="before")
     @classmethod

@@ -96,6 +96,31 @@ class Collectives(_Strict):
     all_gather: CollectiveFit = Field(..., description="also used for reduce-scatter")
 
 
+class DeepEPFit(_Strict):
+    """One DeepEP kernel (backend x phase): t = latency_us + remote bytes / (NVLink bandwidth
+    per direction x bus_efficiency); bytes as in :mod:`moesim.costs.deepep`."""
+
+    latency_us: Quantity = Field(..., description="fixed time of one call (launch, barrier, "
+                                 "notify/handshake)")
+    bus_efficiency: Quantity = Field(..., description="achieved NVLink bandwidth / per-direction "
+                                     "link bandwidth at ``sms`` SMs")
+    sms: Optional[Quantity] = Field(None, description="SMs given to communication in the rows "
+                                    "fitted (0 = the backend's default)")
+
+
+class DeepEP(_Strict):
+    """DeepEP dispatch / combine fits, one per ``comm_backend`` of ``moe_a2a.csv`` and phase."""
+
+    ht_dispatch: Optional[DeepEPFit] = Field(None, description="normal (high-throughput) kernels")
+    ht_combine: Optional[DeepEPFit] = None
+    ll_dispatch: Optional[DeepEPFit] = Field(None, description="low-latency kernels")
+    ll_combine: Optional[DeepEPFit] = None
+    v2_context_dispatch: Optional[DeepEPFit] = Field(None, description="V2, prefill kernels")
+    v2_context_combine: Optional[DeepEPFit] = None
+    v2_generation_dispatch: Optional[DeepEPFit] = Field(None, description="V2, decode kernels")
+    v2_generation_combine: Optional[DeepEPFit] = None
+
+
 class KernelFit(_Strict):
     """One kernel family: t = t0_us + steps x step_us + combine(ideal compute /
     compute_efficiency, ideal memory / memory_efficiency, K-loop latency), ideal times at
@@ -167,6 +192,8 @@ class HardwareProfile(_Strict):
     collectives: Collectives
     kernels: Kernels
     overheads: Overheads
+    deepep: Optional[DeepEP] = Field(None, description="DeepEP dispatch/combine fits (absent: "
+                                     "not calibrated on this GPU)")
     provenance: dict[str, Any] = Field(default_factory=dict,
                                        description="base sources; calibration run details")
 
