@@ -328,7 +328,9 @@ def fit_tables(tables: Sequence[Path], base: HardwareProfile, hardware: Optional
         try:
             layout, rows, ops = load_ops(t, hardware or base.id, time_units.get(t.name))
         except Exception as exc:  # a table this fit cannot use is reported, not fatal
-            loaded[t] = (None, str(exc).splitlines()[0])
+            # validate's option is --time-unit UNIT; this command's is --time-unit TABLE=UNIT
+            why = str(exc).splitlines()[0].replace("--time-unit ns", f"--time-unit {t.name}=ns")
+            loaded[t] = (None, why)
             continue
         loaded[t] = (layout, ops)
         if layout == "moe_a2a":

@@ -137,7 +137,7 @@ def test_fit_recovers_known_parameters(tmp_path):
     assert report["moe_a2a.csv"]["time_unit"] == "ns"
     # without the unit the table is skipped with the one-line reason
     _, rep = fit_tables([path], base, str(ROOT / "hardware_profiles" / "h100_sxm.yaml"))
-    assert "--time-unit ns" in rep["moe_a2a.csv"]["skipped"]
+    assert "--time-unit moe_a2a.csv=ns" in rep["moe_a2a.csv"]["skipped"]
 
 
 def test_sms_scale_bandwidth_up_to_the_link():
