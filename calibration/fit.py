@@ -58,6 +58,10 @@ OVERLAP_FAMILIES = ("gemm_bf16", "gemm_fp8", "gemm_fp8_block", "attention_prefil
 # fp8 never splits (its K loop is in the wave-quantised compute time) and DeepGEMM's tables
 # sit above its host floor there.
 K_LOOP_FAMILIES = ("gemm_bf16",)
+# Fused-MoE expert GEMMs: each tile walks all of K and tiles run in waves, so an SM walks
+# waves * K elements serially (costs/moe.py); the Triton kernel never splits K, so only the
+# latency per K element is fitted (k_split_above stays off).
+MOE_K_LOOP_FAMILIES = ("moe_bf16", "moe_fp8")
 # A collective table whose transfer times span this ratio reaches from the latency-bound to the
 # bandwidth-bound end, so it can identify both protocol lines (LL/LL128 and Simple).
 LL_SPAN = 1000.0
@@ -196,6 +200,8 @@ def _free_params(ops: Ops, families: Sequence[str]) -> list[tuple[str, str]]:
             free.append((fam, "step_us"))
         if fam in K_LOOP_FAMILIES and ops.k_loop[sel].max() > 0:
             free += [(fam, "k_latency_us"), (fam, "k_split_above")]
+        if fam in MOE_K_LOOP_FAMILIES and ops.k_loop[sel].max() > 0:
+            free.append((fam, "k_latency_us"))
         if fam in OVERLAP_FAMILIES:
             free.append((fam, "overlap_exponent"))
     return free
@@ -238,8 +244,8 @@ def fit_families(ops: Ops, base: Params, families: Sequence[str]) -> tuple[Param
             v = float(ops.measured[np.unique(ops.row[ops.family == fam])].min()) \
                 if name == "t0_us" else 0.5
         if name == "step_us" and fam in MOE_STEP_FAMILIES:
-            # µs per Mi-element an unaligned expert GEMM moves (costs/moe.py): aligned streaming
-            # is ~0.7 µs per Mi 16-bit elements on an H100, narrow accesses several times that.
+            # µs per wave of tiles of an unaligned expert GEMM (costs/moe.py): a wave of
+            # latency-bound narrow-access tiles takes on the order of a µs.
             x0.append(np.log(1.0 if params[fam][name] <= 0.0 else v))
             lo.append(np.log(1e-3))
             hi.append(np.log(100.0))

@@ -481,7 +481,7 @@ def _moe_priced(sc: Scenario, b: Batch, loads: np.ndarray) -> _MoePriced:
                     "ideal_compute_us": k["ideal_compute_us"],
                     "ideal_memory_us": k["ideal_memory_us"],
                     "bound": np.array(moe.BOUNDS)[k["bound"]],
-                    "kernels": k["kernels"], "steps": k["steps"], "k_loop": zero,
+                    "kernels": k["kernels"], "steps": k["steps"], "k_loop": k["k_loop"],
                     "host_floor_us": np.full(L, k["host_floor_us"])},
                     None if runs.all() else runs))
         else:

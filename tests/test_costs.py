@@ -128,9 +128,9 @@ def test_fp8_kv_cache_attention_has_its_own_family():
 
 
 def test_ep_remote_slots_still_cost():
-    """EP: slots routed to experts held elsewhere still pass through the pipeline (zero rows
-    written by the GEMMs, activation over the whole cache), so a rank whose own experts get the
-    same tokens is slower when more tokens enter its kernel."""
+    """EP: slots routed to experts held elsewhere still pass through the pipeline (activation
+    over the whole cache, top-k sum), so a rank whose own experts get the same tokens is slower
+    when more tokens enter its kernel."""
     from moesim.costs.moe import fused_terms
 
     local = np.array([[4, 4, 4, 4]])
@@ -160,3 +160,29 @@ def test_unaligned_expert_gemms_pay_steps(inter, unaligned):
     assert HW.kernels.moe_bf16.step_us is not None and HW.kernels.moe_bf16.step_us.value > 0
     fp8 = fused_terms_steps(loads, 128, 8, 2048, inter, HW, "fp8_block", "fp8")
     assert all(float(t[5][0]) == 0.0 for t in fp8)
+
+
+def test_unaligned_steps_are_tile_waves_and_k_loop_is_waves_times_k():
+    """An unaligned 16-bit expert GEMM pays one step per wave of tiles of vLLM's default config
+    (16 x 32 tiles while tokens <= local experts), not per element moved: 1 -> 2 tokens per
+    expert keeps the tile count, so the steps stay. Every expert GEMM walks waves * K elements
+    of K per SM (the K-loop latency term)."""
+    from moesim.costs.moe import block_shape, fused_terms_steps, tile_waves
+
+    sms = int(HW.compute.sm_count.value)
+    one, two = np.ones((1, 128), dtype=np.int64), np.full((1, 128), 2, dtype=np.int64)
+    terms = {t: {x[0]: x for x in fused_terms_steps(l, t, 8, 2048, 24, HW, "bf16", "bf16")}
+             for t, l in ((16, one), (32, two))}
+    # down GEMM: N = 2048 -> 64 column blocks of 32, 128 row blocks: ceil(8192 / 132) waves
+    assert float(terms[16]["experts_down"][5][0]) == np.ceil(128 * 64 / sms) == 63
+    assert float(terms[32]["experts_down"][5][0]) == 63
+    assert float(terms[16]["experts_up"][5][0]) == 0.0  # N = 48, K = 2048: aligned
+    bm, bn = block_shape(16)
+    up_waves = float(tile_waves(one, 48, np.array([bm]), np.array([bn]), sms)[0])
+    assert float(terms[16]["experts_up"][7][0]) == up_waves * 2048
+    ops = expert_ops(one[0], 16, 8, 2048, 24, HW, "bf16", "bf16")
+    assert next(o for o in ops if o.name == "experts_up").k_loop == up_waves * 2048
+    assert all(o.k_loop == 0.0 for o in ops if o.family == "moe_aux")
+    # the fitted profile prices the K loop
+    assert HW.kernels.moe_bf16.k_latency_us is not None
+    assert HW.kernels.moe_bf16.k_latency_us.value > 0

@@ -65,20 +65,40 @@ def grouped_gemm_ideal_us(loads: np.ndarray, n: int, k: int, block_m, block_n,
     ``[..., E_local]``; ``block_m``/``block_n`` broadcast over the leading axes."""
     sms = int(hw.compute.sm_count.value)
     bm, bn = np.asarray(block_m), np.asarray(block_n)
-    m_blocks = np.sum(-(-np.asarray(loads) // bm[..., None]), axis=-1)
-    tiles = m_blocks * np.ceil(n / bn)
     per_sm = hw.peak_flops_per_us(compute_dtype) / sms
-    return np.ceil(tiles / sms) * (2.0 * bm * bn * k) / per_sm
+    return tile_waves(loads, n, bm, bn, sms) * (2.0 * bm * bn * k) / per_sm
+
+
+def tile_waves(loads: np.ndarray, n: int, block_m, block_n, sms: int):
+    """Waves of output tiles of one grouped expert GEMM: ``ceil(sum_e ceil(n_e / BLOCK_M) *
+    ceil(n / BLOCK_N) / SMs)`` (research notes §2.2; one tile per SM per wave)."""
+    bm, bn = np.asarray(block_m), np.asarray(block_n)
+    m_blocks = np.sum(-(-np.asarray(loads) // bm[..., None]), axis=-1)
+    return np.ceil(m_blocks * np.ceil(n / bn) / sms)
 
 
 # Triton specialises an integer argument that is a multiple of 16 (the JIT's divisibility
 # hint); that is what lets it prove 16-byte alignment of every row and vectorise tile loads and
 # stores. A 16-bit expert GEMM whose K (row stride of the activations and of the weights) or N
-# (row stride of the output) is not a multiple of 16 elements moves the same data with narrow
-# accesses. Priced as serialised steps, one per UNALIGNED_STEP_ELEMENTS elements it loads and
-# stores, at the family's fitted ``step_us``.
+# (row stride of the output) is not a multiple of 16 elements loads its tiles with narrow,
+# latency-bound accesses: each tile then takes a roughly fixed time whatever its size, so the
+# kernel costs one serialised step per wave of tiles, at the family's fitted ``step_us`` (µs
+# per wave). The measured excess of such shapes over their aligned neighbours is flat per
+# wave across 16..16384 tokens (moe.csv, H=2048 I=24: ~1.7 µs per wave), not per element.
 ALIGN_ELEMENTS = 16
-UNALIGNED_STEP_ELEMENTS = float(1 << 20)
+# vLLM tunes no config for such shapes (its tuned files are per (E, N) of real checkpoints at
+# power-of-two TP), so the kernel runs vLLM's default config (fused_moe.get_default_config,
+# 16-bit): BLOCK_M x BLOCK_N = 16 x 32 while the tokens M <= local experts E, else 64 x 64.
+DEFAULT_SMALL_BLOCK = (16, 32)
+DEFAULT_LARGE_BLOCK = (64, 64)
+
+
+def default_block_shape(num_tokens, local_experts: int):
+    """(BLOCK_M, BLOCK_N) of vLLM's default 16-bit fused-MoE config for ``num_tokens`` tokens and
+    ``local_experts`` experts on the GPU (element-wise on arrays)."""
+    small = np.asarray(num_tokens) <= local_experts
+    return (np.where(small, DEFAULT_SMALL_BLOCK[0], DEFAULT_LARGE_BLOCK[0]),
+            np.where(small, DEFAULT_SMALL_BLOCK[1], DEFAULT_LARGE_BLOCK[1]))
 
 
 def fused_terms(loads: np.ndarray, num_tokens, top_k: int, hidden: int, inter: int,
@@ -94,9 +114,10 @@ def fused_terms(loads: np.ndarray, num_tokens, top_k: int, hidden: int, inter: i
 def fused_terms_steps(loads: np.ndarray, num_tokens, top_k: int, hidden: int, inter: int,
                       hw: HardwareProfile, weight_dtype: str, act_dtype: str, gated: bool = True
                       ) -> list[tuple]:
-    """:func:`fused_terms` with two more values per kernel: its serialised steps (priced at the
-    family's ``step_us``; non-zero for 16-bit GEMMs with unaligned rows) and its kernel count
-    per row (0 where a row does not run it)."""
+    """:func:`fused_terms` with three more values per kernel: its serialised steps (priced at
+    the family's ``step_us``; tile waves of 16-bit GEMMs with unaligned rows), its kernel count
+    per row (0 where a row does not run it) and its K loop (elements of K one SM walks
+    serially, priced at the family's ``k_latency_us`` per 1024: non-zero for the GEMMs)."""
     loads = np.asarray(loads, dtype=np.int64)
     tokens = np.broadcast_to(np.asarray(num_tokens, dtype=np.float64), loads.shape[:-1])
     cd = gemm_compute_dtype(weight_dtype, act_dtype)
@@ -104,8 +125,10 @@ def fused_terms_steps(loads: np.ndarray, num_tokens, top_k: int, hidden: int, in
     up_n = (2 if gated else 1) * inter
     slots = loads.sum(axis=-1).astype(np.float64)
     # Every token entering the kernel brings top_k slots; those routed to experts held elsewhere
-    # (EP) still run through the pipeline: their GEMM blocks write zeros to the output cache,
-    # and the activation runs over the whole [tokens * top_k, 2I] cache (notes §2.1 step 4).
+    # (EP) still run through the activation over the whole [tokens * top_k, 2I] cache and the
+    # top-k sum (notes §2.1 step 4). The expert GEMMs move only the local slots' rows: pricing
+    # the non-local blocks' zero writes as well predicts the EP >= 32 rows of moe.csv worse
+    # (leave-one-shape-out p90 25.8 % vs 24.4 %), so they are taken as skipped.
     all_slots = np.maximum(tokens * top_k, slots)
     active = np.count_nonzero(loads, axis=-1).astype(np.float64)
     family = "moe_fp8" if act_dtype in ("fp8", "fp8_block") else "moe_bf16"
@@ -114,25 +137,33 @@ def fused_terms_steps(loads: np.ndarray, num_tokens, top_k: int, hidden: int, in
     padded = np.sum(-(-loads // np.asarray(bm)[..., None]) * np.asarray(bm)[..., None], axis=-1)
     zero = np.zeros_like(slots)
     one = np.ones_like(slots)
-    terms = [("moe_align", "moe_aux", zero, slots * 4.0 * 3 + loads.shape[-1] * 8.0, zero, zero, one)]
+    terms = [("moe_align", "moe_aux", zero, slots * 4.0 * 3 + loads.shape[-1] * 8.0, zero, zero, one,
+              zero)]
     if quant:
-        terms.append(("quant_in", "moe_aux", zero, tokens * hidden * (2.0 + ab), zero, zero, one))
+        terms.append(("quant_in", "moe_aux", zero, tokens * hidden * (2.0 + ab), zero, zero, one,
+                      zero))
+    sms = int(hw.compute.sm_count.value)
     for name, n, k in (("experts_up", up_n, hidden), ("experts_down", hidden, inter)):
         flops = 2.0 * slots * n * k  # useful work; padding shows up in the time only
-        bytes_ = active * n * k * wb + padded * k * ab + all_slots * n * 2.0
+        bytes_ = active * n * k * wb + padded * k * ab + slots * n * 2.0
         steps = zero
         if not quant and (n % ALIGN_ELEMENTS or k % ALIGN_ELEMENTS):
-            steps = (padded * k + all_slots * n) / UNALIGNED_STEP_ELEMENTS
+            steps = tile_waves(loads, n, *default_block_shape(tokens, loads.shape[-1]), sms)
+        # Each tile walks all of K (the Triton kernel never splits K) and the tiles run in
+        # waves, so one SM walks waves * K elements serially, each K block waiting on its loads:
+        # what bounds a thin-K or few-token GEMM whose data and FLOPs are small (same K-loop
+        # latency term as the dense GEMMs, costs/op.py).
+        k_loop = tile_waves(loads, n, bm, bn, sms) * k
         terms.append((name, family, flops, bytes_,
-                      grouped_gemm_ideal_us(loads, n, k, bm, bn, hw, cd), steps, one))
+                      grouped_gemm_ideal_us(loads, n, k, bm, bn, hw, cd), steps, one, k_loop))
         if name == "experts_up":
             terms.append(("activation", "moe_aux", zero, all_slots * (up_n + inter) * 2.0, zero,
-                          zero, one))
+                          zero, one, zero))
             if quant:
                 terms.append(("quant_mid", "moe_aux", zero, all_slots * inter * (2.0 + ab), zero,
-                              zero, one))
+                              zero, one, zero))
     terms.append(("moe_sum", "moe_aux", zero,
-                  tokens * top_k * hidden * 2.0 + tokens * hidden * 2.0, zero, zero, one))
+                  tokens * top_k * hidden * 2.0 + tokens * hidden * 2.0, zero, zero, one, zero))
     return terms
 
 
@@ -142,13 +173,14 @@ def fused_expert_us(loads: np.ndarray, num_tokens, top_k: int, hidden: int, inte
     """GPU time of the fused expert pipeline for each row of ``loads`` ``[R, E_local]`` — the
     same kernels :func:`expert_ops` returns, priced at once for every rank."""
     total = 0.0
-    for _, family, _, bytes_, ideal_c, steps, kernels in fused_terms_steps(
+    for _, family, _, bytes_, ideal_c, steps, kernels, k_loop in fused_terms_steps(
             loads, num_tokens, top_k, hidden, inter, hw, weight_dtype, act_dtype, gated):
         fit = hw.kernel(family)
         eff_c = fit.compute_efficiency.value if fit.compute_efficiency is not None else 1.0
         total = total + kernel_time_us(fit.t0_us.value, eff_c, fit.memory_efficiency.value,
                                        ideal_c, bytes_ / hw.hbm_peak_bytes_per_us,
-                                       kernels=kernels, steps=steps, **fit_terms(fit))
+                                       kernels=kernels, steps=steps, k_loop=k_loop,
+                                       **fit_terms(fit))
     return np.asarray(total)
 
 
@@ -172,8 +204,8 @@ def fused_expert_kernels(loads: np.ndarray, num_tokens, top_k: int, hidden: int,
     out = []
     for term in fused_terms_steps(loads, num_tokens, top_k, hidden, inter, hw, weight_dtype,
                                   act_dtype, gated):
-        name, family, flops, bytes_, ideal_c, steps = term[:6]
-        kernels = np.asarray(term[6] if len(term) > 6 else 1.0)
+        name, family, flops, bytes_, ideal_c, steps, kernels, k_loop = term
+        kernels = np.asarray(kernels)
         fit = hw.kernel(family)
         eff_c = fit.compute_efficiency.value if fit.compute_efficiency is not None else 1.0
         eff_m = fit.memory_efficiency.value
@@ -182,10 +214,11 @@ def fused_expert_kernels(loads: np.ndarray, num_tokens, top_k: int, hidden: int,
         kr = np.broadcast_to(kernels, ideal_m.shape).astype(np.int64)
         fixed = kr * fit.t0_us.value
         time = np.asarray(kernel_time_us(fit.t0_us.value, eff_c, eff_m, ideal_c, ideal_m,
-                                         kernels=kr, steps=steps, **terms), dtype=np.float64)
-        # roofline's bound (these kernels have no K-loop term: k_loop = 0)
+                                         kernels=kr, steps=steps, k_loop=k_loop, **terms),
+                          dtype=np.float64)
+        # roofline's bound (the K-loop latency is a memory-pipeline stall: memory bound)
         t_c, t_m = np.asarray(ideal_c) / eff_c, ideal_m / eff_m
-        t_k = terms["k_latency_us"] * min(0.0, terms["k_split_above"]) / 1024.0
+        t_k = terms["k_latency_us"] * np.minimum(k_loop, terms["k_split_above"]) / 1024.0
         bound = np.where(fixed > time - fixed, BOUND_LAUNCH,
                          np.where(t_c >= np.maximum(t_m, t_k), BOUND_COMPUTE, BOUND_MEMORY))
         out.append({"name": name, "category": "moe", "family": family,
@@ -195,7 +228,8 @@ def fused_expert_kernels(loads: np.ndarray, num_tokens, top_k: int, hidden: int,
                     "ideal_compute_us": np.asarray(ideal_c, dtype=np.float64),
                     "ideal_memory_us": ideal_m, "fixed_us": np.asarray(fixed, dtype=np.float64),
                     "steps": np.broadcast_to(np.asarray(steps, dtype=np.float64), time.shape),
-                    "kernels": kr, "bound": bound})
+                    "kernels": kr, "bound": bound,
+                    "k_loop": np.broadcast_to(np.asarray(k_loop, dtype=np.float64), time.shape)})
     return out
 
 
@@ -246,7 +280,7 @@ def expert_ops(loads: np.ndarray, num_tokens: int, top_k: int, hidden: int, inte
         return ops
 
     return [roofline(name, "moe", family, float(fl), float(by), float(ic), hw, kernels=int(kr),
-                     steps=float(st))
-            for name, family, fl, by, ic, st, kr in fused_terms_steps(
+                     steps=float(st), k_loop=float(kl))
+            for name, family, fl, by, ic, st, kr, kl in fused_terms_steps(
                 loads, num_tokens, top_k, hidden, inter, hw, weight_dtype, act_dtype, gated)
             if kr > 0]

@@ -139,10 +139,12 @@ class KernelFit(_Strict):
                           "times: (t_c^p + t_m^p + t_k^p)^(1/p); absent = max (perfect overlap)")
     step_us: Optional[Quantity] = Field(
         None, description="µs per serialised step of the op (e.g. one same-address atomic per "
-                          "row in a dynamic per-tensor fp8 scale reduction)")
+                          "row in a dynamic per-tensor fp8 scale reduction; one wave of tiles of a "
+                          "fused-MoE GEMM with unaligned rows)")
     k_latency_us: Optional[Quantity] = Field(
         None, description="µs per 1024 elements of K that one CTA walks serially (the "
-                          "latency-bound K loop of small GEMMs)")
+                          "latency-bound K loop of small GEMMs; for fused-MoE GEMMs, of the waves x K "
+                          "elements an SM walks)")
     k_split_above: Optional[Quantity] = Field(
         None, description="K extent (elements) beyond which the library splits the K loop "
                           "across CTAs (split-K), so one CTA never walks more")
