@@ -140,9 +140,16 @@ def write_report(tables_dir: Path, out: Path, system: str = "h100_sxm",
                                   f"{st['median_pred_over_meas']:.2f}"))
         lines += _table(["metric", "group", "rows", "median APE %", "p90 APE %",
                          "median pred/meas"], erows)
+        from moesim.validate import E2E_REQUESTS_PER_CONCURRENCY, e2e_traffic_zipf_s
+
         lines += ["", "E2E rows are predicted as `moesim validate` maps them "
-                  "(`moesim.validate.e2e_scenario`): uniform random routing, a benchmark run of "
-                  "10 x concurrency requests; the worst rows:", ""]
+                  "(`moesim.validate.e2e_scenario`): random top-k routing with zipf popularity "
+                  f"s = {e2e_traffic_zipf_s().value:g} (one value for the whole table, fitted by "
+                  "`python -m calibration fit-framework`, `moesim/e2e_traffic.yaml`), a benchmark "
+                  f"run of {E2E_REQUESTS_PER_CONCURRENCY} x concurrency requests. The batch-512 "
+                  "vLLM rows measure a TPOT below the same setups' TPOT at concurrency 16-64, "
+                  "which no engine-side queue explains (see the note in README); the worst rows:",
+                  ""]
         worst = [(metric.upper(), w["row"], f"{w['measured']:.4g}", f"{w['predicted']:.4g}",
                   f"{w['ape_pct']:.1f}", w["label"])
                  for metric in ("ttft", "tpot") for w in s["worst_rows"][metric]]

@@ -187,6 +187,7 @@ def _fit_framework(args: argparse.Namespace) -> int:
     if not table.is_file():
         raise CalibrationError(f"--table: {table} is not a file (give an e2e_serving CSV)")
     report = run_fit_framework(table, args.backend, write=not args.dry_run)
+    traffic = report.pop("traffic")
     for backend, fit in report.items():
         if "skipped" in fit:
             print(f"{backend:<8} skipped: {fit['skipped']}")
@@ -194,11 +195,14 @@ def _fit_framework(args: argparse.Namespace) -> int:
         print(f"{backend:<8} {fit['rows']:>4} rows  step_overhead_us {fit['step_overhead_us']:8.1f}"
               f"  request_overhead_us {fit['request_overhead_us']:10.1f}  median APE TTFT "
               f"{fit['ttft_median_ape_pct']:5.1f}%  TPOT {fit['tpot_median_ape_pct']:5.1f}%")
+    losses = "  ".join(f"s={s:g}: {loss:.2f}" for s, loss in traffic["loss_by_s"].items())
+    print(f"traffic routing zipf s = {traffic['zipf_s']:g}  (robust loss {losses})")
     return 0
 
 
 register(Subcommand("fit-framework", "fit the serving engines' step and request overheads "
-                    "(moesim/frameworks/*.yaml) to an e2e_serving table",
+                    "(moesim/frameworks/*.yaml) and the traffic's routing skew "
+                    "(moesim/e2e_traffic.yaml) to an e2e_serving table",
                     _configure_fit_framework, _fit_framework))
 
 

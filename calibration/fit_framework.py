@@ -8,6 +8,10 @@ Two parameters per backend, once for the whole table (never per row):
 - ``request_overhead_us``: time to first token outside the GPU steps (API server,
   tokenisation, streaming the first token); TTFT is ``ttft_0 + o``.
 
+The table does not record how the benchmark's tokens were routed, so one more number is fitted
+for the whole table: the zipf exponent of the routing popularity (``moesim/e2e_traffic.yaml``),
+chosen on a grid by the summed robust loss of the per-backend fits.
+
 Every step carries ``s`` and TTFT carries ``o`` once, so the predictions are linear in both: each
 row is predicted at two values of ``s`` (``o`` = 0) and the fit runs on those lines. The loss is scipy's robust ``soft_l1`` on relative TTFT and TPOT errors, so
 the few rows no engine model explains (queue-limited batch-512 runs) do not pull the fit.
@@ -31,6 +35,9 @@ FITTED = ("step_overhead_us", "request_overhead_us")
 F_SCALE = 0.15
 #: Parameter bounds (us): a step's host time and a request's overhead cannot be negative.
 BOUNDS = ((0.0, 0.0), (20_000.0, 2_000_000.0))
+#: Zipf exponents tried for the traffic's routing (0 = uniform random top-k); the notes put
+#: models trained with balancing losses at s ~ 0.1-0.5 and 1 is a strongly skewed popularity.
+ZIPF_GRID = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25)
 
 
 @dataclass(frozen=True)
@@ -49,15 +56,16 @@ def _with(sc, **values: float):
     return sc.model_copy(update={"framework": fw.model_copy(update=upd)})
 
 
-def linearise(row: dict[str, str], step_us: float, delta_us: float = 1000.0
-              ) -> Optional[Linearised]:
-    """Predict ``row`` at ``step_us`` and ``step_us + delta_us`` (request overhead 0)."""
+def linearise(row: dict[str, str], step_us: float, delta_us: float = 1000.0,
+              zipf_s: Optional[float] = None) -> Optional[Linearised]:
+    """Predict ``row`` at ``step_us`` and ``step_us + delta_us`` (request overhead 0), its
+    traffic routed with zipf exponent ``zipf_s`` (default: the shipped one)."""
     from moesim import parse_scenario, predict
     from moesim.errors import InputError
     from moesim.validate import e2e_scenario
 
     try:
-        sc = parse_scenario(e2e_scenario(row))
+        sc = parse_scenario(e2e_scenario(row, zipf_s=zipf_s))
     except (InputError, ValueError):
         return None
     p0 = predict(_with(sc, step_overhead_us=step_us, request_overhead_us=0.0))
@@ -79,8 +87,9 @@ def _residuals(x: np.ndarray, rows: list[Linearised]) -> np.ndarray:
     return np.asarray(out)
 
 
-def fit_lines(lin: list[Linearised], start_us: float = 0.0) -> np.ndarray:
-    """(step_overhead_us, request_overhead_us) minimising the robust loss over ``lin``."""
+def fit_lines(lin: list[Linearised], start_us: float = 0.0, with_cost: bool = False):
+    """(step_overhead_us, request_overhead_us) minimising the robust loss over ``lin`` (and
+    that loss, with ``with_cost``)."""
     from scipy.optimize import least_squares
 
     # Starts inside the bounds (a start on a bound can stall the trust region there), a few
@@ -89,19 +98,29 @@ def fit_lines(lin: list[Linearised], start_us: float = 0.0) -> np.ndarray:
                           f_scale=F_SCALE, bounds=BOUNDS)
             for x0 in ((max(start_us, 100.0), 1e3), (max(start_us, 100.0), 1e5),
                        (1000.0, 1e4))]
-    return min(fits, key=lambda r: r.cost).x
+    best = min(fits, key=lambda r: r.cost)
+    return (best.x, float(best.cost)) if with_cost else best.x
 
 
-def fit_backend(rows: list[dict[str, str]], start_us: float = 0.0) -> dict[str, Any]:
-    """Fit (step_overhead_us, request_overhead_us) for the rows of one backend."""
+def linearise_all(rows: list[dict[str, str]], start_us: float, zipf_s: Optional[float] = None
+                  ) -> list[Linearised]:
+    """:func:`linearise` of every row (the ones that cannot be predicted left out)."""
     with ProcessPoolExecutor() as pool:  # ~0.3 s a prediction; rows are independent
-        lin = [l for l in pool.map(linearise, rows, [start_us] * len(rows)) if l is not None]
+        lin = pool.map(linearise, rows, [start_us] * len(rows), [1000.0] * len(rows),
+                       [zipf_s] * len(rows))
+        return [l for l in lin if l is not None]
+
+
+def fit_backend(rows: list[dict[str, str]], start_us: float = 0.0,
+                zipf_s: Optional[float] = None) -> dict[str, Any]:
+    """Fit (step_overhead_us, request_overhead_us) for the rows of one backend."""
+    lin = linearise_all(rows, start_us, zipf_s)
     if not lin:
         raise ValueError("no row of this backend could be predicted")
-    x = fit_lines(lin, start_us)
+    x, cost = fit_lines(lin, start_us, with_cost=True)
     ape = np.abs(_residuals(x, lin)) * 100.0
     return {"step_overhead_us": float(x[0]), "request_overhead_us": float(x[1]), "rows": len(lin),
-            "ttft_median_ape_pct": float(np.median(ape[0::2])),
+            "loss": cost, "ttft_median_ape_pct": float(np.median(ape[0::2])),
             "tpot_median_ape_pct": float(np.median(ape[1::2]))}
 
 
@@ -127,27 +146,61 @@ def write_framework(path: Path, fit: dict[str, Any], table: Path, backend: str) 
     path.write_text("".join(out))
 
 
-def run(table: Path, backends: Optional[list[str]] = None, write: bool = True
-        ) -> dict[str, dict[str, Any]]:
+def write_traffic(fit: dict[str, Any], table: Path) -> None:
+    """Replace the fitted ``routing_zipf_s`` line of ``moesim/e2e_traffic.yaml``."""
+    from moesim.validate import E2E_TRAFFIC_FILE
+
+    losses = ", ".join(f"s={s:g}: {loss:.2f}" for s, loss in fit["loss_by_s"].items())
+    source = (f"python -m calibration fit-framework on {table.name} (sha256 {_sha(table)}, "
+              f"{fit['rows']} rows, {_dt.date.today().isoformat()}): the grid value with the "
+              f"lowest summed robust loss of the per-backend overhead fits ({losses})")
+    q = {"value": fit["zipf_s"], "kind": "calibrated", "source": source}
+    out = []
+    for line in E2E_TRAFFIC_FILE.read_text().splitlines(keepends=True):
+        if line.split(":", 1)[0] == "routing_zipf_s":
+            line = "routing_zipf_s: " + yaml.safe_dump(
+                q, default_flow_style=True, width=10**6, sort_keys=False).strip() + "\n"
+        out.append(line)
+    E2E_TRAFFIC_FILE.write_text("".join(out))
+
+
+def run(table: Path, backends: Optional[list[str]] = None, write: bool = True,
+        zipf_grid: tuple[float, ...] = ZIPF_GRID) -> dict[str, dict[str, Any]]:
+    """Fit every backend's overheads, and the traffic's zipf exponent on ``zipf_grid`` (kept at
+    its shipped value when only some ``backends`` are fitted: it is shared by all of them)."""
     from moesim.spec.framework import FRAMEWORKS_DIR, load_framework
+    from moesim.validate import e2e_traffic_zipf_s
 
     with table.open(newline="") as f:
         rows = list(csv.DictReader(f))
     by_backend: dict[str, list[dict[str, str]]] = {}
     for r in rows:
         by_backend.setdefault((r.get("backend") or "").strip().lower(), []).append(r)
-    report = {}
+    report: dict[str, dict[str, Any]] = {}
+    fitted: dict[str, list[dict[str, str]]] = {}
     for backend, rs in sorted(by_backend.items()):
         if backends and backend not in backends:
             continue
-        path = FRAMEWORKS_DIR / f"{backend}.yaml"
-        if not path.exists():
-            report[backend] = {"skipped": f"no framework profile {path.name}"}
+        if not (FRAMEWORKS_DIR / f"{backend}.yaml").exists():
+            report[backend] = {"skipped": f"no framework profile {backend}.yaml"}
             continue
-        start = load_framework(backend).step_overhead_us.value
-        fit = fit_backend(rs, start)
-        report[backend] = fit
-        if write:
-            write_framework(path, fit, table, backend)
+        fitted[backend] = rs
+    grid = zipf_grid if not backends else (e2e_traffic_zipf_s().value,)
+    by_s: dict[float, dict[str, dict[str, Any]]] = {}
+    for zs in grid:
+        by_s[zs] = {b: fit_backend(rs, load_framework(b).step_overhead_us.value, zs)
+                    for b, rs in fitted.items()}
+    loss_by_s = {zs: sum(f["loss"] for f in fits.values()) for zs, fits in by_s.items()}
+    best = min(loss_by_s, key=loss_by_s.get)
+    report.update(by_s[best])
+    traffic = {"zipf_s": best, "loss_by_s": loss_by_s,
+               "rows": sum(f["rows"] for f in by_s[best].values())}
+    report["traffic"] = traffic
+    if write:
+        for backend, fit in by_s[best].items():
+            write_framework(FRAMEWORKS_DIR / f"{backend}.yaml", fit, table, backend)
+        if len(grid) > 1:
+            write_traffic(traffic, table)
     load_framework.cache_clear()
+    e2e_traffic_zipf_s.cache_clear()
     return report

@@ -66,9 +66,11 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import numpy as np
+import yaml
 
 from .costs.op import eager_time_us
 from .errors import InputError
+from .spec.hardware import Quantity
 
 # ---------------------------------------------------------------------------------------------
 # Layouts
@@ -594,10 +596,20 @@ E2E_ROUTING_SAMPLES = 4
 #: ``--num-prompts $((CONC * 10)) --max-concurrency $CONC`` (InferenceMAX benchmark README,
 #: "Benchmark Client Configuration"). The other rows are assumed to follow the same protocol.
 E2E_REQUESTS_PER_CONCURRENCY = 10
+#: The fitted routing skew of the benchmark traffic (see the file's header).
+E2E_TRAFFIC_FILE = Path(__file__).resolve().parent / "e2e_traffic.yaml"
 
 
-def e2e_scenario(row: dict[str, str], hardware: Optional[str] = None) -> dict[str, Any]:
-    """The scenario dict (``moesim.parse_scenario`` input) of one ``e2e_serving`` row."""
+@lru_cache(maxsize=None)
+def e2e_traffic_zipf_s() -> Quantity:
+    """Zipf exponent of the routing of ``e2e_serving`` traffic, with its source."""
+    return Quantity.model_validate(yaml.safe_load(E2E_TRAFFIC_FILE.read_text())["routing_zipf_s"])
+
+
+def e2e_scenario(row: dict[str, str], hardware: Optional[str] = None,
+                 zipf_s: Optional[float] = None) -> dict[str, Any]:
+    """The scenario dict (``moesim.parse_scenario`` input) of one ``e2e_serving`` row; routing is
+    zipf with exponent ``zipf_s`` (default: the fitted :func:`e2e_traffic_zipf_s`)."""
     tp, dp, pp = _size(row, "tp_size"), _size(row, "attention_dp_size"), _size(row, "pp_size")
     ep, moe_tp = _size(row, "moe_ep_size"), _size(row, "moe_tp_size")
     profile = hardware or row.get("system") or ""
@@ -617,11 +629,12 @@ def e2e_scenario(row: dict[str, str], hardware: Optional[str] = None) -> dict[st
         "workload": {"batch_size": _int(row, "batch_size"), "input_len": _int(row, "isl"),
                      "output_len": _int(row, "osl"),
                      "num_requests": E2E_REQUESTS_PER_CONCURRENCY * _int(row, "batch_size")},
-        # The table does not say how tokens were routed: served traffic is taken as uniform
-        # random top-k (not the perfectly balanced split, which touches every expert even at
-        # batch 1 x top_k = num_experts). Each step's MoE layers draw independently, so a few
-        # draws give the mean step time to about a percent.
-        "routing": {"distribution": "uniform", "samples": E2E_ROUTING_SAMPLES},
+        # The table does not say how tokens were routed: served traffic is random top-k with a
+        # popularity skew fitted once on the dev table (not the perfectly balanced split, which
+        # touches every expert even at batch 1 x top_k = num_experts). Each step's MoE layers
+        # draw independently, so a few draws give the mean step time to about a percent.
+        "routing": {"distribution": "zipf", "samples": E2E_ROUTING_SAMPLES,
+                    "s": e2e_traffic_zipf_s().value if zipf_s is None else zipf_s},
     }
 
 

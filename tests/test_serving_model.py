@@ -182,3 +182,38 @@ def test_framework_fit_recovers_known_overheads():
         x = fit_lines(rows, start)
         assert x[0] == pytest.approx(s_true, rel=0.02)
         assert x[1] == pytest.approx(o_true, rel=0.02)
+
+
+def test_framework_fit_picks_the_traffic_skew_with_the_lowest_loss(tmp_path, monkeypatch):
+    """fit-framework's grid over the traffic's zipf exponent keeps the value whose rows the
+    overheads explain best, and writes it (with the losses) to the traffic file only."""
+    from calibration import fit_framework as ff
+    from moesim import validate
+
+    rng = np.random.default_rng(1)
+    s_true, o_true, skew_true = 500.0, 30_000.0, 0.5
+
+    def lines(rows, start_us, zipf_s):
+        # TPOT's intercept moves with the skew: only skew_true makes the rows consistent.
+        out = []
+        for _ in rows:
+            t0, p0 = rng.uniform(20, 200), rng.uniform(3, 30)
+            bias = 1.0 + 0.4 * abs(zipf_s - skew_true)
+            out.append(ff.Linearised((t0, 2e-3, 1e-3), (p0 * bias, 1e-3),
+                                     t0 + 2e-3 * s_true + o_true / 1e3, p0 + 1e-3 * s_true))
+        return out
+
+    table = tmp_path / "e2e.csv"
+    table.write_text("backend,isl\nvllm,1\n" + "vllm,1\n" * 29)
+    traffic = tmp_path / "e2e_traffic.yaml"
+    traffic.write_text("# header kept\nrouting_zipf_s: {value: 0.0, kind: estimate, source: x}\n")
+    written = {}
+    monkeypatch.setattr(ff, "linearise_all", lines)
+    monkeypatch.setattr(ff, "write_framework", lambda path, fit, t, b: written.update({b: fit}))
+    monkeypatch.setattr(validate, "E2E_TRAFFIC_FILE", traffic)
+    report = ff.run(table, zipf_grid=(0.0, 0.5, 1.0))
+    assert report["traffic"]["zipf_s"] == 0.5
+    assert written["vllm"]["step_overhead_us"] == pytest.approx(s_true, rel=0.05)
+    text = traffic.read_text()
+    assert text.startswith("# header kept\n") and "value: 0.5" in text and "s=1: " in text
+    validate.e2e_traffic_zipf_s.cache_clear()

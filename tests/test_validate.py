@@ -286,7 +286,11 @@ def test_e2e_scenario_mapping():
     # A benchmark run of 10 x concurrency requests (InferenceMAX's client protocol)
     assert sc["workload"] == {"batch_size": 16, "input_len": 1024, "output_len": 256,
                               "num_requests": 160}
-    assert sc["routing"]["distribution"] == "uniform"
+    # Random-token traffic: zipf popularity with the exponent fit-framework shipped
+    from moesim.validate import e2e_traffic_zipf_s
+    assert sc["routing"] == {"distribution": "zipf", "s": e2e_traffic_zipf_s().value,
+                             "samples": 4}
+    assert e2e_traffic_zipf_s().kind == "calibrated"
     qwen = e2e_scenario({**row, "model_path": "Qwen/Qwen3-235B-A22B-FP8", "backend": "trtllm",
                          "gemm_quant_mode": "fp8_block", "moe_quant_mode": "fp8_block"})
     qd = qwen["deployment"]

@@ -147,7 +147,12 @@ def fused_terms_steps(loads: np.ndarray, num_tokens, top_k: int, hidden: int, in
         flops = 2.0 * slots * n * k  # useful work; padding shows up in the time only
         bytes_ = active * n * k * wb + padded * k * ab + slots * n * 2.0
         steps = zero
-        if not quant and (n % ALIGN_ELEMENTS or k % ALIGN_ELEMENTS):
+        # Only 16-bit weights keep the checkpoint's row strides: vLLM's quantised-expert methods
+        # (mxfp4, int4, fp8) repack the weights at load and pad the intermediate size to their
+        # kernels' block multiple (e.g. gpt-oss-120b's 2880 / TP8 = 360 -> 384), so their rows
+        # are aligned.
+        if not quant and weight_dtype in ("bf16", "fp16") and (n % ALIGN_ELEMENTS
+                                                                 or k % ALIGN_ELEMENTS):
             steps = tile_waves(loads, n, *default_block_shape(tokens, loads.shape[-1]), sms)
         # Each tile walks all of K (the Triton kernel never splits K) and the tiles run in
         # waves, so one SM walks waves * K elements serially, each K block waiting on its loads:
