@@ -183,12 +183,11 @@ def v_all_to_all(message_bytes: Any, n: int, hw: Any, gpus_per_node: int = 8) ->
 
 
 def _attend(family: str, pairs: Any, heads: Any, qk_dim: int, v_dim: int, io_bytes: Any,
-            hw: Any, tiled_flops: Any = 0.0, k_loop: Any = 0.0, waves: Any = 0,
-            exp_us: Any = 0.0) -> VOp:
-    """``costs.attention._attend``."""
+            hw: Any, tiled_flops: Any = 0.0, k_loop: Any = 0.0, waves: Any = 0) -> VOp:
+    """``costs.attention._attend`` (decode and MLA decode: no softmax or chain floor)."""
     flops = 2.0 * pairs * heads * (qk_dim + v_dim)
     return v_roofline(family, io_bytes, np.maximum(flops, tiled_flops)
-                      / hw.peak_flops_per_us("bf16") + exp_us, hw, steps=waves, k_loop=k_loop)
+                      / hw.peak_flops_per_us("bf16"), hw, steps=waves, k_loop=k_loop)
 
 
 def v_attention_decode(num_seqs: Any, kv_len: Any, heads: Any, kv_heads: int, qk_dim: int,
@@ -210,13 +209,12 @@ def v_attention_decode(num_seqs: Any, kv_len: Any, heads: Any, kv_heads: int, qk
         attention.TILE_K * (qk_dim + v_dim)
     sms = int(hw.compute.sm_count.value)
     splits = attention.fa3_splits(num_seqs * group_tiles, n_blocks, sms)
-    chain = np.ceil(n_blocks / splits)
-    k_loop = attention.serial_values(num_seqs * group_tiles * splits, chain, chain,
-                                     qk_dim + v_dim, sms)
+    per_cta = np.ceil(n_blocks / splits)
+    k_loop = attention.serial_blocks(num_seqs * group_tiles * splits, per_cta, per_cta, sms) * \
+        attention.TILE_K * (qk_dim + v_dim)
     return _attend(attention._family(hw, "attention_decode", kv_dtype), pairs, heads, qk_dim,
                    v_dim, io, hw, tiled, k_loop,
-                   attention.cta_waves(num_seqs * group_tiles * splits, sms),
-                   attention.softmax_us(tiled / (2.0 * (qk_dim + v_dim)), hw))
+                   attention.cta_waves(num_seqs * group_tiles * splits, sms))
 
 
 def v_mla_decode(num_seqs: Any, kv_len: Any, heads: Any, latent_dim: int, rope_dim: int,

@@ -156,13 +156,18 @@ def test_attention_cta_waves_and_key_chain():
     assert decode(1, 1024, 32, 8, 128, 128, HW, window=128).k_loop == 1 * 128 * 256
     # Prefill of single-token sequences with 64 KV heads (no GQA packing): a tile per
     # (sequence, head), so waves of near-empty tiles, and their 128-row padding in the
-    # matmuls and in the softmax's exponentials (special-function peak).
+    # matmuls and in the softmax's exponentials (special-function peak); 8192 tiles on 132
+    # SMs take 63 whole waves, each one tile's time on one SM.
     pre = prefill(128, 1, 0, 64, 64, 128, 128, HW)
-    assert pre.steps == -(-128 * 64 // sms) and pre.k_loop == 128 * 256 * pre.steps
-    scores = 128 * 64 * 128 * 128
-    assert pre.ideal_compute_us == pytest.approx(
-        2.0 * scores * 256 / HW.peak_flops_per_us("bf16")
-        + scores / (HW.compute.peak_exp_tops.value * 1e6))
+    waves = -(-128 * 64 // sms)
+    assert pre.steps == waves and pre.k_loop == 128 * 256 * waves
+    exp_rate = HW.compute.peak_exp_tops.value * 1e6  # per µs
+    tile_us = 2.0 * 128 * 128 * 256 / HW.peak_flops_per_us("bf16") + 128 * 128 / exp_rate
+    assert pre.ideal_compute_us == pytest.approx(waves * sms * tile_us)
+    # One head, one long sequence: 128 causal tiles, one wave; the last tile walks all 128
+    # key blocks on one SM, far longer than the whole work spread over 132 SMs.
+    one = prefill(1, 16384, 0, 1, 1, 128, 128, HW)
+    assert one.ideal_compute_us == pytest.approx(128 * sms * tile_us)
     # The calibrated H100 profile prices both terms (fitted, with provenance).
     for fam in ("attention_decode", "attention_prefill", "attention_decode_fp8"):
         fit = HW.kernel(fam)

@@ -8,12 +8,15 @@ cache once (FlashAttention-3 decode / FlashDecoding).
 
 Both run FlashAttention-3's tiles (vLLM calls its varlen kernel, which packs the query heads of
 one KV head into the tile rows, "PackGQA"): one CTA per (sequence, KV head, query tile, KV
-split) walks its key blocks one after another, each block waiting on its loads (decode) or its
-tensor-core work (prefill) on one SM. That chain is priced by the family's ``k_latency_us`` (µs
-per 1024 K and V values one SM walks serially, CTA waves included): it binds where too few CTAs
-are in flight to use the whole GPU (small batches, long keys; split-KV heuristic below). Each wave of CTAs also pays its CTAs' fixed latency (loading the
-query tile, writing the output and its log-sum-exp), the family's ``step_us`` per wave: it is
-what a batch of many short sequences costs (thousands of near-empty tiles).
+split), one CTA per SM, in whole waves. Each wave pays its CTAs' fixed latency (query tile
+load, output and log-sum-exp writes): the family's ``step_us`` per wave, what a batch of many
+short sequences costs. A CTA walks its 128-key blocks one after another; the blocks one SM
+walks serially (waves x blocks, or its longest causal tile) are priced twice: at the family's
+``k_latency_us`` per 1024 K and V values (loads waiting on loads), and at the per-SM tensor and
+special-function peaks as a floor under the prefill's ideal compute time (few heads cannot
+use the whole GPU). Decode follows FlashAttention-3's split-KV heuristic (few sequences with
+long caches are split over more CTAs). Prefill's ideal compute adds the softmax's
+exponentials at the special-function peak to the matmuls (``compute.peak_exp_tops``).
 """
 
 from __future__ import annotations
@@ -67,11 +70,21 @@ def cta_waves(ctas, sms: int):
     return np.ceil(np.asarray(ctas, dtype=np.float64) / sms)
 
 
-def serial_values(ctas, mean_blocks, max_blocks, kv_dims: int, sms: int):
-    """K and V values one SM walks serially: ``ctas`` CTAs of ``mean_blocks`` key blocks on
-    average run in whole waves (:func:`cta_waves`), no SM finishes before its longest CTA, and
-    each key holds ``kv_dims`` = qk_dim + v_dim values. Works on numpy arrays."""
-    return TILE_K * kv_dims * np.maximum(cta_waves(ctas, sms) * mean_blocks, max_blocks)
+def serial_blocks(ctas, mean_blocks, max_blocks, sms: int):
+    """Key blocks one SM walks serially: ``ctas`` CTAs of ``mean_blocks`` key blocks on average
+    run in whole waves (:func:`cta_waves`), and no SM finishes before its longest CTA. Works on
+    numpy arrays."""
+    return np.maximum(cta_waves(ctas, sms) * mean_blocks, max_blocks)
+
+
+def block_compute_us(rows: int, kv_dims: int, hw: HardwareProfile) -> float:
+    """Ideal time of one (``rows`` x 128-key) tile block on ONE SM: its QK^T and PV matmuls
+    (``kv_dims`` = qk_dim + v_dim) at the per-SM tensor peak plus its exponentials at the
+    per-SM special-function peak. A chain of blocks on one SM cannot beat this per block, which
+    is what wave quantisation and a long causal tile cost when the heads do not fill the GPU."""
+    sms = int(hw.compute.sm_count.value)
+    return (2.0 * rows * TILE_K * kv_dims / (hw.peak_flops_per_us("bf16") / sms)
+            + float(softmax_us(rows * TILE_K, hw)) * sms)
 
 
 def decode_key_blocks(keys, window: int = 0):
@@ -97,24 +110,29 @@ def softmax_us(scores, hw: HardwareProfile):
     """Ideal time of the softmax's exponentials over ``scores`` score elements at the GPU's
     special-function peak (``compute.peak_exp_tops``; 0 where the profile has none). H100: 3.9
     T exp/s against 989 TFLOP/s of matmul (FlashAttention-3 paper, Shah et al. 2024, §3), so a
-    64-dim head spends as long in exp as in its two matmuls: FlashAttention-3 overlaps the two
-    only in part, and the time per FLOP falls with head dim. Works on numpy arrays."""
+    64-dim head spends as long in exp as in its two matmuls. Added to the matmul time (no
+    overlap credited), it gives the time per FLOP falling with head dim that the reference
+    prefill table shows (about 500, 660 and 730 TFLOP/s at head dims 64, 128 and 256 on long
+    causal sequences). Works on numpy arrays."""
     peak = hw.compute.peak_exp_tops
     return np.asarray(scores, dtype=np.float64) / (peak.value * 1e6) if peak else 0.0
 
 
 def _attend(name: str, family: str, pairs: float, heads: int, qk_dim: int, v_dim: int,
             io_bytes: float, hw: HardwareProfile, tiled_flops: float = 0.0,
-            k_loop: float = 0.0, waves: int = 0, exp_us: float = 0.0) -> OpCost:
+            k_loop: float = 0.0, waves: int = 0, exp_us: float = 0.0,
+            chain_us: float = 0.0) -> OpCost:
     """``pairs``: query-key pairs attended (useful work); ``tiled_flops``: the work the kernel's
     tiles actually compute (padding included), which sets the ideal compute time; ``k_loop``:
-    K and V values one SM walks serially (:func:`serial_values`); ``waves``: CTA waves
-    (:func:`cta_waves`), each a serialised step of the family's ``step_us``; ``exp_us``: the
-    tiles' softmax (:func:`softmax_us`), added to the matmuls' ideal compute time."""
+    K and V values one SM walks serially (:func:`serial_blocks` x 128 x (qk_dim + v_dim));
+    ``waves``: CTA waves (:func:`cta_waves`), each a serialised step of the family's
+    ``step_us``; ``exp_us``: the tiles' softmax (:func:`softmax_us`), added to the matmuls'
+    ideal compute time; ``chain_us``: the blocks one SM walks serially at its own peak
+    (:func:`block_compute_us`), a floor under that ideal compute time."""
     flops = 2.0 * pairs * heads * (qk_dim + v_dim)
-    return roofline(name, "attention", family, flops, io_bytes,
-                    max(flops, tiled_flops) / hw.peak_flops_per_us("bf16") + exp_us, hw,
-                    steps=waves, k_loop=k_loop)
+    ideal = max(max(flops, tiled_flops) / hw.peak_flops_per_us("bf16") + exp_us, chain_us)
+    return roofline(name, "attention", family, flops, io_bytes, ideal, hw, steps=waves,
+                    k_loop=k_loop)
 
 
 def _prefill_tiles(q_len: int, prefix: int, group: int, window: int, chunk: int) -> np.ndarray:
@@ -144,14 +162,15 @@ def prefill(num_seqs: int, q_len: int, prefix: int, heads: int, kv_heads: int, q
     blocks = _prefill_tiles(q_len, prefix, max(1, heads // kv_heads), window, chunk)
     tiles = num_seqs * kv_heads * len(blocks)
     sms = int(hw.compute.sm_count.value)
-    splits = float(fa3_splits(tiles, blocks.max(), sms))
     tiled = 2.0 * num_seqs * kv_heads * PREFILL_TILE_Q * blocks.sum() * TILE_K * (qk_dim + v_dim)
-    k_loop = serial_values(tiles * splits, np.ceil(blocks / splits).mean(),
-                           np.ceil(blocks.max() / splits), qk_dim + v_dim, sms)
+    # Prefill tiles are not split over the keys: the reference prefill table fits better
+    # without FlashAttention-3's split heuristic (11.3 against 11.5 % median APE).
+    chain = float(serial_blocks(tiles, blocks.mean(), blocks.max(), sms))
     return _attend("attention_prefill", _family(hw, "attention_prefill", kv_dtype), pairs, heads,
-                   qk_dim, v_dim, io, hw, float(tiled), float(k_loop),
-                   int(cta_waves(tiles * splits, sms)),
-                   float(softmax_us(tiled / (2.0 * (qk_dim + v_dim)), hw)))
+                   qk_dim, v_dim, io, hw, float(tiled), chain * TILE_K * (qk_dim + v_dim),
+                   int(cta_waves(tiles, sms)),
+                   float(softmax_us(tiled / (2.0 * (qk_dim + v_dim)), hw)),
+                   chain * block_compute_us(PREFILL_TILE_Q, qk_dim + v_dim, hw))
 
 
 def decode(num_seqs: int, kv_len: float, heads: int, kv_heads: int, qk_dim: int, v_dim: int,
@@ -174,12 +193,14 @@ def decode(num_seqs: int, kv_len: float, heads: int, kv_heads: int, qk_dim: int,
     # Few sequences: FlashAttention-3 splits the keys over more CTAs; each walks its share.
     sms = int(hw.compute.sm_count.value)
     splits = fa3_splits(num_seqs * group_tiles, n_blocks, sms)
-    chain = np.ceil(n_blocks / splits)
-    k_loop = serial_values(num_seqs * group_tiles * splits, chain, chain, qk_dim + v_dim, sms)
+    per_cta = np.ceil(n_blocks / splits)
+    chain = float(serial_blocks(num_seqs * group_tiles * splits, per_cta, per_cta, sms))
+    # No softmax or per-SM compute floor here: a decode block's exponentials and matmuls take a
+    # tenth of its KV load on the same SM (64 x 128 exp at 3.9 T/s over 132 SMs against 64 KB
+    # at 1/132 of HBM) and run under it; the tiles' compute stays only as a per-tile cost.
     return _attend("attention_decode", _family(hw, "attention_decode", kv_dtype), pairs, heads,
-                   qk_dim, v_dim, io, hw, float(tiled), float(k_loop),
-                   int(cta_waves(num_seqs * group_tiles * splits, sms)),
-                   float(softmax_us(tiled / (2.0 * (qk_dim + v_dim)), hw)))
+                   qk_dim, v_dim, io, hw, float(tiled), chain * TILE_K * (qk_dim + v_dim),
+                   int(cta_waves(num_seqs * group_tiles * splits, sms)))
 
 
 def mla_decode(num_seqs: int, kv_len: float, heads: int, latent_dim: int, rope_dim: int,
