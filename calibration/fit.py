@@ -62,6 +62,11 @@ K_LOOP_FAMILIES = ("gemm_bf16",)
 # waves * K elements serially (costs/moe.py); the Triton kernel never splits K, so only the
 # latency per K element is fitted (k_split_above stays off).
 MOE_K_LOOP_FAMILIES = ("moe_bf16", "moe_fp8")
+# Attention families: the key blocks one SM walks serially (FlashAttention-3 CTA waves and
+# split-KV, costs/attention.py) at a fitted latency per 1024 K and V values, and a fixed time per
+# CTA wave (step_us); no split point to fit (the kernel's own split heuristic is in the ops).
+KEY_CHAIN_FAMILIES = ("attention_prefill", "attention_prefill_fp8", "attention_decode",
+                      "attention_decode_fp8")
 # A collective table whose transfer times span this ratio reaches from the latency-bound to the
 # bandwidth-bound end, so it can identify both protocol lines (LL/LL128 and Simple).
 LL_SPAN = 1000.0
@@ -200,7 +205,7 @@ def _free_params(ops: Ops, families: Sequence[str]) -> list[tuple[str, str]]:
             free.append((fam, "step_us"))
         if fam in K_LOOP_FAMILIES and ops.k_loop[sel].max() > 0:
             free += [(fam, "k_latency_us"), (fam, "k_split_above")]
-        if fam in MOE_K_LOOP_FAMILIES and ops.k_loop[sel].max() > 0:
+        if fam in MOE_K_LOOP_FAMILIES + KEY_CHAIN_FAMILIES and ops.k_loop[sel].max() > 0:
             free.append((fam, "k_latency_us"))
         if fam in OVERLAP_FAMILIES:
             free.append((fam, "overlap_exponent"))
@@ -249,6 +254,12 @@ def fit_families(ops: Ops, base: Params, families: Sequence[str]) -> tuple[Param
             x0.append(np.log(1.0 if params[fam][name] <= 0.0 else v))
             lo.append(np.log(1e-3))
             hi.append(np.log(100.0))
+        elif name == "step_us" and fam in KEY_CHAIN_FAMILIES:
+            # µs per CTA wave of FlashAttention-3 (a CTA's prologue and epilogue: loads of its
+            # query tile, output writes): a few µs.
+            x0.append(np.log(2.0 if params[fam][name] <= 0.0 else v))
+            lo.append(np.log(0.01))
+            hi.append(np.log(T0_MAX_US))
         elif name == "step_us" and fam not in COLLECTIVES:
             x0.append(np.log(v))
             lo.append(np.log(1e-4))

@@ -183,11 +183,11 @@ def v_all_to_all(message_bytes: Any, n: int, hw: Any, gpus_per_node: int = 8) ->
 
 
 def _attend(family: str, pairs: Any, heads: Any, qk_dim: int, v_dim: int, io_bytes: Any,
-            hw: Any, tiled_flops: Any = 0.0) -> VOp:
-    """``costs.attention._attend``."""
+            hw: Any, tiled_flops: Any = 0.0, k_loop: Any = 0.0, waves: Any = 0) -> VOp:
+    """``costs.attention._attend`` (decode and MLA decode: no softmax or chain floor)."""
     flops = 2.0 * pairs * heads * (qk_dim + v_dim)
     return v_roofline(family, io_bytes, np.maximum(flops, tiled_flops)
-                      / hw.peak_flops_per_us("bf16"), hw)
+                      / hw.peak_flops_per_us("bf16"), hw, steps=waves, k_loop=k_loop)
 
 
 def v_attention_decode(num_seqs: Any, kv_len: Any, heads: Any, kv_heads: int, qk_dim: int,
@@ -195,18 +195,26 @@ def v_attention_decode(num_seqs: Any, kv_len: Any, heads: Any, kv_heads: int, qk
                        chunk: int = 0) -> VOp:
     """``costs.attention.decode`` over arrays of sequences, KV lengths and query heads."""
     keys = np.asarray(kv_len, dtype=np.float64)
+    n_blocks = attention.decode_key_blocks(keys, window)
     if window:
         keys = np.minimum(keys, window)
     if chunk:
         keys = np.minimum(keys, chunk / 2.0)
+        n_blocks = np.ceil(np.maximum(keys, 1.0) / attention.TILE_K)
     io = num_seqs * (keys * kv_heads * (qk_dim + v_dim) * ELEMENT_BYTES[kv_dtype]
                      + heads * (qk_dim + v_dim) * 2.0)
     pairs = num_seqs * keys
     group_tiles = kv_heads * np.ceil(heads / kv_heads / attention.DECODE_TILE_Q)
-    tiled = 2.0 * num_seqs * group_tiles * attention.DECODE_TILE_Q * \
-        np.ceil(np.maximum(keys, 1.0) / attention.TILE_K) * attention.TILE_K * (qk_dim + v_dim)
+    tiled = 2.0 * num_seqs * group_tiles * attention.DECODE_TILE_Q * n_blocks * \
+        attention.TILE_K * (qk_dim + v_dim)
+    sms = int(hw.compute.sm_count.value)
+    splits = attention.fa3_splits(num_seqs * group_tiles, n_blocks, sms)
+    per_cta = np.ceil(n_blocks / splits)
+    k_loop = attention.serial_blocks(num_seqs * group_tiles * splits, per_cta, per_cta, sms) * \
+        attention.TILE_K * (qk_dim + v_dim)
     return _attend(attention._family(hw, "attention_decode", kv_dtype), pairs, heads, qk_dim,
-                   v_dim, io, hw, tiled)
+                   v_dim, io, hw, tiled, k_loop,
+                   attention.cta_waves(num_seqs * group_tiles * splits, sms))
 
 
 def v_mla_decode(num_seqs: Any, kv_len: Any, heads: Any, latent_dim: int, rope_dim: int,

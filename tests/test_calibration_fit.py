@@ -44,3 +44,20 @@ def test_fp8_quant_atomics_are_recovered():
     fitted, stats = fit_families(ops, profile_params(BASE), ("quant_fp8",))
     for name, v in truth["quant_fp8"].items():
         assert fitted["quant_fp8"][name] == pytest.approx(v, rel=0.05), name
+
+
+def test_attention_decode_wave_and_key_chain_terms_are_recovered():
+    from moesim.costs.attention import decode
+
+    truth = {"attention_decode": {"t0_us": 9.0, "compute_efficiency": 0.3,
+                                  "memory_efficiency": 0.85, "host_floor_us": 11.0,
+                                  "step_us": 2.0, "k_latency_us": 1.5}}
+    rows = [(b, kv, kvh) for b in 2 ** np.arange(0, 12) for kv in 2 ** np.arange(0, 18, 2)
+            for kvh in (1, 8) if b * kv <= 1 << 22]
+    ops = _ops_and_truth(rows, lambda b, kv, kvh: [decode(int(b), int(kv), 32, kvh, 128, 128,
+                                                          BASE)], truth)
+    fitted, stats = fit_families(ops, profile_params(BASE), ("attention_decode",))
+    assert stats["median_ape_pct"] < 0.5
+    for name in ("step_us", "k_latency_us", "memory_efficiency"):
+        assert fitted["attention_decode"][name] == pytest.approx(
+            truth["attention_decode"][name], rel=0.05), name

@@ -127,6 +127,55 @@ def test_fp8_kv_cache_attention_has_its_own_family():
     assert decode(8, 4096, 32, 8, 128, 128, a100, "fp8").family == "attention_decode"
 
 
+def test_fa3_split_kv_heuristic():
+    from moesim.costs.attention import fa3_splits
+
+    # 8 tiles (one sequence, 8 KV heads) over 512 key blocks: the fewest splits within 85 % of
+    # the best wave efficiency on 132 SMs is 15 (120 CTAs); tiles filling 80 % of the SMs, or
+    # tiles of at most 4 key blocks, are never split.
+    assert fa3_splits(8, 512, 132) == 15
+    assert fa3_splits(128, 512, 132) == 1
+    assert fa3_splits(8, 4, 132) == 1
+    assert list(fa3_splits([8, 128], [512, 512], 132)) == [15, 1]
+
+
+def test_attention_cta_waves_and_key_chain():
+    from moesim.costs.attention import decode, prefill
+
+    sms = int(HW.compute.sm_count.value)
+    # Decode of many short sequences: one CTA per (sequence, KV head), each wave a step.
+    many = decode(2048, 2, 32, 8, 128, 128, HW)
+    assert many.steps == -(-2048 * 8 // sms)
+    assert decode(1024, 2, 32, 8, 128, 128, HW).steps == -(-1024 * 8 // sms)
+    # One long sequence is split over the SMs: each CTA walks 1/15 of the 512 key blocks, each
+    # key 128 + 128 K and V values.
+    long = decode(1, 65536, 32, 8, 128, 128, HW)
+    assert long.steps == 1 and long.k_loop == 128 * 35 * 256
+    # A sliding window that does not start on a block boundary straddles two blocks.
+    assert decode(1, 1000, 32, 8, 128, 128, HW, window=128).k_loop == 2 * 128 * 256
+    assert decode(1, 1024, 32, 8, 128, 128, HW, window=128).k_loop == 1 * 128 * 256
+    # Prefill of single-token sequences with 64 KV heads (no GQA packing): a tile per
+    # (sequence, head), so waves of near-empty tiles, and their 128-row padding in the
+    # matmuls and in the softmax's exponentials (special-function peak); 8192 tiles on 132
+    # SMs take 63 whole waves, each one tile's time on one SM.
+    pre = prefill(128, 1, 0, 64, 64, 128, 128, HW)
+    waves = -(-128 * 64 // sms)
+    assert pre.steps == waves and pre.k_loop == 128 * 256 * waves
+    exp_rate = HW.compute.peak_exp_tops.value * 1e6  # per µs
+    tile_us = 2.0 * 128 * 128 * 256 / HW.peak_flops_per_us("bf16") + 128 * 128 / exp_rate
+    assert pre.ideal_compute_us == pytest.approx(waves * sms * tile_us)
+    # One head, one long sequence: 128 causal tiles, one wave; the last tile walks all 128
+    # key blocks on one SM, far longer than the whole work spread over 132 SMs.
+    one = prefill(1, 16384, 0, 1, 1, 128, 128, HW)
+    assert one.ideal_compute_us == pytest.approx(128 * sms * tile_us)
+    # The calibrated H100 profile prices both terms (fitted, with provenance).
+    for fam in ("attention_decode", "attention_prefill", "attention_decode_fp8"):
+        fit = HW.kernel(fam)
+        assert fit.step_us is not None and "calibration fit" in fit.step_us.source
+        assert fit.k_latency_us is not None
+    assert many.time_us > 2 * decode(256, 2, 32, 8, 128, 128, HW).time_us
+
+
 def test_ep_remote_slots_still_cost():
     """EP: slots routed to experts held elsewhere still pass through the pipeline (activation
     over the whole cache, top-k sum), so a rank whose own experts get the same tokens is slower

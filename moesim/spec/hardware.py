@@ -48,6 +48,9 @@ class Compute(_Strict):
     peak_dense_tflops: PerDtype = Field(..., description="tensor-core peak without sparsity")
     gemm_tile_m: Quantity = Field(..., description="CTA tile rows assumed for wave quantisation")
     gemm_tile_n: Quantity = Field(..., description="CTA tile columns assumed for wave quantisation")
+    peak_exp_tops: Optional[Quantity] = Field(
+        None, description="special-function unit peak, 1e12 exp2 per second (attention's "
+                          "softmax); absent = softmax not priced apart from the matmuls")
 
 
 class Memory(_Strict):
@@ -140,11 +143,13 @@ class KernelFit(_Strict):
     step_us: Optional[Quantity] = Field(
         None, description="µs per serialised step of the op (e.g. one same-address atomic per "
                           "row in a dynamic per-tensor fp8 scale reduction; one wave of tiles of a "
-                          "fused-MoE GEMM with unaligned rows)")
+                          "fused-MoE GEMM with unaligned rows; one wave of FlashAttention-3 CTAs, "
+                          "their fixed prologue and epilogue)")
     k_latency_us: Optional[Quantity] = Field(
         None, description="µs per 1024 elements of K that one CTA walks serially (the "
                           "latency-bound K loop of small GEMMs; for fused-MoE GEMMs, of the waves x K "
-                          "elements an SM walks)")
+                          "elements an SM walks; for attention the keys one SM walks over its CTA "
+                          "waves and KV splits)")
     k_split_above: Optional[Quantity] = Field(
         None, description="K extent (elements) beyond which the library splits the K loop "
                           "across CTAs (split-K), so one CTA never walks more")
