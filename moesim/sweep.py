@@ -987,19 +987,27 @@ class StochasticEvaluator(FastEvaluator):
                         node = draws.child(node, b.tokens * dp)
                         seq[k] = (b, node)
             prompt.append((seq, node))
-        seq0, node0 = prompt[2]
+        seq0, node = prompt[2]
         seq = dict(seq0)
-        last = [node0]
-
-        def rec(b: Any) -> float:  # any positive time: only the order of the calls matters
+        # Then the decode step and the iterations carrying each prefill, in the order
+        # ``serving_times`` first prices them (its ``carrying``: ``mixes``, then the
+        # ``ttft_mixes`` not among them); predict's other steps repeat these. Listed here rather
+        # than recorded by a second serving_times call per point, which cost as much as the
+        # one that prices; a different order would change the draws, which the group's check
+        # against predict and the twin tests catch.
+        d = ss.decode
+        dk = _step_key(d)
+        if dk not in seq:
+            node = draws.child(node, d.tokens * dp)
+            seq[dk] = (d, node)
+        Batch = self._Batch
+        mixed = self.mixed
+        for p, _ in itertools.chain(ss.mixes, ((p, 0.0) for p in ss.ttft_mixes)):
+            b = Batch(d.phase, d.num_seqs, d.new_tokens, d.context, p) if mixed else p
             k = _step_key(b)
             if k not in seq:
-                last[0] = draws.child(last[0], b.tokens * dp)
-                seq[k] = (b, last[0])
-            return 1.0
-
-        rec(ss.decode)
-        self._an.serving_times(view, ss, rec, 0.0)
+                node = draws.child(node, b.tokens * dp)
+                seq[k] = (b, node)
         return seq
 
     def outputs_many(self, workloads: Sequence[Any]) -> list[Outputs]:
