@@ -967,6 +967,7 @@ class StochasticEvaluator(FastEvaluator):
         self._stime: dict[tuple[Any, int], np.ndarray] = {}
         self._moe_t: dict[tuple[int, bool], np.ndarray] = {}  # MoE times [S] by draw, graph
         self._gflag: dict[Any, bool] = {}  # step key -> graph-covered MoE
+        self._sfirst_memo: dict[tuple[Any, int], tuple[float, tuple[float, ...]]] = {}
 
     def _graph(self, b: Any) -> bool:
         """Whether a CUDA graph covers ``b``'s MoE ops (``step.graphs_cover``)."""
@@ -1049,6 +1050,16 @@ class StochasticEvaluator(FastEvaluator):
                 np.asarray(self._vectors[k]) + self._moe[(node.id, self._graph(b))]
         return v
 
+    def _sfirst(self, k: Any, b: Any, node: _Draw) -> tuple[float, tuple[float, ...]]:
+        """(time µs, bound shares) of step ``b`` (key ``k``) with the first sample of draw
+        ``node``: what a row reports of a step (as predict's ``steps[0]``), as Python floats
+        once per step and draw rather than per point."""
+        r = self._sfirst_memo.get((k, node.id))
+        if r is None:
+            v = self._svector(k, b, node)[0].tolist()
+            r = self._sfirst_memo[(k, node.id)] = (v[0], _shares(v))
+        return r
+
     def _stimes(self, k: Any, b: Any, node: _Draw) -> np.ndarray:
         """[S] step times of step ``b`` (key ``k``) with draw ``node``: its non-MoE time plus
         its MoE layers' with that draw (the time column of :meth:`_svector`, for less)."""
@@ -1074,20 +1085,20 @@ class StochasticEvaluator(FastEvaluator):
         served = an.serving_times(view, ss, time_of, 0.0)
         if prompt[1] is None:
             prompt[1] = self._sfirst_wave(prompt[0], prompt[2][0])
-        _, _, big_tokens, big_vec, big_shares = prompt[1]
+        _, _, big_tokens, big_us, big_shares = prompt[1]
         ttft, tpot, first_ms, prefill_ms = self._run_means(view, served, prompt[1])
         d = ss.decode
         dk = _step_key(d)
-        dvec = self._svector(dk, *seq[dk])[0]
+        d_us, d_shares = self._sfirst(dk, *seq[dk])
         mem = self._memory(sc, wl, dp)
         kv, act, total, max_batch = mem.kv_cache, mem.activations, mem.total, mem.max_batch_size
         thr = served.throughput_output_tok_per_s
         return (True, "", "fast", _mean(ttft), _mean(first_ms), _mean(tpot), thr,
                 thr / sc.num_gpus, _mean(prefill_ms),
                 sc.num_gpus, self._weights, kv, act, self._reserved, total, self._cap,
-                total <= self._cap, max_batch, big_tokens, float(big_vec[0]), d.num_seqs,
-                float(dvec[0]), served.mixed_fraction, ss.queued_requests * dp) + \
-            big_shares + _shares(dvec) + (self.S, " | ".join(an._warnings(view, mem, ss)))
+                total <= self._cap, max_batch, big_tokens, big_us, d.num_seqs,
+                d_us, served.mixed_fraction, ss.queued_requests * dp) + \
+            big_shares + d_shares + (self.S, " | ".join(an._warnings(view, mem, ss)))
 
     def _sfirst_wave(self, plan: Any, seq: dict[Any, Any]) -> tuple[Any, ...]:
         """:meth:`FastEvaluator._first_wave` per sample (arrays)."""
@@ -1109,8 +1120,7 @@ class StochasticEvaluator(FastEvaluator):
             clock = clock + repeat * block
         assert big is not None and finished > 0
         bk = _step_key(big)
-        vec = self._svector(bk, *seq[bk])[0]
-        return ttft_sum / finished, clock, big.tokens, vec, _shares(vec)
+        return (ttft_sum / finished, clock, big.tokens) + self._sfirst(bk, *seq[bk])
 
 
 def _mean(x: np.ndarray) -> float:
