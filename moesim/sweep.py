@@ -1499,10 +1499,11 @@ class SweepResult:
     seconds: float
     warnings: list[str]
     step_builds: int = 0
-    # (the rows they belong to, each row's output cells as a CSV fragment): formatted by the
-    # worker processes; write_csv uses them while ``rows`` is still that list
-    _cells: Optional[tuple[list[Any], list[str]]] = field(default=None, repr=False,
-                                                          compare=False)
+    # (the rows they belong to, each row's output cells as a CSV fragment, and its axis cells
+    # or None): formatted by the worker processes (the axis cells by the parent while they
+    # run); write_csv uses them while ``rows`` is still that list
+    _cells: Optional[tuple[list[Any], list[str], Optional[list[str]]]] = field(
+        default=None, repr=False, compare=False)
 
     def column(self, name: str) -> list[Any]:
         i = self.columns.index(name)
@@ -1527,9 +1528,13 @@ def _ray_module() -> Any:
 
 def _execute(tasks: list[GroupTask], n: int, base: dict[str, Any], base_dir: Optional[Path], *,
              workers: int = 1, ray_address: Optional[str] = None, progress: Optional[bool] = None,
-             verify: bool = True, fast: bool = True
-             ) -> tuple[list[Outputs], list[str], int, Optional[list[str]]]:
+             verify: bool = True, fast: bool = True,
+             meanwhile: Optional[Callable[[], Any]] = None
+             ) -> tuple[list[Outputs], list[str], int, Optional[list[str]], Any]:
+    """Evaluate the groups; ``meanwhile``: parent work run while worker processes (or Ray)
+    evaluate, else after; its result is returned last."""
     ray = _ray_module() if ray_address else None
+    side: Any = None
     results: list[Optional[Outputs]] = [None] * n
     bar = Progress(n, progress)
     warnings: list[str] = []
@@ -1560,6 +1565,7 @@ def _execute(tasks: list[GroupTask], n: int, base: dict[str, Any], base_dir: Opt
         size = max(1, int(ray.cluster_resources().get("CPU", 1)))
         pending = [remote.remote((base, base_dir, b, verify, fast))
                    for b in _batches(tasks, 4 * size, base)]
+        side = meanwhile() if meanwhile else None
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
             take(ray.get(done[0]))
@@ -1571,6 +1577,7 @@ def _execute(tasks: list[GroupTask], n: int, base: dict[str, Any], base_dir: Opt
         with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
             futs = [pool.submit(_run_tasks, (base, base_dir, b, verify, fast))
                     for b in _batches(tasks, 4 * workers, base)]
+            side = meanwhile() if meanwhile else None
             for f in cf.as_completed(futs):
                 take(f.result())
     else:
@@ -1579,9 +1586,10 @@ def _execute(tasks: list[GroupTask], n: int, base: dict[str, Any], base_dir: Opt
             for t in tasks:
                 take([evaluate_group(base, base_dir, t, verify=verify, fast=fast,
                                      workloads=workloads, draws=draws)])
+        side = meanwhile() if meanwhile else None
     bar.close()
     assert all(r is not None for r in results)
-    return results, warnings, builds, (cells if formatted else None)  # type: ignore
+    return results, warnings, builds, (cells if formatted else None), side  # type: ignore
 
 
 def run_sweep(spec: SweepSpec, *, workers: int = 1, ray_address: Optional[str] = None,
@@ -1596,16 +1604,22 @@ def run_sweep(spec: SweepSpec, *, workers: int = 1, ray_address: Optional[str] =
     if ray_address:
         _ray_module()
     tasks, n = make_tasks(spec, limit)
-    results, warnings, builds, cells = _execute(
+
+    def axis_columns() -> tuple[list[str], list[list[Any]], Optional[list[str]]]:
+        # the axis columns and their CSV cells: parent work that overlaps the workers'
+        names, cols = _input_columns(spec, n)
+        heads = csv_cells(zip(*cols)) if cols and (workers > 1 or ray_address) else None
+        return names, cols, heads
+
+    results, warnings, builds, cells, (names, cols, heads) = _execute(
         tasks, n, spec.base, spec.base_dir, workers=workers, ray_address=ray_address,
-        progress=progress, verify=verify, fast=fast)
-    names, cols = _input_columns(spec, n)
+        progress=progress, verify=verify, fast=fast, meanwhile=axis_columns)
     rows = [tuple(inp) + o for inp, o in zip(zip(*cols), results)] if cols \
         else [tuple(o) for o in results]
     res = SweepResult(names + list(OUTPUT_COLUMNS), rows, time.perf_counter() - t0, warnings,
                       builds)
     if cells is not None:
-        res._cells = (rows, cells)
+        res._cells = (rows, cells, heads)
     return res
 
 
@@ -1620,7 +1634,7 @@ def evaluate(base: dict[str, Any], points: Sequence[Sequence[tuple[str, Any]]], 
         wa = [(p, v) for p, v in assigns if p.startswith("workload.")]
         key = _freeze([[p, _freeze(v)] for p, v in st])
         groups.setdefault(key, GroupTask(st, [])).points.append((idx, wa))
-    results, _, _, _ = _execute(list(groups.values()), len(points), base, base_dir,
+    results, _, _, _, _ = _execute(list(groups.values()), len(points), base, base_dir,
                                 workers=workers, progress=False, verify=verify, fast=fast)
     return [outputs_dict(o) for o in results]
 
@@ -1692,7 +1706,7 @@ def write_csv(result: SweepResult, stream: Any) -> None:
     if k == 0:
         stream.writelines(c + "\n" for c in cells)
         return
-    heads = csv_cells(r[:k] for r in result.rows)
+    heads = pre[2] if pre[2] is not None else csv_cells(r[:k] for r in result.rows)
     stream.writelines([h + "," + c + "\n" for h, c in zip(heads, cells)])
 
 
