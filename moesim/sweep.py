@@ -1085,23 +1085,26 @@ class StochasticEvaluator(FastEvaluator):
         served = an.serving_times(view, ss, time_of, 0.0)
         if prompt[1] is None:
             prompt[1] = self._sfirst_wave(prompt[0], prompt[2][0])
-        _, _, big_tokens, big_us, big_shares = prompt[1]
-        ttft, tpot, first_ms, prefill_ms = self._run_means(view, served, prompt[1])
+        _, _, big_tokens, big_us, big_shares, first_ms, prefill_ms, first_mean, prefill_mean = \
+            prompt[1]
+        ttft, tpot = an.benchmark_means(view, served, first_ms, prefill_ms)
         d = ss.decode
         dk = _step_key(d)
         d_us, d_shares = self._sfirst(dk, *seq[dk])
         mem = self._memory(sc, wl, dp)
         kv, act, total, max_batch = mem.kv_cache, mem.activations, mem.total, mem.max_batch_size
         thr = served.throughput_output_tok_per_s
-        return (True, "", "fast", _mean(ttft), _mean(first_ms), _mean(tpot), thr,
-                thr / sc.num_gpus, _mean(prefill_ms),
+        return (True, "", "fast", _mean(ttft), first_mean, _mean(tpot), thr,
+                thr / sc.num_gpus, prefill_mean,
                 sc.num_gpus, self._weights, kv, act, self._reserved, total, self._cap,
                 total <= self._cap, max_batch, big_tokens, big_us, d.num_seqs,
                 d_us, served.mixed_fraction, ss.queued_requests * dp) + \
             big_shares + d_shares + (self.S, " | ".join(an._warnings(view, mem, ss)))
 
     def _sfirst_wave(self, plan: Any, seq: dict[Any, Any]) -> tuple[Any, ...]:
-        """:meth:`FastEvaluator._first_wave` per sample (arrays)."""
+        """:meth:`FastEvaluator._first_wave` per sample (arrays), then the first wave's TTFT
+        and prefill ms per sample and their means (the same for every point of the prompt
+        shape)."""
         clock = ttft_sum = np.zeros(self.S)
         finished = 0
         big: Optional[Any] = None
@@ -1120,7 +1123,11 @@ class StochasticEvaluator(FastEvaluator):
             clock = clock + repeat * block
         assert big is not None and finished > 0
         bk = _step_key(big)
-        return (ttft_sum / finished, clock, big.tokens) + self._sfirst(bk, *seq[bk])
+        # and what every point with this prompt shape reports of it (_run_means's first part)
+        first_ms = (ttft_sum / finished + self._overhead_us) / 1e3
+        prefill_ms = clock / 1e3
+        return (ttft_sum / finished, clock, big.tokens) + self._sfirst(bk, *seq[bk]) + \
+            (first_ms, prefill_ms, _mean(first_ms), _mean(prefill_ms))
 
 
 def _mean(x: np.ndarray) -> float:
