@@ -969,11 +969,19 @@ class StochasticEvaluator(FastEvaluator):
         self._gflag: dict[Any, bool] = {}  # step key -> graph-covered MoE
         self._sfirst_memo: dict[tuple[Any, int], tuple[float, tuple[float, ...]]] = {}
 
-    def _graph(self, b: Any) -> bool:
-        """Whether a CUDA graph covers ``b``'s MoE ops (``step.graphs_cover``)."""
+    def _graph(self, b: Any, k: Any = None) -> bool:
+        """Whether a CUDA graph covers ``b``'s MoE ops (``step.graphs_cover``); ``k``: the
+        step's key, to remember the answer by (points ask for the same steps again)."""
+        if k is not None:
+            g = self._gflag.get(k)
+            if g is not None:
+                return g
         p = self.pricer
         g = p.graphs and b.tokens <= p.graph_max
-        return bool(g and ((b.phase == "decode" and b.prefill is None) or p.piecewise))
+        g = bool(g and ((b.phase == "decode" and b.prefill is None) or p.piecewise))
+        if k is not None:
+            self._gflag[k] = g
+        return g
 
     def _replay(self, view: Any, ss: Any, prompt: list[Any]) -> dict[Any, tuple[Any, _Draw]]:
         """{step key: (batch, draw)} of one point, in ``predict``'s order."""
@@ -1025,7 +1033,7 @@ class StochasticEvaluator(FastEvaluator):
         for seq in seqs:
             for k, (b, node) in seq.items():
                 steps[k] = b
-                moe.setdefault((node.id, self._graph(b)), node)
+                moe.setdefault((node.id, self._graph(b, k)), node)
         self.price(steps)  # the parts outside the MoE layers (_vectorise)
         new = [(k, n) for k, n in moe.items() if k not in self._moe]
         if new:
@@ -1047,7 +1055,7 @@ class StochasticEvaluator(FastEvaluator):
         v = self._svec.get((k, node.id))
         if v is None:
             v = self._svec[(k, node.id)] = \
-                np.asarray(self._vectors[k]) + self._moe[(node.id, self._graph(b))]
+                np.asarray(self._vectors[k]) + self._moe[(node.id, self._graph(b, k))]
         return v
 
     def _sfirst(self, k: Any, b: Any, node: _Draw) -> tuple[float, tuple[float, ...]]:
@@ -1065,9 +1073,7 @@ class StochasticEvaluator(FastEvaluator):
         its MoE layers' with that draw (the time column of :meth:`_svector`, for less)."""
         t = self._stime.get((k, node.id))
         if t is None:
-            g = self._gflag.get(k)
-            if g is None:
-                g = self._gflag[k] = self._graph(b)
+            g = self._graph(b, k)
             m = self._moe_t.get((node.id, g))
             if m is None:
                 m = self._moe_t[(node.id, g)] = self._moe[(node.id, g)][:, 0].copy()

@@ -293,15 +293,12 @@ class _Parts:
     (row) each belongs to, decode or prefill, sequences, new tokens per sequence, context."""
 
     def __init__(self, batches: Sequence[Any]) -> None:
-        rows, dec, seqs, new, ctx = [], [], [], [], []
+        parts = []  # one tuple per part, split into columns after (one append, not five)
         for i, b in enumerate(batches):
             while b is not None:
-                rows.append(i)
-                dec.append(b.phase == "decode")
-                seqs.append(b.num_seqs)
-                new.append(b.new_tokens)
-                ctx.append(b.context)
+                parts.append((i, b.phase == "decode", b.num_seqs, b.new_tokens, b.context))
                 b = b.prefill
+        rows, dec, seqs, new, ctx = zip(*parts) if parts else ((),) * 5
         self.row = np.array(rows, dtype=np.int64)
         self.decode = np.array(dec, dtype=bool)
         self.seqs = np.array(seqs, dtype=np.float64)

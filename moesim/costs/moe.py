@@ -59,13 +59,15 @@ def router(num_tokens: int, hidden: int, num_experts: int, top_k: int, hw: Hardw
 
 
 def grouped_gemm_ideal_us(loads: np.ndarray, n: int, k: int, block_m, block_n,
-                          hw: HardwareProfile, compute_dtype: str):
+                          hw: HardwareProfile, compute_dtype: str, m_blocks=None):
     """Tile/wave compute time in µs at tensor-core peak of one grouped expert GEMM
     (``[n_e, k] x [k, n]`` per expert, each ``n_e`` padded to ``block_m`` rows). ``loads`` is
-    ``[..., E_local]``; ``block_m``/``block_n`` broadcast over the leading axes."""
+    ``[..., E_local]``; ``block_m``/``block_n`` broadcast over the leading axes. ``m_blocks``:
+    the M-blocks summed over the experts, where the caller has them."""
     sms = int(hw.compute.sm_count.value)
     bm, bn = np.asarray(block_m), np.asarray(block_n)
-    m_blocks = np.sum(-(-np.asarray(loads) // bm[..., None]), axis=-1)
+    if m_blocks is None:
+        m_blocks = np.sum(-(-np.asarray(loads) // bm[..., None]), axis=-1)
     tiles = m_blocks * np.ceil(n / bn)
     per_sm = hw.peak_flops_per_us(compute_dtype) / sms
     return np.ceil(tiles / sms) * (2.0 * bm * bn * k) / per_sm
@@ -111,7 +113,10 @@ def fused_terms_steps(loads: np.ndarray, num_tokens, top_k: int, hidden: int, in
     family = "moe_fp8" if act_dtype in ("fp8", "fp8_block") else "moe_bf16"
     quant = act_dtype in ("fp8", "fp8_block")
     bm, bn = block_shape(tokens)
-    padded = np.sum(-(-loads // np.asarray(bm)[..., None]) * np.asarray(bm)[..., None], axis=-1)
+    # each expert's M-blocks, once for the padding and both GEMMs (integer division is slow)
+    blocks = -(-loads // np.asarray(bm)[..., None])
+    padded = np.sum(blocks * np.asarray(bm)[..., None], axis=-1)
+    m_blocks = np.sum(blocks, axis=-1)
     zero = np.zeros_like(slots)
     one = np.ones_like(slots)
     terms = [("moe_align", "moe_aux", zero, slots * 4.0 * 3 + loads.shape[-1] * 8.0, zero, zero, one)]
@@ -124,7 +129,7 @@ def fused_terms_steps(loads: np.ndarray, num_tokens, top_k: int, hidden: int, in
         if not quant and (n % ALIGN_ELEMENTS or k % ALIGN_ELEMENTS):
             steps = (padded * k + all_slots * n) / UNALIGNED_STEP_ELEMENTS
         terms.append((name, family, flops, bytes_,
-                      grouped_gemm_ideal_us(loads, n, k, bm, bn, hw, cd), steps, one))
+                      grouped_gemm_ideal_us(loads, n, k, bm, bn, hw, cd, m_blocks), steps, one))
         if name == "experts_up":
             terms.append(("activation", "moe_aux", zero, all_slots * (up_n + inter) * 2.0, zero,
                           zero, one))
