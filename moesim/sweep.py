@@ -1060,12 +1060,13 @@ class StochasticEvaluator(FastEvaluator):
 
     def _sfirst(self, k: Any, b: Any, node: _Draw) -> tuple[float, tuple[float, ...]]:
         """(time µs, bound shares) of step ``b`` (key ``k``) with the first sample of draw
-        ``node``: what a row reports of a step (as predict's ``steps[0]``), as Python floats
-        once per step and draw rather than per point."""
+        ``node``: what a row reports of a step (as predict's ``steps[0]``), once per step and
+        draw rather than per point."""
         r = self._sfirst_memo.get((k, node.id))
         if r is None:
-            v = self._svector(k, b, node)[0].tolist()
-            r = self._sfirst_memo[(k, node.id)] = (v[0], _shares(v))
+            v = self._svector(k, b, node)[0]
+            # the shares stay numpy floats: the CSV writes them as it always has (full repr)
+            r = self._sfirst_memo[(k, node.id)] = (float(v[0]), _shares(v))
         return r
 
     def _stimes(self, k: Any, b: Any, node: _Draw) -> np.ndarray:
