@@ -949,8 +949,9 @@ class StochasticEvaluator(FastEvaluator):
     The same plan as :class:`FastEvaluator` (``steady_state``, ``serving_times`` and
     ``benchmark_means`` per workload; steps priced together), with ``predict``'s draws: each
     point replays the order in which ``predict`` first prices its steps (the first wave's
-    prefill steps, the decode step, then whatever ``serving_times`` asks for, recorded by
-    calling it once with a stand-in pricer), which fixes each step's draw (:class:`Draws`).
+    prefill steps, the decode step, then the iterations carrying each prefill in the order
+    ``serving_times`` prices them: :meth:`_replay`), which fixes each step's draw
+    (:class:`Draws`).
     A step's time per sample is its non-MoE part (:class:`~moesim.vstep.StepPricer`, each step
     once) plus its MoE layers for its draw (``StepPricer.moe_draws``, each draw and launch
     mode once)."""
@@ -1449,8 +1450,8 @@ def _input_columns(spec: SweepSpec, n: int) -> tuple[list[str], list[list[Any]]]
 def _batches(tasks: list[GroupTask], parts: int, base: Optional[dict[str, Any]] = None
              ) -> list[list[GroupTask]]:
     """Split groups into about ``parts`` batches of similar cost (big groups first): a point
-    costs about three times as much with drawn routing as with balanced routing (in ``base``
-    with the group's assignments)."""
+    costs about 2.2 times as much with drawn routing as with balanced routing (in ``base``
+    with the group's assignments; benchmarks/bench_sweep.py)."""
     parts = max(1, min(parts, len(tasks)))
     routing = (base or {}).get("routing")
 
@@ -1462,7 +1463,7 @@ def _batches(tasks: list[GroupTask], parts: int, base: Optional[dict[str, Any]] 
             elif path.startswith("routing."):
                 r[path.split(".", 1)[1]] = value
         drawn = r.get("distribution", "balanced") != "balanced"
-        return len(t.points) * (3.0 if drawn else 1.0)
+        return len(t.points) * (2.2 if drawn else 1.0)
 
     order = sorted(tasks, key=lambda t: -cost(t))
     bins: list[list[GroupTask]] = [[] for _ in range(parts)]
