@@ -649,7 +649,8 @@ class StepPricer:
         R, ep, slots = per_rank.shape
         rows, tok = per_rank.reshape(R * ep, slots), tokens_in.reshape(R * ep)
         uniq = None
-        if slots == 1:
+        if slots == 1 and np.array_equal(tok, np.floor(tok)) and tok.min() >= 0 and \
+                rows.min() >= 0:
             # One expert a rank (EP = experts): a rank's kernels depend on two integers, its
             # tokens in and its expert's load, which repeat a lot (most loads are small): each
             # pair is priced once. Element-wise formulas, so the same numbers.
