@@ -28,10 +28,32 @@ runs; best of 3; ``--json`` gives the same table with the load average):
     prefill), old grid, balanced
     =============================  =======  =======  ======  =======  ===========
 
-Python start and ``import moesim`` take 0.4-0.5 s of each run. Drawn routing costs three times
-as much per point as balanced routing: ``serving_times`` runs twice per point (once to record
-the order in which predict draws, once with the draws' per-sample times, numpy arrays), and
-every group prices the MoE layers of all its draws (``StepPricer.moe_draws``).
+Python start and ``import moesim`` take 0.4-0.5 s of each run.
+
+Figures, 2026-12-02, after the drawn-routing work (issue 8): the machine was shared with four
+other jobs (load average 5-8 on 2 CPUs), so wall figures are not comparable with the table
+above and CPU seconds are inflated too (they moved by up to 30 % between identical runs). Each
+pair below ran back to back, before (9091dd8) and after, same load; CSV byte-identical:
+
+    =================================  =======  ===========  =========  =================
+    sweep                              workers  CPU s        µs/eval    wall s (load)
+    =================================  =======  ===========  =========  =================
+    mixtral-grid.yaml (110,592)        2        31.3 → 20.8  283 → 188  66.5 → 41.3 (5-7)
+    routing=zipf half (55,296)         1        18.6 → 13.6  336 → 246  35.9 → 32.0 (5)
+    routing=balanced half (55,296)     1        6.8 → 6.1    122 → 111  12.4 → 11.5 (5)
+    4 layouts x 4 dtypes x 2 routings  1        7.2 → 5.7    259 → 204  best of 3
+    =================================  =======  ===========  =========  =================
+
+At 188 µs of CPU an evaluation (measured under that load, which inflates it: the same "before"
+run took 23.9 CPU s at load 0.3), two otherwise idle cores need about 10.4 s each plus about
+1 s in the parent alone (start, gathering, CSV): roughly 10,000 evaluations/s or more, not yet
+measured on an idle machine. Drawn routing now costs
+about 2.2 times as much per point as balanced routing: each point lists the order in which
+predict draws (``StochasticEvaluator._replay``) and runs ``serving_times`` once on the draws'
+per-sample times (numpy arrays); every group prices the MoE layers of all its draws
+(``StepPricer.moe_draws``, ranks holding one expert priced once per distinct (tokens, load)),
+and the zipf draws reuse their pick probabilities (``routing._cps_tables``). Per group, the
+self-check against ``predict`` costs 8 ms (balanced) to 20 ms (zipf).
 """
 
 from __future__ import annotations

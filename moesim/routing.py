@@ -47,7 +47,7 @@ import math
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Hashable, Optional, Union
 
 import numpy as np
 
@@ -153,11 +153,35 @@ def _cps_inclusion(lam: np.ndarray, k_rows: np.ndarray) -> np.ndarray:
     return np.divide(num, den, out=np.zeros_like(num), where=den > 0)
 
 
+# Per-expert pick probabilities of :func:`_cps_counts` for weights that do not change between
+# calls (zipf: one table per routing and model shape), by (weights key, rows, kmax).
+_CPS_TABLES: dict[Any, list[np.ndarray]] = {}
+
+
+def _cps_tables(lr: np.ndarray, kmax: int) -> list[np.ndarray]:
+    """For each expert ``e``, ``q[r, a]``: the probability that a token with ``a`` picks left
+    picks expert ``e`` (``a = 0..kmax-1``; rows of weights ``lr``, scaled to a maximum of 1)."""
+    E = lr.shape[1]
+    Z = _suffix_esp(lr, kmax)
+    out = []
+    for e in range(E):
+        z = Z[:, e + 1]
+        a = lr[:, e:e + 1] * z[:, 0:kmax]
+        den = z[:, 1:kmax + 1] + a
+        q = np.divide(a, den, out=np.zeros_like(a), where=den > 0)
+        np.clip(q, 0.0, 1.0, out=q)
+        out.append(q)
+    return out
+
+
 def _cps_counts(lam: Optional[np.ndarray], num_tokens: int, k_rows: np.ndarray,
-                num_experts: int, rng: np.random.Generator) -> np.ndarray:
+                num_experts: int, rng: np.random.Generator,
+                weights_key: Optional[Hashable] = None) -> np.ndarray:
     """``[R, E]`` exact per-expert counts of ``num_tokens`` i.i.d. tokens, each picking
     ``k_rows[r]`` distinct experts by conditional Poisson sampling with weights ``lam[r]``
-    (``None``: equal weights, i.e. uniform routing). See the module docstring."""
+    (``None``: equal weights, i.e. uniform routing). See the module docstring.
+    ``weights_key``: names ``lam`` when the same weights recur (their pick probabilities are
+    then computed once; the same numbers, so the same draws)."""
     R = k_rows.shape[0]
     E = num_experts
     kmax = int(k_rows.max()) if R else 0
@@ -170,8 +194,18 @@ def _cps_counts(lam: Optional[np.ndarray], num_tokens: int, k_rows: np.ndarray,
         r1 = min(R, r0 + chunk)
         g = np.zeros((r1 - r0, kmax + 1), dtype=np.int64)
         g[np.arange(r1 - r0), k_rows[r0:r1]] = num_tokens
+        tables = None
         if lam is None:
             Z = None
+        elif weights_key is not None:
+            tkey = (weights_key, r0, r1, kmax)
+            tables = _CPS_TABLES.get(tkey)
+            if tables is None:
+                if len(_CPS_TABLES) > 256:
+                    _CPS_TABLES.clear()
+                lr = lam[r0:r1]
+                lr = lr / np.maximum(lr.max(axis=1, keepdims=True), 1e-300)
+                tables = _CPS_TABLES[tkey] = _cps_tables(lr, kmax)
         else:
             lr = lam[r0:r1]
             lr = lr / np.maximum(lr.max(axis=1, keepdims=True), 1e-300)
@@ -182,7 +216,10 @@ def _cps_counts(lam: Optional[np.ndarray], num_tokens: int, k_rows: np.ndarray,
             if live.size == 0:
                 break
             a0, a1 = int(live[0]), int(live[-1]) + 1
-            if Z is None:
+            if tables is not None:
+                # the same elements as computing the band alone (element-wise formulas)
+                q = tables[e][:, a0:a1]
+            elif Z is None:
                 # equal weights: the ratio e_{j-1}/e_j of the remaining experts is j / (E - e)
                 q = np.broadcast_to(np.minimum(j[a0:a1] / (E - e), 1.0), (r1 - r0, a1 - a0))
             else:
@@ -681,10 +718,12 @@ def sample_loads(spec: RoutingSpec, num_tokens: int, num_experts: int, top_k: in
     else:
         k_rows = np.full(R, k, dtype=np.int64)
         forced = None
+        weights_key: Optional[Hashable] = None
         if dist == "uniform" or (dist == "zipf" and spec.s == 0):
             lam = None
         elif dist == "zipf":
             lam = np.tile(_zipf_weights(E, float(spec.s), spec.seed, L), (S, 1))
+            weights_key = ("zipf", E, float(spec.s), spec.seed, L, S)
         elif dist == "dirichlet":
             lam = rng.dirichlet(np.full(E, float(spec.alpha)), size=R)
             lam = np.maximum(lam, _WEIGHT_FLOOR * lam.max(axis=1, keepdims=True))
@@ -701,7 +740,7 @@ def sample_loads(spec: RoutingSpec, num_tokens: int, num_experts: int, top_k: in
             lam, forced, k_rows = np.tile(lamL, (S, 1)), np.tile(forcedL, (S, 1)), np.tile(kfL, S)
         else:  # pragma: no cover - the spec's Literal forbids it
             raise ValueError(f"unknown routing distribution {dist!r}")
-        out = _cps_counts(lam, T, k_rows, E, rng)
+        out = _cps_counts(lam, T, k_rows, E, rng, weights_key)
         if forced is not None:
             out[forced] = T
     out = out.reshape(S, L, E)

@@ -956,8 +956,9 @@ class StochasticEvaluator(FastEvaluator):
     The same plan as :class:`FastEvaluator` (``steady_state``, ``serving_times`` and
     ``benchmark_means`` per workload; steps priced together), with ``predict``'s draws: each
     point replays the order in which ``predict`` first prices its steps (the first wave's
-    prefill steps, the decode step, then whatever ``serving_times`` asks for, recorded by
-    calling it once with a stand-in pricer), which fixes each step's draw (:class:`Draws`).
+    prefill steps, the decode step, then the iterations carrying each prefill in the order
+    ``serving_times`` prices them: :meth:`_replay`), which fixes each step's draw
+    (:class:`Draws`).
     A step's time per sample is its non-MoE part (:class:`~moesim.vstep.StepPricer`, each step
     once) plus its MoE layers for its draw (``StepPricer.moe_draws``, each draw and launch
     mode once)."""
@@ -974,12 +975,21 @@ class StochasticEvaluator(FastEvaluator):
         self._stime: dict[tuple[Any, int], np.ndarray] = {}
         self._moe_t: dict[tuple[int, bool], np.ndarray] = {}  # MoE times [S] by draw, graph
         self._gflag: dict[Any, bool] = {}  # step key -> graph-covered MoE
+        self._sfirst_memo: dict[tuple[Any, int], tuple[float, tuple[float, ...]]] = {}
 
-    def _graph(self, b: Any) -> bool:
-        """Whether a CUDA graph covers ``b``'s MoE ops (``step.graphs_cover``)."""
+    def _graph(self, b: Any, k: Any = None) -> bool:
+        """Whether a CUDA graph covers ``b``'s MoE ops (``step.graphs_cover``); ``k``: the
+        step's key, to remember the answer by (points ask for the same steps again)."""
+        if k is not None:
+            g = self._gflag.get(k)
+            if g is not None:
+                return g
         p = self.pricer
         g = p.graphs and b.tokens <= p.graph_max
-        return bool(g and ((b.phase == "decode" and b.prefill is None) or p.piecewise))
+        g = bool(g and ((b.phase == "decode" and b.prefill is None) or p.piecewise))
+        if k is not None:
+            self._gflag[k] = g
+        return g
 
     def _replay(self, view: Any, ss: Any, prompt: list[Any]) -> dict[Any, tuple[Any, _Draw]]:
         """{step key: (batch, draw)} of one point, in ``predict``'s order."""
@@ -994,19 +1004,27 @@ class StochasticEvaluator(FastEvaluator):
                         node = draws.child(node, b.tokens * dp)
                         seq[k] = (b, node)
             prompt.append((seq, node))
-        seq0, node0 = prompt[2]
+        seq0, node = prompt[2]
         seq = dict(seq0)
-        last = [node0]
-
-        def rec(b: Any) -> float:  # any positive time: only the order of the calls matters
+        # Then the decode step and the iterations carrying each prefill, in the order
+        # ``serving_times`` first prices them (its ``carrying``: ``mixes``, then the
+        # ``ttft_mixes`` not among them); predict's other steps repeat these. Listed here rather
+        # than recorded by a second serving_times call per point, which cost as much as the
+        # one that prices; a different order would change the draws, which the group's check
+        # against predict and the twin tests catch.
+        d = ss.decode
+        dk = _step_key(d)
+        if dk not in seq:
+            node = draws.child(node, d.tokens * dp)
+            seq[dk] = (d, node)
+        Batch = self._Batch
+        mixed = self.mixed
+        for p, _ in itertools.chain(ss.mixes, ((p, 0.0) for p in ss.ttft_mixes)):
+            b = Batch(d.phase, d.num_seqs, d.new_tokens, d.context, p) if mixed else p
             k = _step_key(b)
             if k not in seq:
-                last[0] = draws.child(last[0], b.tokens * dp)
-                seq[k] = (b, last[0])
-            return 1.0
-
-        rec(ss.decode)
-        self._an.serving_times(view, ss, rec, 0.0)
+                node = draws.child(node, b.tokens * dp)
+                seq[k] = (b, node)
         return seq
 
     def outputs_many(self, workloads: Sequence[Any]) -> list[Outputs]:
@@ -1023,7 +1041,7 @@ class StochasticEvaluator(FastEvaluator):
         for seq in seqs:
             for k, (b, node) in seq.items():
                 steps[k] = b
-                moe.setdefault((node.id, self._graph(b)), node)
+                moe.setdefault((node.id, self._graph(b, k)), node)
         self.price(steps)  # the parts outside the MoE layers (_vectorise)
         new = [(k, n) for k, n in moe.items() if k not in self._moe]
         if new:
@@ -1045,17 +1063,26 @@ class StochasticEvaluator(FastEvaluator):
         v = self._svec.get((k, node.id))
         if v is None:
             v = self._svec[(k, node.id)] = \
-                np.asarray(self._vectors[k]) + self._moe[(node.id, self._graph(b))]
+                np.asarray(self._vectors[k]) + self._moe[(node.id, self._graph(b, k))]
         return v
+
+    def _sfirst(self, k: Any, b: Any, node: _Draw) -> tuple[float, tuple[float, ...]]:
+        """(time µs, bound shares) of step ``b`` (key ``k``) with the first sample of draw
+        ``node``: what a row reports of a step (as predict's ``steps[0]``), once per step and
+        draw rather than per point."""
+        r = self._sfirst_memo.get((k, node.id))
+        if r is None:
+            v = self._svector(k, b, node)[0]
+            # the shares stay numpy floats: the CSV writes them as it always has (full repr)
+            r = self._sfirst_memo[(k, node.id)] = (float(v[0]), _shares(v))
+        return r
 
     def _stimes(self, k: Any, b: Any, node: _Draw) -> np.ndarray:
         """[S] step times of step ``b`` (key ``k``) with draw ``node``: its non-MoE time plus
         its MoE layers' with that draw (the time column of :meth:`_svector`, for less)."""
         t = self._stime.get((k, node.id))
         if t is None:
-            g = self._gflag.get(k)
-            if g is None:
-                g = self._gflag[k] = self._graph(b)
+            g = self._graph(b, k)
             m = self._moe_t.get((node.id, g))
             if m is None:
                 m = self._moe_t[(node.id, g)] = self._moe[(node.id, g)][:, 0].copy()
@@ -1073,23 +1100,26 @@ class StochasticEvaluator(FastEvaluator):
         served = an.serving_times(view, ss, time_of, 0.0)
         if prompt[1] is None:
             prompt[1] = self._sfirst_wave(prompt[0], prompt[2][0])
-        _, _, big_tokens, big_vec, big_shares = prompt[1]
-        ttft, tpot, first_ms, prefill_ms = self._run_means(view, served, prompt[1])
+        _, _, big_tokens, big_us, big_shares, first_ms, prefill_ms, first_mean, prefill_mean = \
+            prompt[1]
+        ttft, tpot = an.benchmark_means(view, served, first_ms, prefill_ms)
         d = ss.decode
         dk = _step_key(d)
-        dvec = self._svector(dk, *seq[dk])[0]
+        d_us, d_shares = self._sfirst(dk, *seq[dk])
         mem = self._memory(sc, wl, dp)
         kv, act, total, max_batch = mem.kv_cache, mem.activations, mem.total, mem.max_batch_size
         thr = served.throughput_output_tok_per_s
-        return (True, "", "fast", _mean(ttft), _mean(first_ms), _mean(tpot), thr,
-                thr / sc.num_gpus, _mean(prefill_ms),
+        return (True, "", "fast", _mean(ttft), first_mean, _mean(tpot), thr,
+                thr / sc.num_gpus, prefill_mean,
                 sc.num_gpus, self._weights, kv, act, self._reserved, total, self._cap,
-                total <= self._cap, max_batch, big_tokens, float(big_vec[0]), d.num_seqs,
-                float(dvec[0]), served.mixed_fraction, ss.queued_requests * dp) + \
-            big_shares + _shares(dvec) + (self.S, " | ".join(an._warnings(view, mem, ss)))
+                total <= self._cap, max_batch, big_tokens, big_us, d.num_seqs,
+                d_us, served.mixed_fraction, ss.queued_requests * dp) + \
+            big_shares + d_shares + (self.S, " | ".join(an._warnings(view, mem, ss)))
 
     def _sfirst_wave(self, plan: Any, seq: dict[Any, Any]) -> tuple[Any, ...]:
-        """:meth:`FastEvaluator._first_wave` per sample (arrays)."""
+        """:meth:`FastEvaluator._first_wave` per sample (arrays), then the first wave's TTFT
+        and prefill ms per sample and their means (the same for every point of the prompt
+        shape)."""
         clock = ttft_sum = np.zeros(self.S)
         finished = 0
         big: Optional[Any] = None
@@ -1108,8 +1138,11 @@ class StochasticEvaluator(FastEvaluator):
             clock = clock + repeat * block
         assert big is not None and finished > 0
         bk = _step_key(big)
-        vec = self._svector(bk, *seq[bk])[0]
-        return ttft_sum / finished, clock, big.tokens, vec, _shares(vec)
+        # and what every point with this prompt shape reports of it (_run_means's first part)
+        first_ms = (ttft_sum / finished + self._overhead_us) / 1e3
+        prefill_ms = clock / 1e3
+        return (ttft_sum / finished, clock, big.tokens) + self._sfirst(bk, *seq[bk]) + \
+            (first_ms, prefill_ms, _mean(first_ms), _mean(prefill_ms))
 
 
 def _mean(x: np.ndarray) -> float:
@@ -1424,8 +1457,8 @@ def _input_columns(spec: SweepSpec, n: int) -> tuple[list[str], list[list[Any]]]
 def _batches(tasks: list[GroupTask], parts: int, base: Optional[dict[str, Any]] = None
              ) -> list[list[GroupTask]]:
     """Split groups into about ``parts`` batches of similar cost (big groups first): a point
-    costs about three times as much with drawn routing as with balanced routing (in ``base``
-    with the group's assignments)."""
+    costs about 2.2 times as much with drawn routing as with balanced routing (in ``base``
+    with the group's assignments; benchmarks/bench_sweep.py)."""
     parts = max(1, min(parts, len(tasks)))
     routing = (base or {}).get("routing")
 
@@ -1437,7 +1470,7 @@ def _batches(tasks: list[GroupTask], parts: int, base: Optional[dict[str, Any]] 
             elif path.startswith("routing."):
                 r[path.split(".", 1)[1]] = value
         drawn = r.get("distribution", "balanced") != "balanced"
-        return len(t.points) * (3.0 if drawn else 1.0)
+        return len(t.points) * (2.2 if drawn else 1.0)
 
     order = sorted(tasks, key=lambda t: -cost(t))
     bins: list[list[GroupTask]] = [[] for _ in range(parts)]
@@ -1488,10 +1521,11 @@ class SweepResult:
     seconds: float
     warnings: list[str]
     step_builds: int = 0
-    # (the rows they belong to, each row's output cells as a CSV fragment): formatted by the
-    # worker processes; write_csv uses them while ``rows`` is still that list
-    _cells: Optional[tuple[list[Any], list[str]]] = field(default=None, repr=False,
-                                                          compare=False)
+    # (the rows they belong to, each row's output cells as a CSV fragment, and its axis cells
+    # or None): formatted by the worker processes (the axis cells by the parent while they
+    # run); write_csv uses them while ``rows`` is still that list
+    _cells: Optional[tuple[list[Any], list[str], Optional[list[str]]]] = field(
+        default=None, repr=False, compare=False)
 
     def column(self, name: str) -> list[Any]:
         i = self.columns.index(name)
@@ -1516,9 +1550,13 @@ def _ray_module() -> Any:
 
 def _execute(tasks: list[GroupTask], n: int, base: dict[str, Any], base_dir: Optional[Path], *,
              workers: int = 1, ray_address: Optional[str] = None, progress: Optional[bool] = None,
-             verify: bool = True, fast: bool = True
-             ) -> tuple[list[Outputs], list[str], int, Optional[list[str]]]:
+             verify: bool = True, fast: bool = True,
+             meanwhile: Optional[Callable[[], Any]] = None
+             ) -> tuple[list[Outputs], list[str], int, Optional[list[str]], Any]:
+    """Evaluate the groups; ``meanwhile``: parent work run while worker processes (or Ray)
+    evaluate, else after; its result is returned last."""
     ray = _ray_module() if ray_address else None
+    side: Any = None
     results: list[Optional[Outputs]] = [None] * n
     bar = Progress(n, progress)
     warnings: list[str] = []
@@ -1549,6 +1587,7 @@ def _execute(tasks: list[GroupTask], n: int, base: dict[str, Any], base_dir: Opt
         size = max(1, int(ray.cluster_resources().get("CPU", 1)))
         pending = [remote.remote((base, base_dir, b, verify, fast))
                    for b in _batches(tasks, 4 * size, base)]
+        side = meanwhile() if meanwhile else None
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
             take(ray.get(done[0]))
@@ -1560,6 +1599,7 @@ def _execute(tasks: list[GroupTask], n: int, base: dict[str, Any], base_dir: Opt
         with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
             futs = [pool.submit(_run_tasks, (base, base_dir, b, verify, fast))
                     for b in _batches(tasks, 4 * workers, base)]
+            side = meanwhile() if meanwhile else None
             for f in cf.as_completed(futs):
                 take(f.result())
     else:
@@ -1568,9 +1608,10 @@ def _execute(tasks: list[GroupTask], n: int, base: dict[str, Any], base_dir: Opt
             for t in tasks:
                 take([evaluate_group(base, base_dir, t, verify=verify, fast=fast,
                                      workloads=workloads, draws=draws)])
+        side = meanwhile() if meanwhile else None
     bar.close()
     assert all(r is not None for r in results)
-    return results, warnings, builds, (cells if formatted else None)  # type: ignore
+    return results, warnings, builds, (cells if formatted else None), side  # type: ignore
 
 
 def run_sweep(spec: SweepSpec, *, workers: int = 1, ray_address: Optional[str] = None,
@@ -1585,16 +1626,22 @@ def run_sweep(spec: SweepSpec, *, workers: int = 1, ray_address: Optional[str] =
     if ray_address:
         _ray_module()
     tasks, n = make_tasks(spec, limit)
-    results, warnings, builds, cells = _execute(
+
+    def axis_columns() -> tuple[list[str], list[list[Any]], Optional[list[str]]]:
+        # the axis columns and their CSV cells: parent work that overlaps the workers'
+        names, cols = _input_columns(spec, n)
+        heads = csv_cells(zip(*cols)) if cols and (workers > 1 or ray_address) else None
+        return names, cols, heads
+
+    results, warnings, builds, cells, (names, cols, heads) = _execute(
         tasks, n, spec.base, spec.base_dir, workers=workers, ray_address=ray_address,
-        progress=progress, verify=verify, fast=fast)
-    names, cols = _input_columns(spec, n)
+        progress=progress, verify=verify, fast=fast, meanwhile=axis_columns)
     rows = [tuple(inp) + o for inp, o in zip(zip(*cols), results)] if cols \
         else [tuple(o) for o in results]
     res = SweepResult(names + list(OUTPUT_COLUMNS), rows, time.perf_counter() - t0, warnings,
                       builds)
     if cells is not None:
-        res._cells = (rows, cells)
+        res._cells = (rows, cells, heads)
     return res
 
 
@@ -1609,7 +1656,7 @@ def evaluate(base: dict[str, Any], points: Sequence[Sequence[tuple[str, Any]]], 
         wa = [(p, v) for p, v in assigns if p.startswith("workload.")]
         key = _freeze([[p, _freeze(v)] for p, v in st])
         groups.setdefault(key, GroupTask(st, [])).points.append((idx, wa))
-    results, _, _, _ = _execute(list(groups.values()), len(points), base, base_dir,
+    results, _, _, _, _ = _execute(list(groups.values()), len(points), base, base_dir,
                                 workers=workers, progress=False, verify=verify, fast=fast)
     return [outputs_dict(o) for o in results]
 
@@ -1681,7 +1728,7 @@ def write_csv(result: SweepResult, stream: Any) -> None:
     if k == 0:
         stream.writelines(c + "\n" for c in cells)
         return
-    heads = csv_cells(r[:k] for r in result.rows)
+    heads = pre[2] if pre[2] is not None else csv_cells(r[:k] for r in result.rows)
     stream.writelines([h + "," + c + "\n" for h, c in zip(heads, cells)])
 
 

@@ -301,15 +301,12 @@ class _Parts:
     (row) each belongs to, decode or prefill, sequences, new tokens per sequence, context."""
 
     def __init__(self, batches: Sequence[Any]) -> None:
-        rows, dec, seqs, new, ctx = [], [], [], [], []
+        parts = []  # one tuple per part, split into columns after (one append, not five)
         for i, b in enumerate(batches):
             while b is not None:
-                rows.append(i)
-                dec.append(b.phase == "decode")
-                seqs.append(b.num_seqs)
-                new.append(b.new_tokens)
-                ctx.append(b.context)
+                parts.append((i, b.phase == "decode", b.num_seqs, b.new_tokens, b.context))
                 b = b.prefill
+        rows, dec, seqs, new, ctx = zip(*parts) if parts else ((),) * 5
         self.row = np.array(rows, dtype=np.int64)
         self.decode = np.array(dec, dtype=bool)
         self.seqs = np.array(seqs, dtype=np.float64)
@@ -657,13 +654,27 @@ class StepPricer:
             tokens_in = np.maximum(np.ceil(received_tokens(per_rank, t_global[:, None])), 1)
         # Every rank's kernels at once: their sum is moe.fused_expert_us (the same terms added
         # in the same order), the slowest rank's are the layer's expert ops.
-        kernels = moe.fused_expert_kernels(per_rank, tokens_in, mo.top_k, H, inter_r, hw,
+        R, ep, slots = per_rank.shape
+        rows, tok = per_rank.reshape(R * ep, slots), tokens_in.reshape(R * ep)
+        uniq = None
+        if slots == 1 and np.array_equal(tok, np.floor(tok)) and tok.min() >= 0 and \
+                rows.min() >= 0:
+            # One expert a rank (EP = experts): a rank's kernels depend on two integers, its
+            # tokens in and its expert's load, which repeat a lot (most loads are small): each
+            # pair is priced once. Element-wise formulas, so the same numbers.
+            key = tok.astype(np.int64) * (int(rows.max()) + 1) + rows[:, 0]
+            _, first, uniq = np.unique(key, return_index=True, return_inverse=True)
+            rows, tok = rows[first], tok[first]
+        kernels = moe.fused_expert_kernels(rows, tok, mo.top_k, H, inter_r, hw,
                                            d.experts_dtype, ad, m.gated_mlp)
         rank_us = 0.0
         for k in kernels:
             rank_us = rank_us + k["time_us"]
+        n_rows = np.shape(rank_us)
         r = np.arange(len(T))
-        slowest = np.argmax(rank_us, axis=1)
+        where = np.arange(R * ep) if uniq is None else np.ravel(uniq)
+        where = where.reshape(R, ep)
+        slowest = np.argmax(np.asarray(rank_us)[where], axis=1)
         ops = [v_gemm(T, mo.num_experts, H, hw, "bf16", ad, "fp32"),
                v_roofline("moe_aux", T * mo.num_experts * 4.0 + T * mo.top_k * 8.0, 0.0, hw,
                           kernels=1 if mo.scoring == "softmax" else 4)]
@@ -671,10 +682,10 @@ class StepPricer:
         if dp > 1:
             a2a = received_tokens(per_rank, t_global[:, None]).max(axis=1)
             ops.append(v_all_to_all(a2a * H * ELEMENT_BYTES[ad], d.ep, hw, sc.gpus_per_node))
-        pick = (r, slowest)
+        pick = where[r, slowest]  # the slowest rank's row among those priced
 
         def at(x: np.ndarray) -> np.ndarray:
-            return np.broadcast_to(x, rank_us.shape)[pick]
+            return np.broadcast_to(x, n_rows)[pick]
 
         for k in kernels:
             kr = at(k["kernels"])

@@ -59,21 +59,24 @@ def router(num_tokens: int, hidden: int, num_experts: int, top_k: int, hw: Hardw
 
 
 def grouped_gemm_ideal_us(loads: np.ndarray, n: int, k: int, block_m, block_n,
-                          hw: HardwareProfile, compute_dtype: str):
+                          hw: HardwareProfile, compute_dtype: str, m_blocks=None):
     """Tile/wave compute time in µs at tensor-core peak of one grouped expert GEMM
     (``[n_e, k] x [k, n]`` per expert, each ``n_e`` padded to ``block_m`` rows). ``loads`` is
-    ``[..., E_local]``; ``block_m``/``block_n`` broadcast over the leading axes."""
+    ``[..., E_local]``; ``block_m``/``block_n`` broadcast over the leading axes. ``m_blocks``:
+    the M-blocks summed over the experts, where the caller has them."""
     sms = int(hw.compute.sm_count.value)
     bm, bn = np.asarray(block_m), np.asarray(block_n)
     per_sm = hw.peak_flops_per_us(compute_dtype) / sms
-    return tile_waves(loads, n, bm, bn, sms) * (2.0 * bm * bn * k) / per_sm
+    return tile_waves(loads, n, bm, bn, sms, m_blocks) * (2.0 * bm * bn * k) / per_sm
 
 
-def tile_waves(loads: np.ndarray, n: int, block_m, block_n, sms: int):
+def tile_waves(loads: np.ndarray, n: int, block_m, block_n, sms: int, m_blocks=None):
     """Waves of output tiles of one grouped expert GEMM: ``ceil(sum_e ceil(n_e / BLOCK_M) *
-    ceil(n / BLOCK_N) / SMs)`` (research notes §2.2; one tile per SM per wave)."""
+    ceil(n / BLOCK_N) / SMs)`` (research notes §2.2; one tile per SM per wave). ``m_blocks``:
+    the M-blocks summed over the experts, where the caller has them."""
     bm, bn = np.asarray(block_m), np.asarray(block_n)
-    m_blocks = np.sum(-(-np.asarray(loads) // bm[..., None]), axis=-1)
+    if m_blocks is None:
+        m_blocks = np.sum(-(-np.asarray(loads) // bm[..., None]), axis=-1)
     return np.ceil(m_blocks * np.ceil(n / bn) / sms)
 
 
@@ -134,7 +137,10 @@ def fused_terms_steps(loads: np.ndarray, num_tokens, top_k: int, hidden: int, in
     family = "moe_fp8" if act_dtype in ("fp8", "fp8_block") else "moe_bf16"
     quant = act_dtype in ("fp8", "fp8_block")
     bm, bn = block_shape(tokens)
-    padded = np.sum(-(-loads // np.asarray(bm)[..., None]) * np.asarray(bm)[..., None], axis=-1)
+    # each expert's M-blocks, once for the padding and both GEMMs (integer division is slow)
+    blocks = -(-loads // np.asarray(bm)[..., None])
+    padded = np.sum(blocks * np.asarray(bm)[..., None], axis=-1)
+    m_blocks = np.sum(blocks, axis=-1)
     zero = np.zeros_like(slots)
     one = np.ones_like(slots)
     terms = [("moe_align", "moe_aux", zero, slots * 4.0 * 3 + loads.shape[-1] * 8.0, zero, zero, one,
@@ -158,9 +164,10 @@ def fused_terms_steps(loads: np.ndarray, num_tokens, top_k: int, hidden: int, in
         # waves, so one SM walks waves * K elements serially, each K block waiting on its loads:
         # what bounds a thin-K or few-token GEMM whose data and FLOPs are small (same K-loop
         # latency term as the dense GEMMs, costs/op.py).
-        k_loop = tile_waves(loads, n, bm, bn, sms) * k
+        k_loop = tile_waves(loads, n, bm, bn, sms, m_blocks) * k
         terms.append((name, family, flops, bytes_,
-                      grouped_gemm_ideal_us(loads, n, k, bm, bn, hw, cd), steps, one, k_loop))
+                      grouped_gemm_ideal_us(loads, n, k, bm, bn, hw, cd, m_blocks), steps, one,
+                      k_loop))
         if name == "experts_up":
             terms.append(("activation", "moe_aux", zero, all_slots * (up_n + inter) * 2.0, zero,
                           zero, one, zero))
