@@ -52,12 +52,16 @@ OVERLAP_FAMILIES = ("gemm_bf16", "gemm_fp8", "gemm_fp8_block", "attention_prefil
 # fp8 never splits (its K loop is in the wave-quantised compute time) and DeepGEMM's tables
 # sit above its host floor there.
 K_LOOP_FAMILIES = ("gemm_bf16",)
+# Families whose tiles run in whole waves (no split-K or stream-K balancing), so a partial wave
+# leaves SMs idle and the busy ones run faster (fitted partial-wave gain): vLLM's CUTLASS fp8
+# and DeepGEMM past one wave.
+WAVE_FAMILIES = ("gemm_fp8", "gemm_fp8_block")
 # A collective table whose transfer times span this ratio reaches from the latency-bound to the
 # bandwidth-bound end, so it can identify both protocol lines (LL/LL128 and Simple).
 LL_SPAN = 1000.0
 # Optional KernelFit terms and the value that switches each off.
 EXTRA_TERMS = {"step_us": 0.0, "k_latency_us": 0.0, "k_split_above": float("inf"),
-               "overlap_exponent": 0.0}
+               "overlap_exponent": 0.0, "unaligned_m_floor_us": 0.0, "partial_wave_gain": 0.0}
 # Fused-MoE families whose serialised steps are unaligned elements (costs/moe.py).
 MOE_STEP_FAMILIES = ("moe_bf16",)
 LAYOUT_ORDER = ("moe", "gemm", "attention_context", "attention_generation", "collective",
@@ -78,12 +82,14 @@ class Ops:
     eager: np.ndarray  # False for ops timed inside a CUDA graph (no host floor)
     steps: np.ndarray  # serialised steps (collective rounds, same-address atomics)
     k_loop: np.ndarray  # a GEMM's K extent
+    unaligned: np.ndarray  # DeepGEMM ops whose activation scales need an aligned copy first
+    wave_fill: np.ndarray  # fraction of SM slots a GEMM's waves of tiles keep busy
     measured: np.ndarray
     n_rows: int
 
     @classmethod
     def from_lists(cls, ops_list: Sequence[Sequence[OpCost]], measured: Sequence[float]) -> "Ops":
-        row, fam, ker, ic, im, eager, steps, kl = [], [], [], [], [], [], [], []
+        row, fam, ker, ic, im, eager, steps, kl, un, wf = ([] for _ in range(10))
         for r, ops in enumerate(ops_list):
             for o in ops:
                 row.append(r)
@@ -94,9 +100,13 @@ class Ops:
                 eager.append(not o.in_graph)
                 steps.append(o.steps)
                 kl.append(o.k_loop)
+                un.append(o.unaligned_m)
+                wf.append(o.wave_fill)
         return cls(np.array(row), np.array(fam), np.array(ker, float), np.array(ic),
                    np.array(im), np.array(eager, bool), np.array(steps, float),
-                   np.array(kl, float), np.asarray(measured, float), len(ops_list))
+                   np.array(kl, float), np.array(un, bool), np.array(wf, float),
+                   np.asarray(measured, float),
+                   len(ops_list))
 
     def subset(self, rows: np.ndarray) -> "Ops":
         keep = np.isin(self.row, rows)
@@ -104,7 +114,8 @@ class Ops:
         remap[rows] = np.arange(len(rows))
         return Ops(remap[self.row[keep]], self.family[keep], self.kernels[keep],
                    self.ideal_c[keep], self.ideal_m[keep], self.eager[keep], self.steps[keep],
-                   self.k_loop[keep], self.measured[rows], len(rows))
+                   self.k_loop[keep], self.unaligned[keep], self.wave_fill[keep],
+                   self.measured[rows], len(rows))
 
 
 Params = dict[str, dict[str, float]]  # family -> {t0_us, compute_efficiency, memory_efficiency}
@@ -148,13 +159,15 @@ def predict_rows(ops: Ops, params: Params) -> np.ndarray:
                                 ops.steps[sel], p.get("step_us", 0.0), ops.k_loop[sel],
                                 p.get("k_latency_us", 0.0),
                                 p.get("k_split_above", float("inf")),
-                                p.get("overlap_exponent") or None)
+                                p.get("overlap_exponent") or None, ops.wave_fill[sel],
+                                p.get("partial_wave_gain", 0.0))
         if p.get("ll_latency_us", 0.0) > 0 and p.get("ll_bus_efficiency", 0.0) > 0:
             # Second protocol line (hardware.CollectiveFit): the faster one is used.
             t[sel] = np.minimum(t[sel], kernel_time_us(
                 p["ll_latency_us"], 1.0, p["ll_bus_efficiency"], 0.0, ops.ideal_m[sel],
                 ops.kernels[sel], ops.steps[sel], p.get("step_us", 0.0)))
-        floor[sel] = p.get("host_floor_us", 0.0) * ops.eager[sel]
+        floor[sel] = (p.get("host_floor_us", 0.0) + p.get("unaligned_m_floor_us", 0.0)
+                      * ops.unaligned[sel]) * ops.eager[sel]
     row_floor = np.zeros(ops.n_rows)
     np.maximum.at(row_floor, ops.row, floor)
     return np.maximum(np.bincount(ops.row, weights=t, minlength=ops.n_rows), row_floor)
@@ -185,6 +198,11 @@ def _free_params(ops: Ops, families: Sequence[str]) -> list[tuple[str, str]]:
             free += [(fam, "k_latency_us"), (fam, "k_split_above")]
         if fam in OVERLAP_FAMILIES:
             free.append((fam, "overlap_exponent"))
+        if fam in WAVE_FAMILIES and ops.wave_fill[sel].min() < 1.0:
+            free.append((fam, "partial_wave_gain"))
+        if fam in HOST_FLOOR_FAMILIES and 0 < ops.unaligned[sel].sum() < sel.sum():
+            # Both aligned and unaligned M: the extra host op's time is identifiable.
+            free.append((fam, "unaligned_m_floor_us"))
     return free
 
 
@@ -235,6 +253,16 @@ def fit_families(ops: Ops, base: Params, families: Sequence[str]) -> tuple[Param
             x0.append(np.log(min(max(v, 1.0), 16.0) if v > 0 else 4.0))
             lo.append(0.0)
             hi.append(np.log(16.0))
+        elif name == "partial_wave_gain":
+            # A busy SM can at most reach its unthrottled peak: a few tens of percent.
+            x0.append(np.log(v if v > 0 else 0.2))
+            lo.append(np.log(1e-3))
+            hi.append(np.log(2.0))
+        elif name == "unaligned_m_floor_us":
+            # One extra torch op dispatched from the host: a few µs.
+            x0.append(np.log(v if v > 0 else 2.0))
+            lo.append(np.log(1e-3))
+            hi.append(np.log(100.0))
         elif name == "k_latency_us":
             x0.append(np.log(v if v > 0 else 1.0))
             lo.append(np.log(1e-3))
@@ -341,7 +369,8 @@ def overlay(base: HardwareProfile, params: Params, report: dict, tables: Sequenc
         fields = {}
         for name in ("t0_us", "compute_efficiency", "memory_efficiency", "host_floor_us",
                      "step_us", "k_latency_us", "k_split_above", "overlap_exponent",
-                     "ll_latency_us", "ll_bus_efficiency"):
+                     "unaligned_m_floor_us", "partial_wave_gain", "ll_latency_us",
+                     "ll_bus_efficiency"):
             if f"{fam}.{name}" in fitted_by:
                 fields[name] = q(fam, name, vals[name])
         if not fields:

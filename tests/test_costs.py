@@ -7,6 +7,7 @@ import pytest
 
 from moesim.costs.gemm import gemm, linear
 from moesim.costs.moe import expert_ops, fused_expert_us
+from moesim.costs.op import kernel_time_us
 from moesim.spec.hardware import load_profile
 
 HW = load_profile("h100_sxm")
@@ -160,3 +161,46 @@ def test_unaligned_expert_gemms_pay_steps(inter, unaligned):
     assert HW.kernels.moe_bf16.step_us is not None and HW.kernels.moe_bf16.step_us.value > 0
     fp8 = fused_terms_steps(loads, 128, 8, 2048, inter, HW, "fp8_block", "fp8")
     assert all(float(t[5][0]) == 0.0 for t in fp8)
+
+
+def test_cublas_pads_m_to_its_granularity_not_a_whole_tile():
+    # cuBLAS picks a tile that fits M (hardware.kernels.gemm_bf16.m_granularity): one row past
+    # 128 or 1024 pads only to the granularity, not to another 128-row tile.
+    gran = int(HW.kernels.gemm_bf16.m_granularity.value)
+    assert gran < int(HW.compute.gemm_tile_m.value)
+    for m in (128, 1024):
+        a, b = gemm("x", m, 4096, 4096, HW), gemm("x", m + 1, 4096, 4096, HW)
+        assert b.ideal_compute_us / a.ideal_compute_us == pytest.approx((m + gran) / m)
+
+
+def test_deepgemm_unaligned_m_pays_the_scale_copy_on_the_host():
+    # M x 4-byte column-major scales must be a multiple of 16 bytes for TMA; otherwise DeepGEMM
+    # copies them first: the eager floor grows by hardware.kernels.gemm_fp8_block.
+    # unaligned_m_floor_us, the GPU time does not.
+    extra = HW.kernels.gemm_fp8_block.unaligned_m_floor_us.value
+    assert extra > 0
+    a, b = gemm("x", 64, 4096, 4096, HW, "fp8_block", "fp8"), \
+        gemm("x", 65, 4096, 4096, HW, "fp8_block", "fp8")
+    assert not a.unaligned_m and b.unaligned_m
+    assert b.host_floor_us == pytest.approx(a.host_floor_us + extra)
+    assert gemm("x", 68, 4096, 4096, HW, "fp8_block", "fp8").host_floor_us == a.host_floor_us
+    # Only block-scaled fp8 has per-row column-major scales.
+    assert not gemm("x", 65, 4096, 4096, HW, "fp8", "fp8").unaligned_m
+
+
+def test_partial_wave_runs_its_busy_sms_faster():
+    # CUTLASS fp8 at m=256, n=4096: 2 x 32 = 64 tiles of 128 x 128 in one wave of 132 SMs. The
+    # idle SMs leave power and bandwidth to the busy ones: compute time / (1 + gain x idle).
+    op = gemm("x", 256, 4096, 16384, HW, "fp8", "fp8")
+    assert op.wave_fill == pytest.approx(64 / 132)
+    full = gemm("x", 33 * 128, 4096, 16384, HW, "fp8", "fp8")  # 33 x 32 tiles: 8 whole waves
+    assert full.wave_fill == pytest.approx(1.0)
+    fit = HW.kernels.gemm_fp8
+    gain = fit.partial_wave_gain.value
+    assert gain > 0
+    t = lambda o, g: kernel_time_us(0.0, fit.compute_efficiency.value, 1.0, o.ideal_compute_us,
+                                    0.0, wave_fill=o.wave_fill, partial_wave_gain=g)
+    assert t(op, gain) == pytest.approx(t(op, 0.0) / (1 + gain * (1 - 64 / 132)))
+    assert t(full, gain) == pytest.approx(t(full, 0.0))
+    # cuBLAS balances its last wave (stream-K): nothing idles, nothing to gain.
+    assert gemm("x", 256, 4096, 16384, HW).wave_fill == 1.0

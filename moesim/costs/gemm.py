@@ -10,10 +10,17 @@ from __future__ import annotations
 
 import math
 
+from dataclasses import replace
+
 from ..spec.dtypes import ELEMENT_BYTES, WEIGHT_BYTES, gemm_compute_dtype
 from ..spec.hardware import HardwareProfile
 from .elementwise import memory_op
 from .op import Category, OpCost, roofline
+
+# TMA (cuTensorMapEncodeTiled) needs every global stride to be a multiple of 16 bytes; DeepGEMM
+# reads the per-row fp32 activation scales column-major, whose stride is M x 4 bytes.
+TMA_STRIDE_ALIGN_BYTES = 16
+SCALE_BYTES = 4  # fp32 scale per 128-element activation group
 
 
 def _tile_m(m: int, tile_m: int) -> int:
@@ -33,6 +40,35 @@ def _cutlass_fp8_tile(m: int) -> tuple[int, int]:
     return (64, 128) if m <= 128 else (128, 128)
 
 
+def _tiling(m: int, n: int, k: int, hw: HardwareProfile, compute_dtype: str,
+            family: str) -> tuple[float, float]:
+    """(tile-quantised compute time in µs at tensor-core peak, fraction of the waves' SM slots
+    the tiles fill); see :func:`gemm_ideal_compute_us`."""
+    sms = int(hw.compute.sm_count.value)
+    peak = hw.peak_flops_per_us(compute_dtype)
+    if family == "gemm_fp8":
+        tm, tn = _cutlass_fp8_tile(m)
+        tiles = math.ceil(m / tm) * math.ceil(n / tn)
+        waves = math.ceil(tiles / sms)
+        return waves * 2.0 * tm * tn * k / (peak / sms), tiles / (waves * sms)
+    tm = _tile_m(m, int(hw.compute.gemm_tile_m.value))
+    tn = int(hw.compute.gemm_tile_n.value)
+    gran = hw.kernel(family).m_granularity
+    if gran is not None:
+        # The library picks among tile shapes (and swaps operands for thin GEMMs) so M is padded
+        # only to this many rows: measured cuBLAS times show no step at m = 128 -> 129 or
+        # 1024 -> 1025, where a fixed 128-row tile would add a whole tile row.
+        tm = min(tm, int(gran.value))
+    tiles = math.ceil(m / tm) * math.ceil(n / tn)
+    tile_flops = 2.0 * tm * tn * k
+    if tiles < sms or family == "gemm_bf16":
+        # split-K / stream-K spread the work over every SM: no idle slots
+        return tiles * tile_flops / peak, 1.0
+    # A partial wave still takes one tile's time on the SMs it occupies.
+    waves = math.ceil(tiles / sms)
+    return waves * tile_flops / (peak / sms), tiles / (waves * sms)
+
+
 def gemm_ideal_compute_us(m: int, n: int, k: int, hw: HardwareProfile, compute_dtype: str,
                           family: str = "gemm_bf16") -> float:
     """Tile-quantised compute time in µs of an ``m x n x k`` GEMM at tensor-core peak.
@@ -45,20 +81,15 @@ def gemm_ideal_compute_us(m: int, n: int, k: int, hw: HardwareProfile, compute_d
     - vLLM's CUTLASS fp8 kernel (``gemm_fp8``): a data-parallel tile scheduler without split-K,
       so tiles run in whole waves of ``sm_count`` and a thin GEMM walks all of K on few SMs.
     """
-    sms = int(hw.compute.sm_count.value)
-    peak = hw.peak_flops_per_us(compute_dtype)
-    if family == "gemm_fp8":
-        tm, tn = _cutlass_fp8_tile(m)
-        tiles = math.ceil(m / tm) * math.ceil(n / tn)
-        return math.ceil(tiles / sms) * 2.0 * tm * tn * k / (peak / sms)
-    tm = _tile_m(m, int(hw.compute.gemm_tile_m.value))
-    tn = int(hw.compute.gemm_tile_n.value)
-    tiles = math.ceil(m / tm) * math.ceil(n / tn)
-    tile_flops = 2.0 * tm * tn * k
-    if tiles < sms or family == "gemm_bf16":
-        return tiles * tile_flops / peak
-    # A partial wave still takes one tile's time on the SMs it occupies.
-    return math.ceil(tiles / sms) * tile_flops / (peak / sms)
+    return _tiling(m, n, k, hw, compute_dtype, family)[0]
+
+
+def gemm_wave_fill(m: int, n: int, k: int, hw: HardwareProfile, compute_dtype: str,
+                   family: str = "gemm_bf16") -> float:
+    """Fraction (0-1] of the SM slots of a GEMM's waves that its tiles fill: tiles / (waves x
+    sm_count), 1 where the library splits K or balances the last wave (NVIDIA Matrix
+    Multiplication Background User Guide, wave quantisation)."""
+    return _tiling(m, n, k, hw, compute_dtype, family)[1]
 
 
 def gemm_family(weight_dtype: str, act_dtype: str) -> str:
@@ -77,8 +108,21 @@ def gemm(name: str, m: int, n: int, k: int, hw: HardwareProfile, weight_dtype: s
     bytes_ = (m * k * ELEMENT_BYTES[act_dtype] + k * n * WEIGHT_BYTES[weight_dtype]
               + m * n * ELEMENT_BYTES[out_dtype])
     family = gemm_family(weight_dtype, act_dtype)
-    return roofline(name, category, family, flops, bytes_,
-                    gemm_ideal_compute_us(m, n, k, hw, cd, family), hw, kernels, k_loop=k)
+    ideal_us, fill = _tiling(m, n, k, hw, cd, family)
+    op = roofline(name, category, family, flops, bytes_, ideal_us, hw, kernels, k_loop=k,
+                  wave_fill=fill)
+    if family == "gemm_fp8_block" and scales_unaligned(m):
+        extra = hw.kernel(family).unaligned_m_floor_us
+        op = replace(op, host_floor_us=op.host_floor_us + (extra.value if extra else 0.0),
+                     unaligned_m=True)
+    return op
+
+
+def scales_unaligned(m: int) -> bool:
+    """True when ``m`` per-row fp32 scales, stored column-major, break TMA's 16-byte stride
+    rule, so DeepGEMM copies them into an aligned tensor before the GEMM (an extra op on the
+    host: hardware.kernels.gemm_fp8_block.unaligned_m_floor_us)."""
+    return (m * SCALE_BYTES) % TMA_STRIDE_ALIGN_BYTES != 0
 
 
 def linear(name: str, m: int, n: int, k: int, hw: HardwareProfile, weight_dtype: str = "bf16",

@@ -121,6 +121,18 @@ class KernelFit(_Strict):
     k_split_above: Optional[Quantity] = Field(
         None, description="K extent (elements) beyond which the library splits the K loop "
                           "across CTAs (split-K), so one CTA never walks more")
+    partial_wave_gain: Optional[Quantity] = Field(
+        None, description="relative rise of a busy SM's tensor rate when its wave leaves SMs "
+                          "idle: compute time / (1 + gain x idle fraction of the waves' SM "
+                          "slots); idle SMs leave power (clock) and L2/HBM bandwidth to the rest")
+    m_granularity: Optional[Quantity] = Field(
+        None, description="rows M is padded to in the compute time: the library's heuristics "
+                          "pick a CTA tile (and operand order) that fits M this closely; absent "
+                          "= M padded to the profile's gemm_tile_m (power-of-two tiles below it)")
+    unaligned_m_floor_us: Optional[Quantity] = Field(
+        None, description="extra host time of an eager call whose per-row activation scales "
+                          "are not TMA aligned (M x 4 bytes not a multiple of 16): the library "
+                          "first copies them into an aligned column-major tensor (DeepGEMM)")
 
 
 class Kernels(_Strict):
