@@ -56,12 +56,16 @@ K_LOOP_FAMILIES = ("gemm_bf16",)
 # leaves SMs idle and the busy ones run faster (fitted partial-wave gain): vLLM's CUTLASS fp8
 # and DeepGEMM past one wave.
 WAVE_FAMILIES = ("gemm_fp8", "gemm_fp8_block")
+# Dense GEMM tables range from read-dominated (large K) to write-dominated (small K, large M x N)
+# traffic, so they identify how much more an HBM write costs than a read.
+WRITE_FAMILIES = ("gemm_bf16", "gemm_fp8", "gemm_fp8_block")
 # A collective table whose transfer times span this ratio reaches from the latency-bound to the
 # bandwidth-bound end, so it can identify both protocol lines (LL/LL128 and Simple).
 LL_SPAN = 1000.0
 # Optional KernelFit terms and the value that switches each off.
 EXTRA_TERMS = {"step_us": 0.0, "k_latency_us": 0.0, "k_split_above": float("inf"),
-               "overlap_exponent": 0.0, "unaligned_m_floor_us": 0.0, "partial_wave_gain": 0.0}
+               "overlap_exponent": 0.0, "unaligned_m_floor_us": 0.0, "partial_wave_gain": 0.0,
+               "write_cost": 1.0}
 # Fused-MoE families whose serialised steps are unaligned elements (costs/moe.py).
 MOE_STEP_FAMILIES = ("moe_bf16",)
 LAYOUT_ORDER = ("moe", "gemm", "attention_context", "attention_generation", "collective",
@@ -84,12 +88,13 @@ class Ops:
     k_loop: np.ndarray  # a GEMM's K extent
     unaligned: np.ndarray  # DeepGEMM ops whose activation scales need an aligned copy first
     wave_fill: np.ndarray  # fraction of SM slots a GEMM's waves of tiles keep busy
+    write_fraction: np.ndarray  # share of an op's bytes written to HBM
     measured: np.ndarray
     n_rows: int
 
     @classmethod
     def from_lists(cls, ops_list: Sequence[Sequence[OpCost]], measured: Sequence[float]) -> "Ops":
-        row, fam, ker, ic, im, eager, steps, kl, un, wf = ([] for _ in range(10))
+        row, fam, ker, ic, im, eager, steps, kl, un, wf, wr = ([] for _ in range(11))
         for r, ops in enumerate(ops_list):
             for o in ops:
                 row.append(r)
@@ -102,10 +107,11 @@ class Ops:
                 kl.append(o.k_loop)
                 un.append(o.unaligned_m)
                 wf.append(o.wave_fill)
+                wr.append(o.write_fraction)
         return cls(np.array(row), np.array(fam), np.array(ker, float), np.array(ic),
                    np.array(im), np.array(eager, bool), np.array(steps, float),
                    np.array(kl, float), np.array(un, bool), np.array(wf, float),
-                   np.asarray(measured, float),
+                   np.array(wr, float), np.asarray(measured, float),
                    len(ops_list))
 
     def subset(self, rows: np.ndarray) -> "Ops":
@@ -115,7 +121,7 @@ class Ops:
         return Ops(remap[self.row[keep]], self.family[keep], self.kernels[keep],
                    self.ideal_c[keep], self.ideal_m[keep], self.eager[keep], self.steps[keep],
                    self.k_loop[keep], self.unaligned[keep], self.wave_fill[keep],
-                   self.measured[rows], len(rows))
+                   self.write_fraction[keep], self.measured[rows], len(rows))
 
 
 Params = dict[str, dict[str, float]]  # family -> {t0_us, compute_efficiency, memory_efficiency}
@@ -160,7 +166,8 @@ def predict_rows(ops: Ops, params: Params) -> np.ndarray:
                                 p.get("k_latency_us", 0.0),
                                 p.get("k_split_above", float("inf")),
                                 p.get("overlap_exponent") or None, ops.wave_fill[sel],
-                                p.get("partial_wave_gain", 0.0))
+                                p.get("partial_wave_gain", 0.0), ops.write_fraction[sel],
+                                p.get("write_cost", 1.0))
         if p.get("ll_latency_us", 0.0) > 0 and p.get("ll_bus_efficiency", 0.0) > 0:
             # Second protocol line (hardware.CollectiveFit): the faster one is used.
             t[sel] = np.minimum(t[sel], kernel_time_us(
@@ -198,6 +205,9 @@ def _free_params(ops: Ops, families: Sequence[str]) -> list[tuple[str, str]]:
             free += [(fam, "k_latency_us"), (fam, "k_split_above")]
         if fam in OVERLAP_FAMILIES:
             free.append((fam, "overlap_exponent"))
+        if fam in WRITE_FAMILIES and np.ptp(ops.write_fraction[sel]) > 0.5:
+            # Read- and write-dominated ops both present: the write cost is identifiable.
+            free.append((fam, "write_cost"))
         if fam in WAVE_FAMILIES and ops.wave_fill[sel].min() < 1.0:
             free.append((fam, "partial_wave_gain"))
         if fam in HOST_FLOOR_FAMILIES and 0 < ops.unaligned[sel].sum() < sel.sum():
@@ -253,6 +263,10 @@ def fit_families(ops: Ops, base: Params, families: Sequence[str]) -> tuple[Param
             x0.append(np.log(min(max(v, 1.0), 16.0) if v > 0 else 4.0))
             lo.append(0.0)
             hi.append(np.log(16.0))
+        elif name == "write_cost":
+            x0.append(np.log(v if v > 0 else 1.0))
+            lo.append(np.log(0.5))
+            hi.append(np.log(4.0))
         elif name == "partial_wave_gain":
             # A busy SM can at most reach its unthrottled peak: a few tens of percent.
             x0.append(np.log(v if v > 0 else 0.2))
@@ -369,7 +383,7 @@ def overlay(base: HardwareProfile, params: Params, report: dict, tables: Sequenc
         fields = {}
         for name in ("t0_us", "compute_efficiency", "memory_efficiency", "host_floor_us",
                      "step_us", "k_latency_us", "k_split_above", "overlap_exponent",
-                     "unaligned_m_floor_us", "partial_wave_gain", "ll_latency_us",
+                     "unaligned_m_floor_us", "partial_wave_gain", "write_cost", "ll_latency_us",
                      "ll_bus_efficiency"):
             if f"{fam}.{name}" in fitted_by:
                 fields[name] = q(fam, name, vals[name])

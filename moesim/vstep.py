@@ -85,11 +85,12 @@ class VOp:
 # ---------------------------------------------------------------------------------------------
 
 def v_roofline(family: str, bytes_: Any, ideal_compute_us: Any, hw: Any, kernels: int = 1,
-               steps: Any = 0, k_loop: Any = 0.0, wave_fill: Any = 1.0) -> VOp:
+               steps: Any = 0, k_loop: Any = 0.0, wave_fill: Any = 1.0,
+               write_fraction: Any = 0.0) -> VOp:
     """``costs.op.roofline`` over arrays."""
     time, fixed, ideal_memory_us, t_c, t_m, t_k = roofline_terms(
         hw.kernel(family), hw, bytes_, ideal_compute_us, kernels, steps, k_loop, np.maximum,
-        np.minimum, wave_fill)
+        np.minimum, wave_fill, write_fraction)
     bound = np.where(fixed > time - fixed, LAUNCH,
                      np.where(t_c >= np.maximum(t_m, t_k), COMPUTE, MEMORY))
     return VOp(time, fixed, kernels, bound, ideal_compute_us, ideal_memory_us,
@@ -145,7 +146,8 @@ def v_gemm(m: Any, n: int, k: int, hw: Any, weight_dtype: str = "bf16",
               + m * n * ELEMENT_BYTES[out_dtype])
     family = gemm_family(weight_dtype, act_dtype)
     ideal_us, fill = v_gemm_tiling(m, n, k, hw, cd, family)
-    return v_roofline(family, bytes_, ideal_us, hw, kernels, k_loop=k, wave_fill=fill)
+    return v_roofline(family, bytes_, ideal_us, hw, kernels, k_loop=k, wave_fill=fill,
+                      write_fraction=m * n * ELEMENT_BYTES[out_dtype] / bytes_)
 
 
 def v_linear(m: Any, n: int, k: int, hw: Any, weight_dtype: str = "bf16",

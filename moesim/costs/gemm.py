@@ -110,7 +110,7 @@ def gemm(name: str, m: int, n: int, k: int, hw: HardwareProfile, weight_dtype: s
     family = gemm_family(weight_dtype, act_dtype)
     ideal_us, fill = _tiling(m, n, k, hw, cd, family)
     op = roofline(name, category, family, flops, bytes_, ideal_us, hw, kernels, k_loop=k,
-                  wave_fill=fill)
+                  wave_fill=fill, write_fraction=m * n * ELEMENT_BYTES[out_dtype] / bytes_)
     if family == "gemm_fp8_block" and scales_unaligned(m):
         extra = hw.kernel(family).unaligned_m_floor_us
         op = replace(op, host_floor_us=op.host_floor_us + (extra.value if extra else 0.0),

@@ -125,6 +125,10 @@ class KernelFit(_Strict):
         None, description="relative rise of a busy SM's tensor rate when its wave leaves SMs "
                           "idle: compute time / (1 + gain x idle fraction of the waves' SM "
                           "slots); idle SMs leave power (clock) and L2/HBM bandwidth to the rest")
+    write_cost: Optional[Quantity] = Field(
+        None, description="HBM time of a written byte relative to a read byte (read/write bus "
+                          "turnarounds, write recovery): memory time = (read + write_cost x "
+                          "written bytes) / (peak x memory_efficiency); absent = 1")
     m_granularity: Optional[Quantity] = Field(
         None, description="rows M is padded to in the compute time: the library's heuristics "
                           "pick a CTA tile (and operand order) that fits M this closely; absent "
