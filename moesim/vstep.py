@@ -86,11 +86,11 @@ class VOp:
 
 def v_roofline(family: str, bytes_: Any, ideal_compute_us: Any, hw: Any, kernels: int = 1,
                steps: Any = 0, k_loop: Any = 0.0, wave_fill: Any = 1.0,
-               write_fraction: Any = 0.0) -> VOp:
+               write_fraction: Any = 0.0, waves: Any = 0.0) -> VOp:
     """``costs.op.roofline`` over arrays."""
     time, fixed, ideal_memory_us, t_c, t_m, t_k = roofline_terms(
         hw.kernel(family), hw, bytes_, ideal_compute_us, kernels, steps, k_loop, np.maximum,
-        np.minimum, wave_fill, write_fraction)
+        np.minimum, wave_fill, write_fraction, waves)
     bound = np.where(fixed > time - fixed, LAUNCH,
                      np.where(t_c >= np.maximum(t_m, t_k), COMPUTE, MEMORY))
     return VOp(time, fixed, kernels, bound, ideal_compute_us, ideal_memory_us,
@@ -103,9 +103,9 @@ def v_memory_op(bytes_: Any, hw: Any, kernels: int = 1) -> VOp:
 
 
 def v_gemm_tiling(m: np.ndarray, n: int, k: int, hw: Any, compute_dtype: str,
-                  family: str) -> tuple[np.ndarray, np.ndarray]:
+                  family: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``costs.gemm._tiling`` (with ``_tile_m`` and ``_cutlass_fp8_tile``): ideal compute µs and
-    the fraction of the waves' SM slots the tiles fill."""
+    the fraction of the waves' SM slots the tiles fill, and the waves of tiles."""
     sms = int(hw.compute.sm_count.value)
     peak = hw.peak_flops_per_us(compute_dtype)
     if family == "gemm_fp8":
@@ -113,7 +113,7 @@ def v_gemm_tiling(m: np.ndarray, n: int, k: int, hw: Any, compute_dtype: str,
         tn = np.where(m <= 64, 64, 128)
         tiles = np.ceil(m / tm) * np.ceil(n / tn)
         waves = np.ceil(tiles / sms)
-        return waves * 2.0 * tm * tn * k / (peak / sms), tiles / (waves * sms)
+        return waves * 2.0 * tm * tn * k / (peak / sms), tiles / (waves * sms), waves
     tile_m = int(hw.compute.gemm_tile_m.value)
     tm = np.maximum(16, np.minimum(tile_m, 2.0 ** np.maximum(
         0, np.ceil(np.log2(np.maximum(m, 1))))))
@@ -123,12 +123,13 @@ def v_gemm_tiling(m: np.ndarray, n: int, k: int, hw: Any, compute_dtype: str,
         tm = np.minimum(tm, gran.value)
     tiles = np.ceil(m / tm) * np.ceil(n / tn)
     tile_flops = 2.0 * tm * tn * k
+    full_waves = np.maximum(1.0, m * n / (tile_m * hw.compute.gemm_tile_n.value) / sms)
     if family == "gemm_bf16":
-        return tiles * tile_flops / peak, np.ones_like(tiles)
+        return tiles * tile_flops / peak, np.ones_like(tiles), full_waves
     waves = np.ceil(tiles / sms)
     split = tiles < sms
     return (np.where(split, tiles * tile_flops / peak, waves * tile_flops / (peak / sms)),
-            np.where(split, 1.0, tiles / (waves * sms)))
+            np.where(split, 1.0, tiles / (waves * sms)), np.where(split, full_waves, waves))
 
 
 def v_gemm_ideal_compute_us(m: np.ndarray, n: int, k: int, hw: Any, compute_dtype: str,
@@ -145,9 +146,9 @@ def v_gemm(m: Any, n: int, k: int, hw: Any, weight_dtype: str = "bf16",
     bytes_ = (m * k * ELEMENT_BYTES[act_dtype] + k * n * WEIGHT_BYTES[weight_dtype]
               + m * n * ELEMENT_BYTES[out_dtype])
     family = gemm_family(weight_dtype, act_dtype)
-    ideal_us, fill = v_gemm_tiling(m, n, k, hw, cd, family)
+    ideal_us, fill, waves = v_gemm_tiling(m, n, k, hw, cd, family)
     return v_roofline(family, bytes_, ideal_us, hw, kernels, k_loop=k, wave_fill=fill,
-                      write_fraction=m * n * ELEMENT_BYTES[out_dtype] / bytes_)
+                      write_fraction=m * n * ELEMENT_BYTES[out_dtype] / bytes_, waves=waves)
 
 
 def v_linear(m: Any, n: int, k: int, hw: Any, weight_dtype: str = "bf16",

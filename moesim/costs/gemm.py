@@ -41,16 +41,16 @@ def _cutlass_fp8_tile(m: int) -> tuple[int, int]:
 
 
 def _tiling(m: int, n: int, k: int, hw: HardwareProfile, compute_dtype: str,
-            family: str) -> tuple[float, float]:
+            family: str) -> tuple[float, float, float]:
     """(tile-quantised compute time in µs at tensor-core peak, fraction of the waves' SM slots
-    the tiles fill); see :func:`gemm_ideal_compute_us`."""
+    the tiles fill, waves of tiles); see :func:`gemm_ideal_compute_us`."""
     sms = int(hw.compute.sm_count.value)
     peak = hw.peak_flops_per_us(compute_dtype)
     if family == "gemm_fp8":
         tm, tn = _cutlass_fp8_tile(m)
         tiles = math.ceil(m / tm) * math.ceil(n / tn)
         waves = math.ceil(tiles / sms)
-        return waves * 2.0 * tm * tn * k / (peak / sms), tiles / (waves * sms)
+        return waves * 2.0 * tm * tn * k / (peak / sms), tiles / (waves * sms), waves
     tm = _tile_m(m, int(hw.compute.gemm_tile_m.value))
     tn = int(hw.compute.gemm_tile_n.value)
     gran = hw.kernel(family).m_granularity
@@ -62,11 +62,13 @@ def _tiling(m: int, n: int, k: int, hw: HardwareProfile, compute_dtype: str,
     tiles = math.ceil(m / tm) * math.ceil(n / tn)
     tile_flops = 2.0 * tm * tn * k
     if tiles < sms or family == "gemm_bf16":
-        # split-K / stream-K spread the work over every SM: no idle slots
-        return tiles * tile_flops / peak, 1.0
+        # split-K / stream-K spread the work over every SM: no idle slots, and the waves are
+        # the output's full-size tiles over the SMs (at least one: every CTA fills and drains)
+        full_tiles = m * n / (hw.compute.gemm_tile_m.value * hw.compute.gemm_tile_n.value)
+        return tiles * tile_flops / peak, 1.0, max(1.0, full_tiles / sms)
     # A partial wave still takes one tile's time on the SMs it occupies.
     waves = math.ceil(tiles / sms)
-    return waves * tile_flops / (peak / sms), tiles / (waves * sms)
+    return waves * tile_flops / (peak / sms), tiles / (waves * sms), waves
 
 
 def gemm_ideal_compute_us(m: int, n: int, k: int, hw: HardwareProfile, compute_dtype: str,
@@ -108,9 +110,10 @@ def gemm(name: str, m: int, n: int, k: int, hw: HardwareProfile, weight_dtype: s
     bytes_ = (m * k * ELEMENT_BYTES[act_dtype] + k * n * WEIGHT_BYTES[weight_dtype]
               + m * n * ELEMENT_BYTES[out_dtype])
     family = gemm_family(weight_dtype, act_dtype)
-    ideal_us, fill = _tiling(m, n, k, hw, cd, family)
+    ideal_us, fill, waves = _tiling(m, n, k, hw, cd, family)
     op = roofline(name, category, family, flops, bytes_, ideal_us, hw, kernels, k_loop=k,
-                  wave_fill=fill, write_fraction=m * n * ELEMENT_BYTES[out_dtype] / bytes_)
+                  wave_fill=fill, write_fraction=m * n * ELEMENT_BYTES[out_dtype] / bytes_,
+                  waves=waves)
     if family == "gemm_fp8_block" and scales_unaligned(m):
         extra = hw.kernel(family).unaligned_m_floor_us
         op = replace(op, host_floor_us=op.host_floor_us + (extra.value if extra else 0.0),

@@ -129,6 +129,10 @@ class KernelFit(_Strict):
         None, description="HBM time of a written byte relative to a read byte (read/write bus "
                           "turnarounds, write recovery): memory time = (read + write_cost x "
                           "written bytes) / (peak x memory_efficiency); absent = 1")
+    wave_overhead_us: Optional[Quantity] = Field(
+        None, description="µs each wave of GEMM tiles adds to the compute time: the load "
+                          "pipeline's fill before the first MMA and the epilogue's drain of "
+                          "the accumulators after the last (amortised over long K loops)")
     m_granularity: Optional[Quantity] = Field(
         None, description="rows M is padded to in the compute time: the library's heuristics "
                           "pick a CTA tile (and operand order) that fits M this closely; absent "
