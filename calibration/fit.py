@@ -28,7 +28,7 @@ from moesim.validate import table_ops
 # Families fitted from each layout (a moe table also exercises the small kernels of the fused-MoE
 # pipeline: alignment, activation, top-k sum).
 FITTED_BY_LAYOUT = {
-    "gemm": ("gemm_bf16", "gemm_fp8", "gemm_fp8_block", "quant_fp8"),
+    "gemm": ("gemm_bf16", "gemm_fp8", "gemm_fp8_block", "quant_fp8", "quant_fp8_group"),
     "moe": ("moe_bf16", "moe_fp8", "moe_aux"),
     "attention_context": ("attention_prefill", "attention_prefill_fp8"),
     "attention_generation": ("attention_decode", "attention_decode_fp8"),

@@ -33,7 +33,7 @@ from typing import Any, Callable, Hashable, Optional, Sequence
 import numpy as np
 
 from .costs import attention, comm, moe
-from .costs.gemm import gemm_family
+from .costs.gemm import gemm_family, quant_family
 from .costs.op import OpCost, roofline_terms
 from .spec.dtypes import ELEMENT_BYTES, WEIGHT_BYTES, gemm_compute_dtype
 
@@ -163,8 +163,8 @@ def v_linear(m: Any, n: int, k: int, hw: Any, weight_dtype: str = "bf16",
     if hw.kernels.quant_fp8 is None:
         q = v_memory_op(bytes_, hw, kernels=2 if per_tensor else 1)
     else:
-        q = v_roofline("quant_fp8", bytes_, 0.0, hw, kernels=2 if per_tensor else 1,
-                       steps=m if per_tensor else 0)
+        q = v_roofline(quant_family(weight_dtype, hw), bytes_, 0.0, hw,
+                       kernels=2 if per_tensor else 1, steps=m if per_tensor else 0)
     return [q, g]
 
 

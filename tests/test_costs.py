@@ -204,3 +204,14 @@ def test_partial_wave_runs_its_busy_sms_faster():
     assert t(full, gain) == pytest.approx(t(full, 0.0))
     # cuBLAS balances its last wave (stream-K): nothing idles, nothing to gain.
     assert gemm("x", 256, 4096, 16384, HW).wave_fill == 1.0
+
+
+def test_block_fp8_quantisation_is_its_own_family():
+    # vLLM's per-token-group quantisation (DeepGEMM's input) and its per-tensor quantisation
+    # (CUTLASS's input) are different kernels, priced by their own fits.
+    block = linear("x", 4096, 4096, 4096, HW, "fp8_block", "fp8")
+    tensor = linear("x", 4096, 4096, 4096, HW, "fp8", "fp8")
+    assert block[0].family == "quant_fp8_group" and tensor[0].family == "quant_fp8"
+    q = HW.kernels.quant_fp8_group
+    assert block[0].time_us == pytest.approx(q.t0_us.value + block[0].bytes / (
+        HW.hbm_peak_bytes_per_us * q.memory_efficiency.value))

@@ -33,9 +33,10 @@ DTYPES = ("fp32", "bf16", "fp16", "fp8", "int8", "fp4")
 REFERENCE = Path(__file__).resolve().parents[1] / ".." / "shared" / "reference"
 
 KERNEL_FAMILIES = ("gemm_bf16", "gemm_fp8", "gemm_fp8_block", "moe_bf16", "moe_fp8", "moe_aux",
-                   "quant_fp8", "attention_prefill", "attention_decode", "attention_prefill_fp8",
+                   "quant_fp8", "quant_fp8_group", "attention_prefill", "attention_decode", "attention_prefill_fp8",
                    "attention_decode_fp8", "attention_mla_decode", "elementwise")
-FP8_FAMILIES = ("gemm_fp8", "gemm_fp8_block", "moe_fp8", "quant_fp8", "attention_prefill_fp8",
+FP8_FAMILIES = ("gemm_fp8", "gemm_fp8_block", "moe_fp8", "quant_fp8", "quant_fp8_group",
+                "attention_prefill_fp8",
                 "attention_decode_fp8")
 # Families whose kernels do tensor-core work: the cost model needs a compute efficiency for them.
 COMPUTE_FAMILIES = ("gemm_bf16", "gemm_fp8", "gemm_fp8_block", "moe_bf16", "moe_fp8",

@@ -128,6 +128,15 @@ def scales_unaligned(m: int) -> bool:
     return (m * SCALE_BYTES) % TMA_STRIDE_ALIGN_BYTES != 0
 
 
+def quant_family(weight_dtype: str, hw: HardwareProfile) -> str:
+    """Kernel family of the activation quantisation before an fp8 GEMM: the per-token-group
+    kernel of block-scaled fp8 (a 128-element absmax per scale, scales stored column-major for
+    DeepGEMM's TMA) is its own family where the profile has one."""
+    if weight_dtype == "fp8_block" and hw.kernels.quant_fp8_group is not None:
+        return "quant_fp8_group"
+    return "quant_fp8"
+
+
 def linear(name: str, m: int, n: int, k: int, hw: HardwareProfile, weight_dtype: str = "bf16",
            act_dtype: str = "bf16", out_dtype: str = "bf16",
            category: Category = "gemm") -> list[OpCost]:
@@ -146,6 +155,6 @@ def linear(name: str, m: int, n: int, k: int, hw: HardwareProfile, weight_dtype:
         # The per-tensor scale is a max over the whole input: vLLM's segmented_max_reduction
         # runs one block per row, each ending in an atomicMax on the same float, and those m
         # atomics serialise (one step each: hardware.kernels.quant_fp8.step_us).
-        q = roofline(f"{name}_quant", category, "quant_fp8", 0.0, bytes_, 0.0, hw,
-                     kernels=2 if per_tensor else 1, steps=m if per_tensor else 0)
+        q = roofline(f"{name}_quant", category, quant_family(weight_dtype, hw), 0.0, bytes_, 0.0,
+                     hw, kernels=2 if per_tensor else 1, steps=m if per_tensor else 0)
     return [q, g]

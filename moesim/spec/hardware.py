@@ -155,6 +155,10 @@ class Kernels(_Strict):
         None, description="bf16 -> fp8 activation quantisation before an fp8 linear layer "
                           "(vLLM scaled_fp8_quant / per_token_group_quant_fp8); absent = "
                           "priced as elementwise")
+    quant_fp8_group: Optional[KernelFit] = Field(
+        None, description="bf16 -> fp8 per-token-group quantisation (128-element groups, fp32 "
+                          "scales written column-major) before a block-scaled fp8 linear layer "
+                          "(vLLM per_token_group_quant_fp8 for DeepGEMM); absent = quant_fp8")
     attention_prefill: KernelFit
     attention_decode: KernelFit
     attention_prefill_fp8: Optional[KernelFit] = Field(
