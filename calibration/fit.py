@@ -1,8 +1,10 @@
 """Fit a hardware profile's kernel and collective parameters to measured tables.
 
 Every op moesim prices is ``kernels * t0 + max(ideal_compute / eff_c, ideal_memory / eff_m)``
-(:func:`moesim.costs.op.kernel_time_us`), where the ideal times come from the datasheet peaks and
-do not depend on the parameters. So a table is turned once into ops (by the same predictors that
+plus the optional terms of :func:`moesim.costs.op.kernel_time_us` (serialised steps, K-loop
+latency, overlap exponent, and for GEMMs the partial-wave gain, HBM write cost and per-wave time),
+where the ideal times and each op's shape facts (waves, wave fill, write share, K loop) come from
+the datasheet peaks and the op's tiling and do not depend on the parameters. So a table is turned once into ops (by the same predictors that
 ``moesim validate`` uses) and the fit only re-evaluates that formula: a robust least-squares fit
 (scipy ``least_squares``, soft-L1 loss on log(predicted / measured)) per kernel family, with the
 families a table does not exercise held at the base profile's values. No parameter is set by
@@ -52,6 +54,9 @@ OVERLAP_FAMILIES = ("gemm_bf16", "gemm_fp8", "gemm_fp8_block", "attention_prefil
 # fp8 never splits (its K loop is in the wave-quantised compute time) and DeepGEMM's tables
 # sit above its host floor there.
 K_LOOP_FAMILIES = ("gemm_bf16",)
+# The per-tensor fp8 quantisation walks each row in latency-bound passes (one block per row):
+# its latency per pass is fitted (no split point: k_loop counts row passes, not K).
+ROW_PASS_FAMILIES = ("quant_fp8",)
 # Families whose tiles run in whole waves (no split-K or stream-K balancing), so a partial wave
 # leaves SMs idle and the busy ones run faster (fitted partial-wave gain): vLLM's CUTLASS fp8
 # and DeepGEMM past one wave.
@@ -210,6 +215,10 @@ def _free_params(ops: Ops, families: Sequence[str]) -> list[tuple[str, str]]:
             free.append((fam, "step_us"))
         if fam in K_LOOP_FAMILIES and ops.k_loop[sel].max() > 0:
             free += [(fam, "k_latency_us"), (fam, "k_split_above")]
+        if fam in ROW_PASS_FAMILIES and ops.k_loop[sel].max() > 0:
+            free.append((fam, "k_latency_us"))
+        if fam == "quant_fp8" and ops.k_loop[sel].max() > 0:
+            free += [(fam, "k_latency_us")]
         if fam in OVERLAP_FAMILIES:
             free.append((fam, "overlap_exponent"))
         if fam in WRITE_FAMILIES and np.ptp(ops.write_fraction[sel]) > 0.5:

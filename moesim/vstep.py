@@ -163,8 +163,11 @@ def v_linear(m: Any, n: int, k: int, hw: Any, weight_dtype: str = "bf16",
     if hw.kernels.quant_fp8 is None:
         q = v_memory_op(bytes_, hw, kernels=2 if per_tensor else 1)
     else:
+        chunk = hw.kernels.quant_fp8.chunk_elems
+        passes = np.ceil(k / chunk.value) if chunk is not None else 0
         q = v_roofline(quant_family(weight_dtype, hw), bytes_, 0.0, hw,
-                       kernels=2 if per_tensor else 1, steps=m if per_tensor else 0)
+                       kernels=2 if per_tensor else 1, steps=m if per_tensor else 0,
+                       k_loop=m * passes if per_tensor else 0.0)
     return [q, g]
 
 

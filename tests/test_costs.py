@@ -67,9 +67,26 @@ def test_per_tensor_fp8_quant_serialises_one_atomic_per_row():
     assert fit is not None and fit.step_us is not None and fit.step_us.value > 0
     q = lambda m, w: linear("x", m, 32, 64, HW, w, "fp8")[0]
     assert q(16384, "fp8").steps == 16384 and q(16384, "fp8_block").steps == 0
-    # At k = 64 the bytes are negligible: doubling the rows adds m atomics' time.
+    # At k = 64 the bytes are negligible: doubling the rows adds m atomics' time and m more
+    # latency-bound row passes (one pass per row below chunk_elems).
     extra = q(16384, "fp8").time_us - q(8192, "fp8").time_us
-    assert extra == pytest.approx(8192 * fit.step_us.value, rel=0.05)
+    assert extra == pytest.approx(8192 * (fit.step_us.value + fit.k_latency_us.value / 1024),
+                                  rel=0.05)
+
+
+def test_per_tensor_fp8_quant_walks_rows_in_passes():
+    # One block per row walks it in passes of chunk_elems (the reference table's time steps at
+    # k = 2048 -> 2560): the passes are latency-bound steps that overlap the HBM streaming.
+    fit = HW.kernels.quant_fp8
+    chunk = int(fit.chunk_elems.value)
+    q = lambda m, k: linear("x", m, 128, k, HW, "fp8", "fp8")[0]
+    assert q(4096, chunk).k_loop == 4096 and q(4096, chunk + 1).k_loop == 2 * 4096
+    assert linear("x", 4096, 128, chunk + 1, HW, "fp8_block", "fp8")[0].k_loop == 0
+    m, k = 32768, chunk + 512  # two passes per row: latency bound, not bandwidth bound
+    t_k = fit.k_latency_us.value * m * 2 / 1024
+    t_m = q(m, k).bytes / (HW.hbm_peak_bytes_per_us * fit.memory_efficiency.value)
+    assert t_k > t_m
+    assert q(m, k).time_us == pytest.approx(2 * fit.t0_us.value + m * fit.step_us.value + t_k)
 
 
 def test_kernel_time_combines_terms():

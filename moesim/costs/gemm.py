@@ -3,7 +3,10 @@
 Compute time follows NVIDIA's "Matrix Multiplication Background User Guide" (tile and wave
 quantisation): the output is cut into ``tile_m x tile_n`` CTA tiles, tiles run in waves of
 ``sm_count``, and each wave costs one tile's FLOPs at the per-SM peak rate. Memory time streams A,
-B and C once from HBM. The kernel family (bf16 / fp8 / block-scaled fp8) sets the efficiencies.
+B and C once from HBM (C's share as written bytes). The kernel family (bf16 / fp8 / block-scaled
+fp8) sets the efficiencies and, where the profile has them, the GEMM terms of
+:func:`moesim.costs.op.kernel_time_us`: the wave fill (partial-wave gain), the waves (per-wave
+fill/drain time), the write share (HBM write cost); ``m_granularity`` sets how far cuBLAS pads M.
 """
 
 from __future__ import annotations
@@ -154,7 +157,12 @@ def linear(name: str, m: int, n: int, k: int, hw: HardwareProfile, weight_dtype:
     else:
         # The per-tensor scale is a max over the whole input: vLLM's segmented_max_reduction
         # runs one block per row, each ending in an atomicMax on the same float, and those m
-        # atomics serialise (one step each: hardware.kernels.quant_fp8.step_us).
+        # atomics serialise (one step each: hardware.kernels.quant_fp8.step_us). Each block
+        # walks its row in passes of chunk_elems, one load latency each: m x passes latency-
+        # bound steps (the K-loop term) that overlap the HBM streaming (the roofline's max).
+        fit = hw.kernels.quant_fp8
+        passes = math.ceil(k / fit.chunk_elems.value) if fit.chunk_elems is not None else 0
         q = roofline(f"{name}_quant", category, quant_family(weight_dtype, hw), 0.0, bytes_, 0.0,
-                     hw, kernels=2 if per_tensor else 1, steps=m if per_tensor else 0)
+                     hw, kernels=2 if per_tensor else 1, steps=m if per_tensor else 0,
+                     k_loop=m * passes if per_tensor else 0.0)
     return [q, g]

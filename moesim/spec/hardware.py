@@ -116,8 +116,9 @@ class KernelFit(_Strict):
         None, description="µs per serialised step of the op (e.g. one same-address atomic per "
                           "row in a dynamic per-tensor fp8 scale reduction)")
     k_latency_us: Optional[Quantity] = Field(
-        None, description="µs per 1024 elements of K that one CTA walks serially (the "
-                          "latency-bound K loop of small GEMMs)")
+        None, description="µs per 1024 latency-bound serial steps: the elements of K that one "
+                          "GEMM CTA walks (the K loop of small GEMMs), or the row passes of the "
+                          "per-tensor fp8 quantisation kernels (quant_fp8)")
     k_split_above: Optional[Quantity] = Field(
         None, description="K extent (elements) beyond which the library splits the K loop "
                           "across CTAs (split-K), so one CTA never walks more")
@@ -133,6 +134,9 @@ class KernelFit(_Strict):
         None, description="µs each wave of GEMM tiles adds to the compute time: the load "
                           "pipeline's fill before the first MMA and the epilogue's drain of "
                           "the accumulators after the last (amortised over long K loops)")
+    chunk_elems: Optional[Quantity] = Field(
+        None, description="elements of a row one thread block reads per pass (quant_fp8: vLLM's "
+                          "per-tensor kernels run one block per row and walk it in passes)")
     m_granularity: Optional[Quantity] = Field(
         None, description="rows M is padded to in the compute time: the library's heuristics "
                           "pick a CTA tile (and operand order) that fits M this closely; absent "
