@@ -217,8 +217,6 @@ def _free_params(ops: Ops, families: Sequence[str]) -> list[tuple[str, str]]:
             free += [(fam, "k_latency_us"), (fam, "k_split_above")]
         if fam in ROW_PASS_FAMILIES and ops.k_loop[sel].max() > 0:
             free.append((fam, "k_latency_us"))
-        if fam == "quant_fp8" and ops.k_loop[sel].max() > 0:
-            free += [(fam, "k_latency_us")]
         if fam in OVERLAP_FAMILIES:
             free.append((fam, "overlap_exponent"))
         if fam in WRITE_FAMILIES and np.ptp(ops.write_fraction[sel]) > 0.5:

@@ -67,7 +67,7 @@ def kernel_time_us(t0_us, compute_efficiency, memory_efficiency, ideal_compute_u
                    wave_fill=1.0, partial_wave_gain=0.0, write_fraction=0.0, write_cost=1.0,
                    waves=0.0, wave_overhead_us=0.0):
     """``kernels * t0 + steps * step_us + combine(t_c, t_m, t_k)`` with ``t_c = ideal_compute /
-    (eff_c * (1 + partial_wave_gain * (1 - wave_fill)))`` (SMs a partial wave leaves idle leave
+    min(1, eff_c * (1 + partial_wave_gain * (1 - wave_fill))))`` (SMs a partial wave leaves idle leave
     their share of power, hence clock, and of L2/HBM bandwidth to the busy ones: a busy SM runs
     faster than at full load) ``+ waves * wave_overhead_us`` (each wave of tiles fills its
     load pipeline before the first MMA and drains its accumulators after the last), ``t_m = ideal_memory * (1 + (write_cost - 1) * write_fraction) /
@@ -80,7 +80,8 @@ def kernel_time_us(t0_us, compute_efficiency, memory_efficiency, ideal_compute_u
     over whole tables)."""
     import numpy as np
 
-    t_c = np.asarray(ideal_compute_us) / (compute_efficiency * (
+    # A busy SM's rate can rise up to the tensor-core peak, not beyond.
+    t_c = np.asarray(ideal_compute_us) / np.minimum(1.0, compute_efficiency * (
         1.0 + partial_wave_gain * (1.0 - np.asarray(wave_fill)))) + \
         np.asarray(waves) * wave_overhead_us
     t_m = np.asarray(ideal_memory_us) * (1.0 + (write_cost - 1.0) * np.asarray(
@@ -117,8 +118,8 @@ def roofline_terms(fit, hw: "HardwareProfile", bytes_, ideal_compute_us, kernels
     ideal_memory_us = bytes_ / hw.hbm_peak_bytes_per_us
     eff_c = fit.compute_efficiency.value if fit.compute_efficiency is not None else 1.0
     extra = fit_terms(fit)
-    t_c = ideal_compute_us / (eff_c * (1.0 + extra["partial_wave_gain"] * (1.0 - wave_fill))) \
-        + waves * extra["wave_overhead_us"]
+    t_c = ideal_compute_us / minimum(1.0, eff_c * (
+        1.0 + extra["partial_wave_gain"] * (1.0 - wave_fill))) + waves * extra["wave_overhead_us"]
     t_m = ideal_memory_us * (1.0 + (extra["write_cost"] - 1.0) * write_fraction) / \
         fit.memory_efficiency.value
     t_k = extra["k_latency_us"] * minimum(k_loop, extra["k_split_above"]) / 1024.0

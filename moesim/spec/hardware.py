@@ -124,8 +124,9 @@ class KernelFit(_Strict):
                           "across CTAs (split-K), so one CTA never walks more")
     partial_wave_gain: Optional[Quantity] = Field(
         None, description="relative rise of a busy SM's tensor rate when its wave leaves SMs "
-                          "idle: compute time / (1 + gain x idle fraction of the waves' SM "
-                          "slots); idle SMs leave power (clock) and L2/HBM bandwidth to the rest")
+                          "idle: compute efficiency x (1 + gain x idle fraction of the waves' SM "
+                          "slots), at most the peak; idle SMs leave power (clock) and L2/HBM "
+                          "bandwidth to the rest")
     write_cost: Optional[Quantity] = Field(
         None, description="HBM time of a written byte relative to a read byte (read/write bus "
                           "turnarounds, write recovery): memory time = (read + write_cost x "
