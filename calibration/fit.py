@@ -1,8 +1,10 @@
 """Fit a hardware profile's kernel and collective parameters to measured tables.
 
 Every op moesim prices is ``kernels * t0 + max(ideal_compute / eff_c, ideal_memory / eff_m)``
-(:func:`moesim.costs.op.kernel_time_us`), where the ideal times come from the datasheet peaks and
-do not depend on the parameters. So a table is turned once into ops (by the same predictors that
+plus the optional terms of :func:`moesim.costs.op.kernel_time_us` (serialised steps, K-loop
+latency, overlap exponent, and for GEMMs the partial-wave gain, HBM write cost and per-wave time),
+where the ideal times and each op's shape facts (waves, wave fill, write share, K loop) come from
+the datasheet peaks and the op's tiling and do not depend on the parameters. So a table is turned once into ops (by the same predictors that
 ``moesim validate`` uses) and the fit only re-evaluates that formula: a robust least-squares fit
 (scipy ``least_squares``, soft-L1 loss on log(predicted / measured)) per kernel family, with the
 families a table does not exercise held at the base profile's values. No parameter is set by
@@ -28,7 +30,7 @@ from moesim.validate import table_ops
 # Families fitted from each layout (a moe table also exercises the small kernels of the fused-MoE
 # pipeline: alignment, activation, top-k sum).
 FITTED_BY_LAYOUT = {
-    "gemm": ("gemm_bf16", "gemm_fp8", "gemm_fp8_block", "quant_fp8"),
+    "gemm": ("gemm_bf16", "gemm_fp8", "gemm_fp8_block", "quant_fp8", "quant_fp8_group"),
     "moe": ("moe_bf16", "moe_fp8", "moe_aux"),
     "attention_context": ("attention_prefill", "attention_prefill_fp8"),
     "attention_generation": ("attention_decode", "attention_decode_fp8"),
@@ -67,12 +69,27 @@ MOE_K_LOOP_FAMILIES = ("moe_bf16", "moe_fp8")
 # CTA wave (step_us); no split point to fit (the kernel's own split heuristic is in the ops).
 KEY_CHAIN_FAMILIES = ("attention_prefill", "attention_prefill_fp8", "attention_decode",
                       "attention_decode_fp8")
+# The per-tensor fp8 quantisation walks each row in latency-bound passes (one block per row):
+# its latency per pass is fitted (no split point: k_loop counts row passes, not K).
+ROW_PASS_FAMILIES = ("quant_fp8",)
+# Families whose tiles run in whole waves (no split-K or stream-K balancing), so a partial wave
+# leaves SMs idle and the busy ones run faster (fitted partial-wave gain): vLLM's CUTLASS fp8
+# and DeepGEMM past one wave.
+WAVE_FAMILIES = ("gemm_fp8", "gemm_fp8_block")
+# Dense GEMM tables range from read-dominated (large K) to write-dominated (small K, large M x N)
+# traffic, so they identify how much more an HBM write costs than a read.
+WRITE_FAMILIES = ("gemm_bf16", "gemm_fp8", "gemm_fp8_block")
+# Families whose tables identify a per-wave fill/drain time: cuBLAS, whose efficiency climbs with
+# K at a fixed tile count (the fits of CUTLASS fp8 and DeepGEMM drive it to zero: their small-K
+# times are dominated by the activation quantisation and the host floor).
+WAVE_OVERHEAD_FAMILIES = ("gemm_bf16",)
 # A collective table whose transfer times span this ratio reaches from the latency-bound to the
 # bandwidth-bound end, so it can identify both protocol lines (LL/LL128 and Simple).
 LL_SPAN = 1000.0
 # Optional KernelFit terms and the value that switches each off.
 EXTRA_TERMS = {"step_us": 0.0, "k_latency_us": 0.0, "k_split_above": float("inf"),
-               "overlap_exponent": 0.0}
+               "overlap_exponent": 0.0, "unaligned_m_floor_us": 0.0, "partial_wave_gain": 0.0,
+               "write_cost": 1.0, "wave_overhead_us": 0.0}
 # Fused-MoE families whose serialised steps are unaligned elements (costs/moe.py).
 MOE_STEP_FAMILIES = ("moe_bf16",)
 LAYOUT_ORDER = ("moe", "gemm", "attention_context", "attention_generation", "collective",
@@ -93,12 +110,16 @@ class Ops:
     eager: np.ndarray  # False for ops timed inside a CUDA graph (no host floor)
     steps: np.ndarray  # serialised steps (collective rounds, same-address atomics)
     k_loop: np.ndarray  # a GEMM's K extent
+    unaligned: np.ndarray  # DeepGEMM ops whose activation scales need an aligned copy first
+    wave_fill: np.ndarray  # fraction of SM slots a GEMM's waves of tiles keep busy
+    write_fraction: np.ndarray  # share of an op's bytes written to HBM
+    waves: np.ndarray  # a GEMM's waves of tiles
     measured: np.ndarray
     n_rows: int
 
     @classmethod
     def from_lists(cls, ops_list: Sequence[Sequence[OpCost]], measured: Sequence[float]) -> "Ops":
-        row, fam, ker, ic, im, eager, steps, kl = [], [], [], [], [], [], [], []
+        row, fam, ker, ic, im, eager, steps, kl, un, wf, wr, wv = ([] for _ in range(12))
         for r, ops in enumerate(ops_list):
             for o in ops:
                 row.append(r)
@@ -109,9 +130,15 @@ class Ops:
                 eager.append(not o.in_graph)
                 steps.append(o.steps)
                 kl.append(o.k_loop)
+                un.append(o.unaligned_m)
+                wf.append(o.wave_fill)
+                wr.append(o.write_fraction)
+                wv.append(o.waves)
         return cls(np.array(row), np.array(fam), np.array(ker, float), np.array(ic),
                    np.array(im), np.array(eager, bool), np.array(steps, float),
-                   np.array(kl, float), np.asarray(measured, float), len(ops_list))
+                   np.array(kl, float), np.array(un, bool), np.array(wf, float),
+                   np.array(wr, float), np.array(wv, float), np.asarray(measured, float),
+                   len(ops_list))
 
     def subset(self, rows: np.ndarray) -> "Ops":
         keep = np.isin(self.row, rows)
@@ -119,7 +146,8 @@ class Ops:
         remap[rows] = np.arange(len(rows))
         return Ops(remap[self.row[keep]], self.family[keep], self.kernels[keep],
                    self.ideal_c[keep], self.ideal_m[keep], self.eager[keep], self.steps[keep],
-                   self.k_loop[keep], self.measured[rows], len(rows))
+                   self.k_loop[keep], self.unaligned[keep], self.wave_fill[keep],
+                   self.write_fraction[keep], self.waves[keep], self.measured[rows], len(rows))
 
 
 Params = dict[str, dict[str, float]]  # family -> {t0_us, compute_efficiency, memory_efficiency}
@@ -170,13 +198,17 @@ def predict_rows(ops: Ops, params: Params) -> np.ndarray:
                                 ops.steps[sel], p.get("step_us", 0.0), ops.k_loop[sel],
                                 p.get("k_latency_us", 0.0),
                                 p.get("k_split_above", float("inf")),
-                                p.get("overlap_exponent") or None)
+                                p.get("overlap_exponent") or None, ops.wave_fill[sel],
+                                p.get("partial_wave_gain", 0.0), ops.write_fraction[sel],
+                                p.get("write_cost", 1.0), ops.waves[sel],
+                                p.get("wave_overhead_us", 0.0))
         if p.get("ll_latency_us", 0.0) > 0 and p.get("ll_bus_efficiency", 0.0) > 0:
             # Second protocol line (hardware.CollectiveFit): the faster one is used.
             t[sel] = np.minimum(t[sel], kernel_time_us(
                 p["ll_latency_us"], 1.0, p["ll_bus_efficiency"], 0.0, ops.ideal_m[sel],
                 ops.kernels[sel], ops.steps[sel], p.get("step_us", 0.0)))
-        floor[sel] = p.get("host_floor_us", 0.0) * ops.eager[sel]
+        floor[sel] = (p.get("host_floor_us", 0.0) + p.get("unaligned_m_floor_us", 0.0)
+                      * ops.unaligned[sel]) * ops.eager[sel]
     row_floor = np.zeros(ops.n_rows)
     np.maximum.at(row_floor, ops.row, floor)
     return np.maximum(np.bincount(ops.row, weights=t, minlength=ops.n_rows), row_floor)
@@ -205,10 +237,21 @@ def _free_params(ops: Ops, families: Sequence[str]) -> list[tuple[str, str]]:
             free.append((fam, "step_us"))
         if fam in K_LOOP_FAMILIES and ops.k_loop[sel].max() > 0:
             free += [(fam, "k_latency_us"), (fam, "k_split_above")]
-        if fam in MOE_K_LOOP_FAMILIES + KEY_CHAIN_FAMILIES and ops.k_loop[sel].max() > 0:
+        if (fam in MOE_K_LOOP_FAMILIES + KEY_CHAIN_FAMILIES + ROW_PASS_FAMILIES
+                and ops.k_loop[sel].max() > 0):
             free.append((fam, "k_latency_us"))
         if fam in OVERLAP_FAMILIES:
             free.append((fam, "overlap_exponent"))
+        if fam in WRITE_FAMILIES and np.ptp(ops.write_fraction[sel]) > 0.5:
+            # Read- and write-dominated ops both present: the write cost is identifiable.
+            free.append((fam, "write_cost"))
+        if fam in WAVE_OVERHEAD_FAMILIES and ops.waves[sel].max() > 2 * ops.waves[sel].min() > 0:
+            free.append((fam, "wave_overhead_us"))
+        if fam in WAVE_FAMILIES and ops.wave_fill[sel].min() < 1.0:
+            free.append((fam, "partial_wave_gain"))
+        if fam in HOST_FLOOR_FAMILIES and 0 < ops.unaligned[sel].sum() < sel.sum():
+            # Both aligned and unaligned M: the extra host op's time is identifiable.
+            free.append((fam, "unaligned_m_floor_us"))
     return free
 
 
@@ -269,6 +312,25 @@ def fit_families(ops: Ops, base: Params, families: Sequence[str]) -> tuple[Param
             x0.append(np.log(min(max(v, 1.0), 16.0) if v > 0 else 4.0))
             lo.append(0.0)
             hi.append(np.log(16.0))
+        elif name == "wave_overhead_us":
+            # A pipeline fill (one HBM latency, ~1 µs) and an epilogue: a few µs at most.
+            x0.append(np.log(v if v > 0 else 0.5))
+            lo.append(np.log(1e-3))
+            hi.append(np.log(20.0))
+        elif name == "write_cost":
+            x0.append(np.log(v if v > 0 else 1.0))
+            lo.append(np.log(0.5))
+            hi.append(np.log(4.0))
+        elif name == "partial_wave_gain":
+            # A busy SM can at most reach its unthrottled peak: a few tens of percent.
+            x0.append(np.log(v if v > 0 else 0.2))
+            lo.append(np.log(1e-3))
+            hi.append(np.log(2.0))
+        elif name == "unaligned_m_floor_us":
+            # One extra torch op dispatched from the host: a few µs.
+            x0.append(np.log(v if v > 0 else 2.0))
+            lo.append(np.log(1e-3))
+            hi.append(np.log(100.0))
         elif name == "k_latency_us":
             x0.append(np.log(v if v > 0 else 1.0))
             lo.append(np.log(1e-3))
@@ -400,7 +462,9 @@ def overlay(base: HardwareProfile, params: Params, report: dict, tables: Sequenc
         fields = {}
         for name in ("t0_us", "compute_efficiency", "memory_efficiency", "host_floor_us",
                      "step_us", "k_latency_us", "k_split_above", "overlap_exponent",
-                     "ll_latency_us", "ll_bus_efficiency"):
+                     "unaligned_m_floor_us", "partial_wave_gain", "write_cost", "wave_overhead_us",
+                     "ll_latency_us",
+                     "ll_bus_efficiency"):
             if f"{fam}.{name}" in fitted_by:
                 fields[name] = q(fam, name, vals[name])
         if not fields:

@@ -33,7 +33,7 @@ from typing import Any, Callable, Hashable, Optional, Sequence
 import numpy as np
 
 from .costs import attention, comm, moe
-from .costs.gemm import gemm_family
+from .costs.gemm import gemm_family, quant_family
 from .costs.op import OpCost, roofline_terms
 from .spec.dtypes import ELEMENT_BYTES, WEIGHT_BYTES, gemm_compute_dtype
 
@@ -85,11 +85,12 @@ class VOp:
 # ---------------------------------------------------------------------------------------------
 
 def v_roofline(family: str, bytes_: Any, ideal_compute_us: Any, hw: Any, kernels: int = 1,
-               steps: Any = 0, k_loop: Any = 0.0) -> VOp:
+               steps: Any = 0, k_loop: Any = 0.0, wave_fill: Any = 1.0,
+               write_fraction: Any = 0.0, waves: Any = 0.0) -> VOp:
     """``costs.op.roofline`` over arrays."""
     time, fixed, ideal_memory_us, t_c, t_m, t_k = roofline_terms(
         hw.kernel(family), hw, bytes_, ideal_compute_us, kernels, steps, k_loop, np.maximum,
-        np.minimum)
+        np.minimum, wave_fill, write_fraction, waves)
     bound = np.where(fixed > time - fixed, LAUNCH,
                      np.where(t_c >= np.maximum(t_m, t_k), COMPUTE, MEMORY))
     return VOp(time, fixed, kernels, bound, ideal_compute_us, ideal_memory_us,
@@ -101,26 +102,40 @@ def v_memory_op(bytes_: Any, hw: Any, kernels: int = 1) -> VOp:
     return v_roofline("elementwise", bytes_, 0.0, hw, kernels)
 
 
-def v_gemm_ideal_compute_us(m: np.ndarray, n: int, k: int, hw: Any, compute_dtype: str,
-                            family: str) -> np.ndarray:
-    """``costs.gemm.gemm_ideal_compute_us`` (with ``_tile_m`` and ``_cutlass_fp8_tile``)."""
+def v_gemm_tiling(m: np.ndarray, n: int, k: int, hw: Any, compute_dtype: str,
+                  family: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``costs.gemm._tiling`` (with ``_tile_m`` and ``_cutlass_fp8_tile``): ideal compute µs and
+    the fraction of the waves' SM slots the tiles fill, and the waves of tiles."""
     sms = int(hw.compute.sm_count.value)
     peak = hw.peak_flops_per_us(compute_dtype)
     if family == "gemm_fp8":
         tm = np.where(m <= 64, 64, np.where(m <= 128, 64, 128))
         tn = np.where(m <= 64, 64, 128)
         tiles = np.ceil(m / tm) * np.ceil(n / tn)
-        return np.ceil(tiles / sms) * 2.0 * tm * tn * k / (peak / sms)
+        waves = np.ceil(tiles / sms)
+        return waves * 2.0 * tm * tn * k / (peak / sms), tiles / (waves * sms), waves
     tile_m = int(hw.compute.gemm_tile_m.value)
     tm = np.maximum(16, np.minimum(tile_m, 2.0 ** np.maximum(
         0, np.ceil(np.log2(np.maximum(m, 1))))))
     tn = int(hw.compute.gemm_tile_n.value)
+    gran = hw.kernel(family).m_granularity
+    if gran is not None:
+        tm = np.minimum(tm, gran.value)
     tiles = np.ceil(m / tm) * np.ceil(n / tn)
     tile_flops = 2.0 * tm * tn * k
+    full_waves = np.maximum(1.0, m * n / (tile_m * hw.compute.gemm_tile_n.value) / sms)
     if family == "gemm_bf16":
-        return tiles * tile_flops / peak
-    return np.where(tiles < sms, tiles * tile_flops / peak,
-                    np.ceil(tiles / sms) * tile_flops / (peak / sms))
+        return tiles * tile_flops / peak, np.ones_like(tiles), full_waves
+    waves = np.ceil(tiles / sms)
+    split = tiles < sms
+    return (np.where(split, tiles * tile_flops / peak, waves * tile_flops / (peak / sms)),
+            np.where(split, 1.0, tiles / (waves * sms)), np.where(split, full_waves, waves))
+
+
+def v_gemm_ideal_compute_us(m: np.ndarray, n: int, k: int, hw: Any, compute_dtype: str,
+                            family: str) -> np.ndarray:
+    """``costs.gemm.gemm_ideal_compute_us``."""
+    return v_gemm_tiling(m, n, k, hw, compute_dtype, family)[0]
 
 
 def v_gemm(m: Any, n: int, k: int, hw: Any, weight_dtype: str = "bf16",
@@ -131,8 +146,9 @@ def v_gemm(m: Any, n: int, k: int, hw: Any, weight_dtype: str = "bf16",
     bytes_ = (m * k * ELEMENT_BYTES[act_dtype] + k * n * WEIGHT_BYTES[weight_dtype]
               + m * n * ELEMENT_BYTES[out_dtype])
     family = gemm_family(weight_dtype, act_dtype)
-    return v_roofline(family, bytes_, v_gemm_ideal_compute_us(m, n, k, hw, cd, family), hw,
-                      kernels, k_loop=k)
+    ideal_us, fill, waves = v_gemm_tiling(m, n, k, hw, cd, family)
+    return v_roofline(family, bytes_, ideal_us, hw, kernels, k_loop=k, wave_fill=fill,
+                      write_fraction=m * n * ELEMENT_BYTES[out_dtype] / bytes_, waves=waves)
 
 
 def v_linear(m: Any, n: int, k: int, hw: Any, weight_dtype: str = "bf16",
@@ -147,8 +163,11 @@ def v_linear(m: Any, n: int, k: int, hw: Any, weight_dtype: str = "bf16",
     if hw.kernels.quant_fp8 is None:
         q = v_memory_op(bytes_, hw, kernels=2 if per_tensor else 1)
     else:
-        q = v_roofline("quant_fp8", bytes_, 0.0, hw, kernels=2 if per_tensor else 1,
-                       steps=m if per_tensor else 0)
+        chunk = hw.kernels.quant_fp8.chunk_elems
+        passes = np.ceil(k / chunk.value) if chunk is not None else 0
+        q = v_roofline(quant_family(weight_dtype, hw), bytes_, 0.0, hw,
+                       kernels=2 if per_tensor else 1, steps=m if per_tensor else 0,
+                       k_loop=m * passes if per_tensor else 0.0)
     return [q, g]
 
 

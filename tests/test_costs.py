@@ -7,6 +7,7 @@ import pytest
 
 from moesim.costs.gemm import gemm, linear
 from moesim.costs.moe import expert_ops, fused_expert_us
+from moesim.costs.op import kernel_time_us
 from moesim.spec.hardware import load_profile
 
 HW = load_profile("h100_sxm")
@@ -66,9 +67,26 @@ def test_per_tensor_fp8_quant_serialises_one_atomic_per_row():
     assert fit is not None and fit.step_us is not None and fit.step_us.value > 0
     q = lambda m, w: linear("x", m, 32, 64, HW, w, "fp8")[0]
     assert q(16384, "fp8").steps == 16384 and q(16384, "fp8_block").steps == 0
-    # At k = 64 the bytes are negligible: doubling the rows adds m atomics' time.
+    # At k = 64 the bytes are negligible: doubling the rows adds m atomics' time and m more
+    # latency-bound row passes (one pass per row below chunk_elems).
     extra = q(16384, "fp8").time_us - q(8192, "fp8").time_us
-    assert extra == pytest.approx(8192 * fit.step_us.value, rel=0.05)
+    assert extra == pytest.approx(8192 * (fit.step_us.value + fit.k_latency_us.value / 1024),
+                                  rel=0.05)
+
+
+def test_per_tensor_fp8_quant_walks_rows_in_passes():
+    # One block per row walks it in passes of chunk_elems (the reference table's time steps at
+    # k = 2048 -> 2560): the passes are latency-bound steps that overlap the HBM streaming.
+    fit = HW.kernels.quant_fp8
+    chunk = int(fit.chunk_elems.value)
+    q = lambda m, k: linear("x", m, 128, k, HW, "fp8", "fp8")[0]
+    assert q(4096, chunk).k_loop == 4096 and q(4096, chunk + 1).k_loop == 2 * 4096
+    assert linear("x", 4096, 128, chunk + 1, HW, "fp8_block", "fp8")[0].k_loop == 0
+    m, k = 32768, chunk + 512  # two passes per row: latency bound, not bandwidth bound
+    t_k = fit.k_latency_us.value * m * 2 / 1024
+    t_m = q(m, k).bytes / (HW.hbm_peak_bytes_per_us * fit.memory_efficiency.value)
+    assert t_k > t_m
+    assert q(m, k).time_us == pytest.approx(2 * fit.t0_us.value + m * fit.step_us.value + t_k)
 
 
 def test_kernel_time_combines_terms():
@@ -235,3 +253,59 @@ def test_unaligned_steps_are_tile_waves_and_k_loop_is_waves_times_k():
     # the fitted profile prices the K loop
     assert HW.kernels.moe_bf16.k_latency_us is not None
     assert HW.kernels.moe_bf16.k_latency_us.value > 0
+
+
+def test_cublas_pads_m_to_its_granularity_not_a_whole_tile():
+    # cuBLAS picks a tile that fits M (hardware.kernels.gemm_bf16.m_granularity): one row past
+    # 128 or 1024 pads only to the granularity, not to another 128-row tile.
+    gran = int(HW.kernels.gemm_bf16.m_granularity.value)
+    assert gran < int(HW.compute.gemm_tile_m.value)
+    for m in (128, 1024):
+        a, b = gemm("x", m, 4096, 4096, HW), gemm("x", m + 1, 4096, 4096, HW)
+        assert b.ideal_compute_us / a.ideal_compute_us == pytest.approx((m + gran) / m)
+
+
+def test_deepgemm_unaligned_m_pays_the_scale_copy_on_the_host():
+    # M x 4-byte column-major scales must be a multiple of 16 bytes for TMA; otherwise DeepGEMM
+    # copies them first: the eager floor grows by hardware.kernels.gemm_fp8_block.
+    # unaligned_m_floor_us, the GPU time does not.
+    extra = HW.kernels.gemm_fp8_block.unaligned_m_floor_us.value
+    assert extra > 0
+    a, b = gemm("x", 64, 4096, 4096, HW, "fp8_block", "fp8"), \
+        gemm("x", 65, 4096, 4096, HW, "fp8_block", "fp8")
+    assert not a.unaligned_m and b.unaligned_m
+    assert b.host_floor_us == pytest.approx(a.host_floor_us + extra)
+    assert gemm("x", 68, 4096, 4096, HW, "fp8_block", "fp8").host_floor_us == a.host_floor_us
+    # Only block-scaled fp8 has per-row column-major scales.
+    assert not gemm("x", 65, 4096, 4096, HW, "fp8", "fp8").unaligned_m
+
+
+def test_partial_wave_runs_its_busy_sms_faster():
+    # CUTLASS fp8 at m=256, n=4096: 2 x 32 = 64 tiles of 128 x 128 in one wave of 132 SMs. The
+    # idle SMs leave power and bandwidth to the busy ones: compute time / (1 + gain x idle).
+    op = gemm("x", 256, 4096, 16384, HW, "fp8", "fp8")
+    assert op.wave_fill == pytest.approx(64 / 132)
+    full = gemm("x", 33 * 128, 4096, 16384, HW, "fp8", "fp8")  # 33 x 32 tiles: 8 whole waves
+    assert full.wave_fill == pytest.approx(1.0)
+    fit = HW.kernels.gemm_fp8
+    gain = fit.partial_wave_gain.value
+    assert gain > 0
+    t = lambda o, g: kernel_time_us(0.0, fit.compute_efficiency.value, 1.0, o.ideal_compute_us,
+                                    0.0, wave_fill=o.wave_fill, partial_wave_gain=g)
+    eff = fit.compute_efficiency.value
+    assert t(op, gain) == pytest.approx(t(op, 0.0) * eff / min(1.0, eff * (1 + gain * (1 - 64 / 132))))
+    assert t(op, 100.0) == pytest.approx(op.ideal_compute_us)  # never beyond the peak
+    assert t(full, gain) == pytest.approx(t(full, 0.0))
+    # cuBLAS balances its last wave (stream-K): nothing idles, nothing to gain.
+    assert gemm("x", 256, 4096, 16384, HW).wave_fill == 1.0
+
+
+def test_block_fp8_quantisation_is_its_own_family():
+    # vLLM's per-token-group quantisation (DeepGEMM's input) and its per-tensor quantisation
+    # (CUTLASS's input) are different kernels, priced by their own fits.
+    block = linear("x", 4096, 4096, 4096, HW, "fp8_block", "fp8")
+    tensor = linear("x", 4096, 4096, 4096, HW, "fp8", "fp8")
+    assert block[0].family == "quant_fp8_group" and tensor[0].family == "quant_fp8"
+    q = HW.kernels.quant_fp8_group
+    assert block[0].time_us == pytest.approx(q.t0_us.value + block[0].bytes / (
+        HW.hbm_peak_bytes_per_us * q.memory_efficiency.value))

@@ -33,9 +33,10 @@ DTYPES = ("fp32", "bf16", "fp16", "fp8", "int8", "fp4")
 REFERENCE = Path(__file__).resolve().parents[1] / ".." / "shared" / "reference"
 
 KERNEL_FAMILIES = ("gemm_bf16", "gemm_fp8", "gemm_fp8_block", "moe_bf16", "moe_fp8", "moe_aux",
-                   "quant_fp8", "attention_prefill", "attention_decode", "attention_prefill_fp8",
+                   "quant_fp8", "quant_fp8_group", "attention_prefill", "attention_decode", "attention_prefill_fp8",
                    "attention_decode_fp8", "attention_mla_decode", "elementwise")
-FP8_FAMILIES = ("gemm_fp8", "gemm_fp8_block", "moe_fp8", "quant_fp8", "attention_prefill_fp8",
+FP8_FAMILIES = ("gemm_fp8", "gemm_fp8_block", "moe_fp8", "quant_fp8", "quant_fp8_group",
+                "attention_prefill_fp8",
                 "attention_decode_fp8")
 # Families whose kernels do tensor-core work: the cost model needs a compute efficiency for them.
 COMPUTE_FAMILIES = ("gemm_bf16", "gemm_fp8", "gemm_fp8_block", "moe_bf16", "moe_fp8",
@@ -116,7 +117,9 @@ def test_schema_names_the_expected_families_and_ops():
     assert set(Collectives.model_fields) == set(COLLECTIVE_OPS)
     assert set(KernelFit.model_fields) == {"t0_us", "compute_efficiency", "memory_efficiency",
                                            "host_floor_us", "overlap_exponent", "step_us",
-                                           "k_latency_us", "k_split_above"}
+                                           "k_latency_us", "k_split_above", "m_granularity",
+                                           "unaligned_m_floor_us", "partial_wave_gain", "write_cost",
+                                           "wave_overhead_us", "chunk_elems"}
     assert set(CollectiveFit.model_fields) == {"latency_us", "bus_efficiency", "host_floor_us",
                                                "latency_per_step_us", "ll_latency_us",
                                                "ll_bus_efficiency"}

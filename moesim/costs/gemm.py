@@ -3,17 +3,27 @@
 Compute time follows NVIDIA's "Matrix Multiplication Background User Guide" (tile and wave
 quantisation): the output is cut into ``tile_m x tile_n`` CTA tiles, tiles run in waves of
 ``sm_count``, and each wave costs one tile's FLOPs at the per-SM peak rate. Memory time streams A,
-B and C once from HBM. The kernel family (bf16 / fp8 / block-scaled fp8) sets the efficiencies.
+B and C once from HBM (C's share as written bytes). The kernel family (bf16 / fp8 / block-scaled
+fp8) sets the efficiencies and, where the profile has them, the GEMM terms of
+:func:`moesim.costs.op.kernel_time_us`: the wave fill (partial-wave gain), the waves (per-wave
+fill/drain time), the write share (HBM write cost); ``m_granularity`` sets how far cuBLAS pads M.
 """
 
 from __future__ import annotations
 
 import math
 
+from dataclasses import replace
+
 from ..spec.dtypes import ELEMENT_BYTES, WEIGHT_BYTES, gemm_compute_dtype
 from ..spec.hardware import HardwareProfile
 from .elementwise import memory_op
 from .op import Category, OpCost, roofline
+
+# TMA (cuTensorMapEncodeTiled) needs every global stride to be a multiple of 16 bytes; DeepGEMM
+# reads the per-row fp32 activation scales column-major, whose stride is M x 4 bytes.
+TMA_STRIDE_ALIGN_BYTES = 16
+SCALE_BYTES = 4  # fp32 scale per 128-element activation group
 
 
 def _tile_m(m: int, tile_m: int) -> int:
@@ -33,6 +43,37 @@ def _cutlass_fp8_tile(m: int) -> tuple[int, int]:
     return (64, 128) if m <= 128 else (128, 128)
 
 
+def _tiling(m: int, n: int, k: int, hw: HardwareProfile, compute_dtype: str,
+            family: str) -> tuple[float, float, float]:
+    """(tile-quantised compute time in µs at tensor-core peak, fraction of the waves' SM slots
+    the tiles fill, waves of tiles); see :func:`gemm_ideal_compute_us`."""
+    sms = int(hw.compute.sm_count.value)
+    peak = hw.peak_flops_per_us(compute_dtype)
+    if family == "gemm_fp8":
+        tm, tn = _cutlass_fp8_tile(m)
+        tiles = math.ceil(m / tm) * math.ceil(n / tn)
+        waves = math.ceil(tiles / sms)
+        return waves * 2.0 * tm * tn * k / (peak / sms), tiles / (waves * sms), waves
+    tm = _tile_m(m, int(hw.compute.gemm_tile_m.value))
+    tn = int(hw.compute.gemm_tile_n.value)
+    gran = hw.kernel(family).m_granularity
+    if gran is not None:
+        # The library picks among tile shapes (and swaps operands for thin GEMMs) so M is padded
+        # only to this many rows: measured cuBLAS times show no step at m = 128 -> 129 or
+        # 1024 -> 1025, where a fixed 128-row tile would add a whole tile row.
+        tm = min(tm, int(gran.value))
+    tiles = math.ceil(m / tm) * math.ceil(n / tn)
+    tile_flops = 2.0 * tm * tn * k
+    if tiles < sms or family == "gemm_bf16":
+        # split-K / stream-K spread the work over every SM: no idle slots, and the waves are
+        # the output's full-size tiles over the SMs (at least one: every CTA fills and drains)
+        full_tiles = m * n / (hw.compute.gemm_tile_m.value * hw.compute.gemm_tile_n.value)
+        return tiles * tile_flops / peak, 1.0, max(1.0, full_tiles / sms)
+    # A partial wave still takes one tile's time on the SMs it occupies.
+    waves = math.ceil(tiles / sms)
+    return waves * tile_flops / (peak / sms), tiles / (waves * sms), waves
+
+
 def gemm_ideal_compute_us(m: int, n: int, k: int, hw: HardwareProfile, compute_dtype: str,
                           family: str = "gemm_bf16") -> float:
     """Tile-quantised compute time in µs of an ``m x n x k`` GEMM at tensor-core peak.
@@ -45,20 +86,15 @@ def gemm_ideal_compute_us(m: int, n: int, k: int, hw: HardwareProfile, compute_d
     - vLLM's CUTLASS fp8 kernel (``gemm_fp8``): a data-parallel tile scheduler without split-K,
       so tiles run in whole waves of ``sm_count`` and a thin GEMM walks all of K on few SMs.
     """
-    sms = int(hw.compute.sm_count.value)
-    peak = hw.peak_flops_per_us(compute_dtype)
-    if family == "gemm_fp8":
-        tm, tn = _cutlass_fp8_tile(m)
-        tiles = math.ceil(m / tm) * math.ceil(n / tn)
-        return math.ceil(tiles / sms) * 2.0 * tm * tn * k / (peak / sms)
-    tm = _tile_m(m, int(hw.compute.gemm_tile_m.value))
-    tn = int(hw.compute.gemm_tile_n.value)
-    tiles = math.ceil(m / tm) * math.ceil(n / tn)
-    tile_flops = 2.0 * tm * tn * k
-    if tiles < sms or family == "gemm_bf16":
-        return tiles * tile_flops / peak
-    # A partial wave still takes one tile's time on the SMs it occupies.
-    return math.ceil(tiles / sms) * tile_flops / (peak / sms)
+    return _tiling(m, n, k, hw, compute_dtype, family)[0]
+
+
+def gemm_wave_fill(m: int, n: int, k: int, hw: HardwareProfile, compute_dtype: str,
+                   family: str = "gemm_bf16") -> float:
+    """Fraction (0-1] of the SM slots of a GEMM's waves that its tiles fill: tiles / (waves x
+    sm_count), 1 where the library splits K or balances the last wave (NVIDIA Matrix
+    Multiplication Background User Guide, wave quantisation)."""
+    return _tiling(m, n, k, hw, compute_dtype, family)[1]
 
 
 def gemm_family(weight_dtype: str, act_dtype: str) -> str:
@@ -77,8 +113,31 @@ def gemm(name: str, m: int, n: int, k: int, hw: HardwareProfile, weight_dtype: s
     bytes_ = (m * k * ELEMENT_BYTES[act_dtype] + k * n * WEIGHT_BYTES[weight_dtype]
               + m * n * ELEMENT_BYTES[out_dtype])
     family = gemm_family(weight_dtype, act_dtype)
-    return roofline(name, category, family, flops, bytes_,
-                    gemm_ideal_compute_us(m, n, k, hw, cd, family), hw, kernels, k_loop=k)
+    ideal_us, fill, waves = _tiling(m, n, k, hw, cd, family)
+    op = roofline(name, category, family, flops, bytes_, ideal_us, hw, kernels, k_loop=k,
+                  wave_fill=fill, write_fraction=m * n * ELEMENT_BYTES[out_dtype] / bytes_,
+                  waves=waves)
+    if family == "gemm_fp8_block" and scales_unaligned(m):
+        extra = hw.kernel(family).unaligned_m_floor_us
+        op = replace(op, host_floor_us=op.host_floor_us + (extra.value if extra else 0.0),
+                     unaligned_m=True)
+    return op
+
+
+def scales_unaligned(m: int) -> bool:
+    """True when ``m`` per-row fp32 scales, stored column-major, break TMA's 16-byte stride
+    rule, so DeepGEMM copies them into an aligned tensor before the GEMM (an extra op on the
+    host: hardware.kernels.gemm_fp8_block.unaligned_m_floor_us)."""
+    return (m * SCALE_BYTES) % TMA_STRIDE_ALIGN_BYTES != 0
+
+
+def quant_family(weight_dtype: str, hw: HardwareProfile) -> str:
+    """Kernel family of the activation quantisation before an fp8 GEMM: the per-token-group
+    kernel of block-scaled fp8 (a 128-element absmax per scale, scales stored column-major for
+    DeepGEMM's TMA) is its own family where the profile has one."""
+    if weight_dtype == "fp8_block" and hw.kernels.quant_fp8_group is not None:
+        return "quant_fp8_group"
+    return "quant_fp8"
 
 
 def linear(name: str, m: int, n: int, k: int, hw: HardwareProfile, weight_dtype: str = "bf16",
@@ -98,7 +157,12 @@ def linear(name: str, m: int, n: int, k: int, hw: HardwareProfile, weight_dtype:
     else:
         # The per-tensor scale is a max over the whole input: vLLM's segmented_max_reduction
         # runs one block per row, each ending in an atomicMax on the same float, and those m
-        # atomics serialise (one step each: hardware.kernels.quant_fp8.step_us).
-        q = roofline(f"{name}_quant", category, "quant_fp8", 0.0, bytes_, 0.0, hw,
-                     kernels=2 if per_tensor else 1, steps=m if per_tensor else 0)
+        # atomics serialise (one step each: hardware.kernels.quant_fp8.step_us). Each block
+        # walks its row in passes of chunk_elems, one load latency each: m x passes latency-
+        # bound steps (the K-loop term) that overlap the HBM streaming (the roofline's max).
+        fit = hw.kernels.quant_fp8
+        passes = math.ceil(k / fit.chunk_elems.value) if fit.chunk_elems is not None else 0
+        q = roofline(f"{name}_quant", category, quant_family(weight_dtype, hw), 0.0, bytes_, 0.0,
+                     hw, kernels=2 if per_tensor else 1, steps=m if per_tensor else 0,
+                     k_loop=m * passes if per_tensor else 0.0)
     return [q, g]

@@ -146,13 +146,38 @@ class KernelFit(_Strict):
                           "fused-MoE GEMM with unaligned rows; one wave of FlashAttention-3 CTAs, "
                           "their fixed prologue and epilogue)")
     k_latency_us: Optional[Quantity] = Field(
-        None, description="µs per 1024 elements of K that one CTA walks serially (the "
-                          "latency-bound K loop of small GEMMs; for fused-MoE GEMMs, of the waves x K "
-                          "elements an SM walks; for attention the keys one SM walks over its CTA "
-                          "waves and KV splits)")
+        None, description="µs per 1024 latency-bound serial steps: the elements of K that one "
+                          "GEMM CTA walks (the K loop of small GEMMs; for fused-MoE GEMMs, the "
+                          "waves x K elements an SM walks), the keys one SM walks over its attention "
+                          "CTA waves and KV splits, or the row passes of the per-tensor fp8 "
+                          "quantisation kernels (quant_fp8)")
     k_split_above: Optional[Quantity] = Field(
         None, description="K extent (elements) beyond which the library splits the K loop "
                           "across CTAs (split-K), so one CTA never walks more")
+    partial_wave_gain: Optional[Quantity] = Field(
+        None, description="relative rise of a busy SM's tensor rate when its wave leaves SMs "
+                          "idle: compute efficiency x (1 + gain x idle fraction of the waves' SM "
+                          "slots), at most the peak; idle SMs leave power (clock) and L2/HBM "
+                          "bandwidth to the rest")
+    write_cost: Optional[Quantity] = Field(
+        None, description="HBM time of a written byte relative to a read byte (read/write bus "
+                          "turnarounds, write recovery): memory time = (read + write_cost x "
+                          "written bytes) / (peak x memory_efficiency); absent = 1")
+    wave_overhead_us: Optional[Quantity] = Field(
+        None, description="µs each wave of GEMM tiles adds to the compute time: the load "
+                          "pipeline's fill before the first MMA and the epilogue's drain of "
+                          "the accumulators after the last (amortised over long K loops)")
+    chunk_elems: Optional[Quantity] = Field(
+        None, description="elements of a row one thread block reads per pass (quant_fp8: vLLM's "
+                          "per-tensor kernels run one block per row and walk it in passes)")
+    m_granularity: Optional[Quantity] = Field(
+        None, description="rows M is padded to in the compute time: the library's heuristics "
+                          "pick a CTA tile (and operand order) that fits M this closely; absent "
+                          "= M padded to the profile's gemm_tile_m (power-of-two tiles below it)")
+    unaligned_m_floor_us: Optional[Quantity] = Field(
+        None, description="extra host time of an eager call whose per-row activation scales "
+                          "are not TMA aligned (M x 4 bytes not a multiple of 16): the library "
+                          "first copies them into an aligned column-major tensor (DeepGEMM)")
 
 
 class Kernels(_Strict):
@@ -167,6 +192,10 @@ class Kernels(_Strict):
         None, description="bf16 -> fp8 activation quantisation before an fp8 linear layer "
                           "(vLLM scaled_fp8_quant / per_token_group_quant_fp8); absent = "
                           "priced as elementwise")
+    quant_fp8_group: Optional[KernelFit] = Field(
+        None, description="bf16 -> fp8 per-token-group quantisation (128-element groups, fp32 "
+                          "scales written column-major) before a block-scaled fp8 linear layer "
+                          "(vLLM per_token_group_quant_fp8 for DeepGEMM); absent = quant_fp8")
     attention_prefill: KernelFit
     attention_decode: KernelFit
     attention_prefill_fp8: Optional[KernelFit] = Field(
