@@ -186,3 +186,26 @@ def test_unaligned_steps_are_tile_waves_and_k_loop_is_waves_times_k():
     # the fitted profile prices the K loop
     assert HW.kernels.moe_bf16.k_latency_us is not None
     assert HW.kernels.moe_bf16.k_latency_us.value > 0
+
+
+def test_block_fp8_experts_use_vllm_default_tiles():
+    """Block-fp8 expert GEMMs run vLLM's default block-fp8 config: 64-row tiles at every token
+    count with BLOCK_N = the 128-wide quantisation block, not the 16-bit table's 16-row tiles
+    for few tokens. With 1 token on each of 128 experts the padded rows (and so the tile-wave
+    compute) are 4x those of 16-row tiles, and the N = 1536 up GEMM has 12 column blocks."""
+    from moesim.costs.moe import (FP8_BLOCK_DEFAULT_BLOCK, block_shape, fused_terms_steps,
+                                  grouped_gemm_ideal_us, tile_waves)
+
+    sms = int(HW.compute.sm_count.value)
+    one = np.ones((1, 128), dtype=np.int64)
+    assert FP8_BLOCK_DEFAULT_BLOCK == (64, 128)
+    assert block_shape(16) == (16, 64)  # what a 16-bit GEMM gets at the same token count
+    fp8 = {t[0]: t for t in fused_terms_steps(one, 16, 8, 2048, 768, HW, "fp8_block", "fp8")}
+    bf16 = {t[0]: t for t in fused_terms_steps(one, 16, 8, 2048, 768, HW, "bf16", "bf16")}
+    up_waves = np.ceil(128 * 12 / sms)
+    assert float(fp8["experts_up"][7][0]) == up_waves * 2048
+    assert float(tile_waves(one, 1536, np.array([64]), np.array([128]), sms)[0]) == up_waves
+    ideal = grouped_gemm_ideal_us(one, 1536, 2048, np.array([64]), np.array([128]), HW, "fp8")
+    assert float(fp8["experts_up"][4][0]) == pytest.approx(float(ideal[0]))
+    # the 16-bit path keeps the token-count table (16 x 64 tiles at 16 tokens)
+    assert float(bf16["experts_up"][7][0]) == np.ceil(128 * 24 / sms) * 2048
