@@ -309,3 +309,43 @@ def test_block_fp8_quantisation_is_its_own_family():
     q = HW.kernels.quant_fp8_group
     assert block[0].time_us == pytest.approx(q.t0_us.value + block[0].bytes / (
         HW.hbm_peak_bytes_per_us * q.memory_efficiency.value))
+
+
+def test_block_fp8_experts_use_vllm_default_tiles():
+    """Block-fp8 expert GEMMs run vLLM's default block-fp8 config: 64-row tiles at every token
+    count with BLOCK_N = the 128-wide quantisation block, not the 16-bit table's 16-row tiles
+    for few tokens. With 1 token on each of 128 experts the padded rows (and so the tile-wave
+    compute) are 4x those of 16-row tiles, and the N = 1536 up GEMM has 12 column blocks."""
+    from moesim.costs.moe import (FP8_BLOCK_DEFAULT_BLOCK, block_shape, fused_terms_steps,
+                                  grouped_gemm_ideal_us, tile_waves)
+
+    sms = int(HW.compute.sm_count.value)
+    one = np.ones((1, 128), dtype=np.int64)
+    assert FP8_BLOCK_DEFAULT_BLOCK == (64, 128)
+    assert block_shape(16) == (16, 64)  # what a 16-bit GEMM gets at the same token count
+    fp8 = {t[0]: t for t in fused_terms_steps(one, 16, 8, 2048, 768, HW, "fp8_block", "fp8")}
+    bf16 = {t[0]: t for t in fused_terms_steps(one, 16, 8, 2048, 768, HW, "bf16", "bf16")}
+    up_waves = np.ceil(128 * 12 / sms)
+    assert float(fp8["experts_up"][7][0]) == up_waves * 2048
+    assert float(tile_waves(one, 1536, np.array([64]), np.array([128]), sms)[0]) == up_waves
+    ideal = grouped_gemm_ideal_us(one, 1536, 2048, np.array([64]), np.array([128]), HW, "fp8")
+    assert float(fp8["experts_up"][4][0]) == pytest.approx(float(ideal[0]))
+    # the 16-bit path keeps the token-count table (16 x 64 tiles at 16 tokens)
+    assert float(bf16["experts_up"][7][0]) == np.ceil(128 * 24 / sms) * 2048
+
+
+def test_expert_tiles_follow_rows_per_expert_not_tokens():
+    """16-bit expert GEMM tiles are chosen by rows per local expert, read through vLLM's tuned
+    E=128 top-8 table (M tokens = 16 rows per expert): 128 tokens of a top-2-of-8 model bring 32
+    rows to each expert, what 512 tokens bring in the reference model, so 64-row tiles, where
+    keying by tokens would give the 16-row tiles of 128 tokens."""
+    from moesim.costs.moe import block_shape, expert_block_shape, fused_terms_steps, tile_waves
+
+    assert expert_block_shape(256, 8) == block_shape(512) == (64, 64)
+    assert block_shape(128) == (16, 64)
+    assert expert_block_shape(np.array([128.0, 2048.0]), 128)[0].tolist() == [16, 32]
+    sms = int(HW.compute.sm_count.value)
+    loads = np.full((1, 8), 32, dtype=np.int64)
+    up = {t[0]: t for t in fused_terms_steps(loads, 128, 2, 4096, 1792, HW, "bf16", "bf16")}
+    waves = float(tile_waves(loads, 3584, np.array([64]), np.array([64]), sms)[0])
+    assert float(up["experts_up"][7][0]) == waves * 4096
