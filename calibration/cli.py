@@ -195,6 +195,10 @@ def _fit_framework(args: argparse.Namespace) -> int:
         print(f"{backend:<8} {fit['rows']:>4} rows  step_overhead_us {fit['step_overhead_us']:8.1f}"
               f"  request_overhead_us {fit['request_overhead_us']:10.1f}  median APE TTFT "
               f"{fit['ttft_median_ape_pct']:5.1f}%  TPOT {fit['tpot_median_ape_pct']:5.1f}%")
+        if "w4_loss" in fit:
+            losses = "  ".join(f"{w:g}: {loss:.2f}" for w, loss in fit["w4_loss"].items())
+            print(f"{'':<8} w4a16_moe_efficiency {fit['w4a16_moe_efficiency']:g}  "
+                  f"({fit['w4_rows']} rows with 4-bit experts; robust loss {losses})")
     losses = "  ".join(f"s={s:g}: {loss:.2f}" for s, loss in traffic["loss_by_s"].items())
     print(f"traffic routing zipf s = {traffic['zipf_s']:g}  (robust loss {losses})")
     return 0

@@ -38,6 +38,9 @@ BOUNDS = ((0.0, 0.0), (20_000.0, 2_000_000.0))
 #: Zipf exponents tried for the traffic's routing (0 = uniform random top-k); the notes put
 #: models trained with balancing losses at s ~ 0.1-0.5 and 1 is a strongly skewed popularity.
 ZIPF_GRID = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25)
+#: Shares of the 16-bit kernel's rate tried for an engine's 4-bit weight-only expert GEMMs
+#: (``w4a16_moe_efficiency``), for engines whose rows run such experts.
+W4_GRID = (1.0, 0.8, 0.65, 0.5, 0.4, 0.3)
 
 
 @dataclass(frozen=True)
@@ -57,9 +60,11 @@ def _with(sc, **values: float):
 
 
 def linearise(row: dict[str, str], step_us: float, delta_us: float = 1000.0,
-              zipf_s: Optional[float] = None) -> Optional[Linearised]:
+              zipf_s: Optional[float] = None, w4: Optional[float] = None
+              ) -> Optional[Linearised]:
     """Predict ``row`` at ``step_us`` and ``step_us + delta_us`` (request overhead 0), its
-    traffic routed with zipf exponent ``zipf_s`` (default: the shipped one)."""
+    traffic routed with zipf exponent ``zipf_s`` and the engine's 4-bit expert efficiency
+    ``w4`` (defaults: the shipped ones)."""
     from moesim import parse_scenario, predict
     from moesim.errors import InputError
     from moesim.validate import e2e_scenario
@@ -68,6 +73,8 @@ def linearise(row: dict[str, str], step_us: float, delta_us: float = 1000.0,
         sc = parse_scenario(e2e_scenario(row, zipf_s=zipf_s))
     except (InputError, ValueError):
         return None
+    if w4 is not None:
+        sc = _with(sc, w4a16_moe_efficiency=w4)
     p0 = predict(_with(sc, step_overhead_us=step_us, request_overhead_us=0.0))
     p1 = predict(_with(sc, step_overhead_us=step_us + delta_us, request_overhead_us=0.0))
     dttft = (p1.ttft_ms - p0.ttft_ms) / delta_us
@@ -102,19 +109,19 @@ def fit_lines(lin: list[Linearised], start_us: float = 0.0, with_cost: bool = Fa
     return (best.x, float(best.cost)) if with_cost else best.x
 
 
-def linearise_all(rows: list[dict[str, str]], start_us: float, zipf_s: Optional[float] = None
-                  ) -> list[Linearised]:
+def linearise_all(rows: list[dict[str, str]], start_us: float, zipf_s: Optional[float] = None,
+                  w4: Optional[float] = None) -> list[Linearised]:
     """:func:`linearise` of every row (the ones that cannot be predicted left out)."""
     with ProcessPoolExecutor() as pool:  # ~0.3 s a prediction; rows are independent
         lin = pool.map(linearise, rows, [start_us] * len(rows), [1000.0] * len(rows),
-                       [zipf_s] * len(rows))
+                       [zipf_s] * len(rows), [w4] * len(rows))
         return [l for l in lin if l is not None]
 
 
 def fit_backend(rows: list[dict[str, str]], start_us: float = 0.0,
-                zipf_s: Optional[float] = None) -> dict[str, Any]:
+                zipf_s: Optional[float] = None, w4: Optional[float] = None) -> dict[str, Any]:
     """Fit (step_overhead_us, request_overhead_us) for the rows of one backend."""
-    lin = linearise_all(rows, start_us, zipf_s)
+    lin = linearise_all(rows, start_us, zipf_s, w4)
     if not lin:
         raise ValueError("no row of this backend could be predicted")
     x, cost = fit_lines(lin, start_us, with_cost=True)
@@ -142,6 +149,13 @@ def write_framework(path: Path, fit: dict[str, Any], table: Path, backend: str) 
                       f"TPOT {fit['tpot_median_ape_pct']:.1f}%")
             q = {"value": round(fit[key], 1), "kind": "calibrated", "source": source}
             line = f"{key}: " + yaml.safe_dump(q, default_flow_style=True, width=10**6, sort_keys=False).strip() + "\n"
+        elif key == "w4a16_moe_efficiency" and "w4_loss" in fit:
+            losses = ", ".join(f"{w:g}: {loss:.2f}" for w, loss in fit["w4_loss"].items())
+            source = (f"python -m calibration fit-framework on {table.name} (sha256 {_sha(table)}, "
+                      f"{fit['w4_rows']} {backend} rows with 4-bit weight-only experts, {when}): "
+                      f"the grid value with the lowest robust loss of the overhead fit ({losses})")
+            q = {"value": fit[key], "kind": "calibrated", "source": source}
+            line = f"{key}: " + yaml.safe_dump(q, default_flow_style=True, width=10**6, sort_keys=False).strip() + "\n"
         out.append(line)
     path.write_text("".join(out))
 
@@ -164,10 +178,25 @@ def write_traffic(fit: dict[str, Any], table: Path) -> None:
     E2E_TRAFFIC_FILE.write_text("".join(out))
 
 
+def _w4_experts(row: dict[str, str]) -> bool:
+    """Whether ``row``'s experts run as 4-bit weight-only GEMMs (``validate``'s mapping)."""
+    from moesim.costs.moe import W4_WEIGHT_ONLY
+    from moesim.errors import InputError
+    from moesim.validate import _Unpredictable, e2e_scenario
+
+    try:
+        return e2e_scenario(row)["deployment"].get("expert_weight_dtype") in W4_WEIGHT_ONLY
+    except (InputError, ValueError, KeyError, _Unpredictable):
+        return False  # a row validate cannot map is left out of every fit anyway
+
+
 def run(table: Path, backends: Optional[list[str]] = None, write: bool = True,
-        zipf_grid: tuple[float, ...] = ZIPF_GRID) -> dict[str, dict[str, Any]]:
+        zipf_grid: tuple[float, ...] = ZIPF_GRID, w4_grid: tuple[float, ...] = W4_GRID
+        ) -> dict[str, dict[str, Any]]:
     """Fit every backend's overheads, and the traffic's zipf exponent on ``zipf_grid`` (kept at
-    its shipped value when only some ``backends`` are fitted: it is shared by all of them)."""
+    its shipped value when only some ``backends`` are fitted: it is shared by all of them); then,
+    for a backend whose rows run 4-bit weight-only experts, its ``w4a16_moe_efficiency`` on
+    ``w4_grid``."""
     from moesim.spec.framework import FRAMEWORKS_DIR, load_framework
     from moesim.validate import e2e_traffic_zipf_s
 
@@ -193,6 +222,19 @@ def run(table: Path, backends: Optional[list[str]] = None, write: bool = True,
     loss_by_s = {zs: sum(f["loss"] for f in fits.values()) for zs, fits in by_s.items()}
     best = min(loss_by_s, key=loss_by_s.get)
     report.update(by_s[best])
+    # Engines whose rows run 4-bit weight-only experts: their kernel's rate, on its own grid at
+    # the chosen skew (the overheads refitted at each value).
+    for b, rs in fitted.items():
+        w4_rows = [r for r in rs if _w4_experts(r)]
+        if not w4_rows:
+            continue
+        start = load_framework(b).step_overhead_us.value
+        fits = {w: (report[b] if w == load_framework(b).w4a16_moe_efficiency.value
+                    else fit_backend(rs, start, best, w)) for w in w4_grid}
+        w_best = min(fits, key=lambda w: fits[w]["loss"])
+        report[b] = {**fits[w_best], "w4a16_moe_efficiency": w_best, "w4_rows": len(w4_rows),
+                     "w4_loss": {w: f["loss"] for w, f in fits.items()}}
+        by_s[best][b] = report[b]
     traffic = {"zipf_s": best, "loss_by_s": loss_by_s,
                "rows": sum(f["rows"] for f in by_s[best].values())}
     report["traffic"] = traffic

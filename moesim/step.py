@@ -400,6 +400,7 @@ def _moe_priced(sc: Scenario, b: Batch, loads: np.ndarray) -> _MoePriced:
     t_group = b.tokens  # tokens in this attention-DP group
     t_global = t_group * dp
     inter_r = mo.expert_intermediate_size // d.moe_tp
+    w4 = sc.framework.w4a16_moe_efficiency.value
     loads = np.asarray(loads, dtype=np.int64)
     L = loads.shape[0]
 
@@ -422,11 +423,12 @@ def _moe_priced(sc: Scenario, b: Batch, loads: np.ndarray) -> _MoePriced:
     for p, per_rank, tokens_in in passes:
         if d.strategy == "fused":
             rank_us += moe.fused_expert_us(per_rank, tokens_in, mo.top_k, H, inter_r, hw,
-                                           d.experts_dtype, d.activation_dtype, m.gated_mlp)
+                                           d.experts_dtype, d.activation_dtype, m.gated_mlp,
+                                           w4)
         else:
             rank_us += [[sum(o.total_us for o in moe.expert_ops(
                 per_rank[l, r], int(tokens_in[l, r]), mo.top_k, H, inter_r, hw, d.experts_dtype,
-                d.activation_dtype, m.gated_mlp, d.strategy)) for r in range(d.ep)]
+                d.activation_dtype, m.gated_mlp, d.strategy, w4)) for r in range(d.ep)]
                 for l in range(L)]
     slowest = np.argmax(rank_us, axis=1)
     layer = np.arange(L)
@@ -470,7 +472,7 @@ def _moe_priced(sc: Scenario, b: Batch, loads: np.ndarray) -> _MoePriced:
             for k in moe.fused_expert_kernels(per_rank[layer, slowest],
                                               tokens_in[layer, slowest], mo.top_k, H, inter_r,
                                               hw, d.experts_dtype, d.activation_dtype,
-                                              m.gated_mlp):
+                                              m.gated_mlp, w4):
                 template = OpCost(k["name"] + suffix, "moe", 0.0, 0.0, 0.0, "memory",
                                   family=k["family"], host_floor_us=k["host_floor_us"])
                 zero = np.zeros(L)
@@ -487,7 +489,7 @@ def _moe_priced(sc: Scenario, b: Batch, loads: np.ndarray) -> _MoePriced:
         else:
             lists = [moe.expert_ops(per_rank[l, slowest[l]], int(tokens_in[l, slowest[l]]),
                                     mo.top_k, H, inter_r, hw, d.experts_dtype,
-                                    d.activation_dtype, m.gated_mlp, d.strategy)
+                                    d.activation_dtype, m.gated_mlp, d.strategy, w4)
                      for l in range(L)]
             for j in range(len(lists[0])):
                 col = _Column.stack([ops[j] for ops in lists])

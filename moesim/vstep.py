@@ -685,7 +685,8 @@ class StepPricer:
             _, first, uniq = np.unique(key, return_index=True, return_inverse=True)
             rows, tok = rows[first], tok[first]
         kernels = moe.fused_expert_kernels(rows, tok, mo.top_k, H, inter_r, hw,
-                                           d.experts_dtype, ad, m.gated_mlp)
+                                           d.experts_dtype, ad, m.gated_mlp,
+                                           sc.framework.w4a16_moe_efficiency.value)
         rank_us = 0.0
         for k in kernels:
             rank_us = rank_us + k["time_us"]

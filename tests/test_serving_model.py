@@ -193,7 +193,7 @@ def test_framework_fit_picks_the_traffic_skew_with_the_lowest_loss(tmp_path, mon
     rng = np.random.default_rng(1)
     s_true, o_true, skew_true = 500.0, 30_000.0, 0.5
 
-    def lines(rows, start_us, zipf_s):
+    def lines(rows, start_us, zipf_s, w4=None):
         # TPOT's intercept moves with the skew: only skew_true makes the rows consistent.
         out = []
         for _ in rows:

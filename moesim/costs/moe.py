@@ -106,6 +106,10 @@ def tile_waves(loads: np.ndarray, n: int, block_m, block_n, sms: int, m_blocks=N
 # per wave). The measured excess of such shapes over their aligned neighbours is flat per
 # wave across 16..16384 tokens (moe.csv, H=2048 I=24: ~1.7 µs per wave), not per element.
 ALIGN_ELEMENTS = 16
+#: Weight-only 4-bit expert formats, run as 16-bit GEMMs with in-kernel dequantisation where the
+#: GPU has no 4-bit tensor cores (Hopper): their rate is the engine's kernel's
+#: (``framework.w4a16_moe_efficiency``).
+W4_WEIGHT_ONLY = ("mxfp4", "int4", "nvfp4")
 # vLLM tunes no config for such shapes (its tuned files are per (E, N) of real checkpoints at
 # power-of-two TP), so the kernel runs vLLM's default config (fused_moe.get_default_config,
 # 16-bit): BLOCK_M x BLOCK_N = 16 x 32 while the tokens M <= local experts E, else 64 x 64.
@@ -132,22 +136,25 @@ def default_block_shape(num_tokens, local_experts: int):
 
 
 def fused_terms(loads: np.ndarray, num_tokens, top_k: int, hidden: int, inter: int,
-                hw: HardwareProfile, weight_dtype: str, act_dtype: str, gated: bool = True
+                hw: HardwareProfile, weight_dtype: str, act_dtype: str, gated: bool = True,
+                w4_efficiency: float = 1.0
                 ) -> list[tuple[str, str, np.ndarray, np.ndarray, np.ndarray]]:
     """The fused pipeline's kernels as ``(name, family, flops, bytes, ideal_compute_us)``, each
     value an array over the leading axes of ``loads`` (``[..., E_local]``: one row per rank).
     :func:`fused_terms_steps` adds each kernel's serialised steps and kernel count."""
     return [t[:5] for t in fused_terms_steps(loads, num_tokens, top_k, hidden, inter, hw,
-                                             weight_dtype, act_dtype, gated)]
+                                             weight_dtype, act_dtype, gated, w4_efficiency)]
 
 
 def fused_terms_steps(loads: np.ndarray, num_tokens, top_k: int, hidden: int, inter: int,
-                      hw: HardwareProfile, weight_dtype: str, act_dtype: str, gated: bool = True
-                      ) -> list[tuple]:
+                      hw: HardwareProfile, weight_dtype: str, act_dtype: str, gated: bool = True,
+                      w4_efficiency: float = 1.0) -> list[tuple]:
     """:func:`fused_terms` with three more values per kernel: its serialised steps (priced at
     the family's ``step_us``; tile waves of 16-bit GEMMs with unaligned rows), its kernel count
     per row (0 where a row does not run it) and its K loop (elements of K one SM walks
-    serially, priced at the family's ``k_latency_us`` per 1024: non-zero for the GEMMs)."""
+    serially, priced at the family's ``k_latency_us`` per 1024: non-zero for the GEMMs).
+    ``w4_efficiency``: the serving engine's 4-bit weight-only expert GEMMs' share of the 16-bit
+    kernel's tensor-core rate (``framework.w4a16_moe_efficiency``)."""
     loads = np.asarray(loads, dtype=np.int64)
     tokens = np.broadcast_to(np.asarray(num_tokens, dtype=np.float64), loads.shape[:-1])
     cd = gemm_compute_dtype(weight_dtype, act_dtype)
@@ -195,9 +202,11 @@ def fused_terms_steps(loads: np.ndarray, num_tokens, top_k: int, hidden: int, in
         # what bounds a thin-K or few-token GEMM whose data and FLOPs are small (same K-loop
         # latency term as the dense GEMMs, costs/op.py).
         k_loop = tile_waves(loads, n, bm, bn, sms, m_blocks) * k
-        terms.append((name, family, flops, bytes_,
-                      grouped_gemm_ideal_us(loads, n, k, bm, bn, hw, cd, m_blocks), steps, one,
-                      k_loop))
+        ideal_c = grouped_gemm_ideal_us(loads, n, k, bm, bn, hw, cd, m_blocks)
+        if weight_dtype in W4_WEIGHT_ONLY and cd in ("bf16", "fp16"):
+            # the 4-bit weights are dequantised in the main loop, off the tensor cores
+            ideal_c = ideal_c / w4_efficiency
+        terms.append((name, family, flops, bytes_, ideal_c, steps, one, k_loop))
         if name == "experts_up":
             terms.append(("activation", "moe_aux", zero, all_slots * (up_n + inter) * 2.0, zero,
                           zero, one, zero))
@@ -211,12 +220,13 @@ def fused_terms_steps(loads: np.ndarray, num_tokens, top_k: int, hidden: int, in
 
 def fused_expert_us(loads: np.ndarray, num_tokens, top_k: int, hidden: int, inter: int,
                     hw: HardwareProfile, weight_dtype: str, act_dtype: str,
-                    gated: bool = True) -> np.ndarray:
+                    gated: bool = True, w4_efficiency: float = 1.0) -> np.ndarray:
     """GPU time of the fused expert pipeline for each row of ``loads`` ``[R, E_local]`` — the
     same kernels :func:`expert_ops` returns, priced at once for every rank."""
     total = 0.0
     for _, family, _, bytes_, ideal_c, steps, kernels, k_loop in fused_terms_steps(
-            loads, num_tokens, top_k, hidden, inter, hw, weight_dtype, act_dtype, gated):
+            loads, num_tokens, top_k, hidden, inter, hw, weight_dtype, act_dtype, gated,
+            w4_efficiency):
         fit = hw.kernel(family)
         eff_c = fit.compute_efficiency.value if fit.compute_efficiency is not None else 1.0
         total = total + kernel_time_us(fit.t0_us.value, eff_c, fit.memory_efficiency.value,
@@ -233,7 +243,7 @@ BOUND_COMPUTE, BOUND_MEMORY, BOUND_LAUNCH = 1, 2, 4
 
 def fused_expert_kernels(loads: np.ndarray, num_tokens, top_k: int, hidden: int, inter: int,
                          hw: HardwareProfile, weight_dtype: str, act_dtype: str,
-                         gated: bool = True) -> list[dict]:
+                         gated: bool = True, w4_efficiency: float = 1.0) -> list[dict]:
     """The kernels :func:`expert_ops` returns (fused strategy) for every row of ``loads``
     ``[R, E_local]`` at once, without building an :class:`OpCost` per row: per kernel a dict of
     OpCost fields, those that differ between rows as arrays ``[R]`` (``time_us``, ``flops``,
@@ -245,7 +255,7 @@ def fused_expert_kernels(loads: np.ndarray, num_tokens, top_k: int, hidden: int,
     are priced (``step.build_step`` with routing draws, the sweep's vectorised pricer)."""
     out = []
     for term in fused_terms_steps(loads, num_tokens, top_k, hidden, inter, hw, weight_dtype,
-                                  act_dtype, gated):
+                                  act_dtype, gated, w4_efficiency):
         name, family, flops, bytes_, ideal_c, steps, kernels, k_loop = term
         kernels = np.asarray(kernels)
         fit = hw.kernel(family)
@@ -277,7 +287,7 @@ def fused_expert_kernels(loads: np.ndarray, num_tokens, top_k: int, hidden: int,
 
 def expert_ops(loads: np.ndarray, num_tokens: int, top_k: int, hidden: int, inter: int,
                hw: HardwareProfile, weight_dtype: str, act_dtype: str, gated: bool = True,
-               strategy: str = "fused") -> list[OpCost]:
+               strategy: str = "fused", w4_efficiency: float = 1.0) -> list[OpCost]:
     """Expert FFN ops on one rank.
 
     ``loads``: tokens routed to each expert held by this rank (int array, one per local expert);
@@ -324,5 +334,6 @@ def expert_ops(loads: np.ndarray, num_tokens: int, top_k: int, hidden: int, inte
     return [roofline(name, "moe", family, float(fl), float(by), float(ic), hw, kernels=int(kr),
                      steps=float(st), k_loop=float(kl))
             for name, family, fl, by, ic, st, kr, kl in fused_terms_steps(
-                loads, num_tokens, top_k, hidden, inter, hw, weight_dtype, act_dtype, gated)
+                loads, num_tokens, top_k, hidden, inter, hw, weight_dtype, act_dtype, gated,
+                w4_efficiency)
             if kr > 0]

@@ -39,6 +39,10 @@ class FrameworkProfile(BaseModel):
     overlap_scheduler: Quantity = Field(
         ..., description="1 = the host schedules step i+1 while the GPU runs step i, so a new "
                          "request joins one step later")
+    w4a16_moe_efficiency: Quantity = Field(
+        ..., description="share of the 16-bit fused-MoE kernel's tensor-core rate that the "
+                         "engine's 4-bit weight-only expert GEMMs reach (mxfp4 / int4 experts "
+                         "with 16-bit activations, weights dequantised in the kernel's main loop)")
     step_overhead_us: Quantity = Field(
         ..., description="host time per engine step not hidden behind the GPU (scheduling, "
                          "input preparation, sampling bookkeeping)")
