@@ -991,8 +991,11 @@ class StochasticEvaluator(FastEvaluator):
             self._gflag[k] = g
         return g
 
-    def _replay(self, view: Any, ss: Any, prompt: list[Any]) -> dict[Any, tuple[Any, _Draw]]:
-        """{step key: (batch, draw)} of one point, in ``predict``'s order."""
+    def _replay(self, view: Any, ss: Any, prompt: list[Any]) -> tuple[Any, list[Any], dict[Any, Any]]:
+        """One point's steps with their draws, in ``predict``'s order: (the decode step, the
+        iterations carrying ``ss.mixes`` then ``ss.ttft_mixes``), each as (step key, batch,
+        draw); and {step key: (batch, draw)} of the steps drawn after the prompt shape's first
+        wave (``prompt[2]``: its steps and draws, shared by the points of that shape)."""
         draws, dp = self.draws, self.sc.deployment.attention_dp
         if len(prompt) < 3:  # the first wave's steps come first: the same for a prompt shape
             seq: dict[Any, tuple[Any, _Draw]] = {}
@@ -1005,7 +1008,7 @@ class StochasticEvaluator(FastEvaluator):
                         seq[k] = (b, node)
             prompt.append((seq, node))
         seq0, node = prompt[2]
-        seq = dict(seq0)
+        added: dict[Any, tuple[Any, _Draw]] = {}
         # Then the decode step and the iterations carrying each prefill, in the order
         # ``serving_times`` first prices them (its ``carrying``: ``mixes``, then the
         # ``ttft_mixes`` not among them); predict's other steps repeat these. Listed here rather
@@ -1014,18 +1017,23 @@ class StochasticEvaluator(FastEvaluator):
         # against predict and the twin tests catch.
         d = ss.decode
         dk = _step_key(d)
-        if dk not in seq:
+        e = seq0.get(dk)
+        if e is None:
             node = draws.child(node, d.tokens * dp)
-            seq[dk] = (d, node)
+            e = added[dk] = (d, node)
+        dec = (dk,) + e
         Batch = self._Batch
         mixed = self.mixed
+        carried = []
         for p, _ in itertools.chain(ss.mixes, ((p, 0.0) for p in ss.ttft_mixes)):
             b = Batch(d.phase, d.num_seqs, d.new_tokens, d.context, p) if mixed else p
             k = _step_key(b)
-            if k not in seq:
+            e = seq0.get(k) or added.get(k)  # (batch, draw) tuples are never falsy
+            if e is None:
                 node = draws.child(node, b.tokens * dp)
-                seq[k] = (b, node)
-        return seq
+                e = added[k] = (b, node)
+            carried.append((k,) + e)
+        return dec, carried, added
 
     def outputs_many(self, workloads: Sequence[Any]) -> list[Outputs]:
         if any(wl.speculative is not None for wl in workloads):
@@ -1035,13 +1043,20 @@ class StochasticEvaluator(FastEvaluator):
         views = [view(wl) for wl in workloads]
         states = [steady_state(v) for v in views]
         prompts = [prompt_of(wl) for wl in workloads]
-        seqs = [self._replay(v, ss, pr) for v, ss, pr in zip(views, states, prompts)]
+        replays = [self._replay(v, ss, pr) for v, ss, pr in zip(views, states, prompts)]
         steps: dict[Any, Any] = {}
         moe: dict[tuple[int, bool], _Draw] = {}
-        for seq in seqs:
-            for k, (b, node) in seq.items():
+        graph = self._graph
+        seen: set[int] = set()
+        for pr, (_, _, added) in zip(prompts, replays):
+            if id(pr) not in seen:  # a prompt shape's first-wave steps, listed once
+                seen.add(id(pr))
+                for k, (b, node) in pr[2][0].items():
+                    steps[k] = b
+                    moe.setdefault((node.id, graph(b, k)), node)
+            for k, (b, node) in added.items():
                 steps[k] = b
-                moe.setdefault((node.id, self._graph(b, k)), node)
+                moe.setdefault((node.id, graph(b, k)), node)
         self.price(steps)  # the parts outside the MoE layers (_vectorise)
         new = [(k, n) for k, n in moe.items() if k not in self._moe]
         if new:
@@ -1051,8 +1066,101 @@ class StochasticEvaluator(FastEvaluator):
             cov = np.array([g for (_, g), _ in new])
             for ((k, _), v) in zip(new, self.pricer.moe_draws(tokens, loads, cov)):
                 self._moe[k] = v
-        return [self._spoint(v, ss, pr, seq)
-                for v, ss, pr, seq in zip(views, states, prompts, seqs)]
+        return self._rows(views, states, prompts, replays)
+
+    def _rows(self, views: list[Any], states: list[Any], prompts: list[Any],
+              replays: list[Any]) -> list[Outputs]:
+        """The points' outputs: ``serving_times`` and ``benchmark_means`` of all of them at
+        once (``analytic.serving_times_rows`` / ``benchmark_means_rows``, one row per point;
+        per point they cost more in numpy's per-call overhead than in arithmetic), on the
+        per-sample step times of each point's steps with its draws."""
+        an, S, sc = self._an, self.S, self.sc
+        dp, mixed = sc.deployment.attention_dp, self.mixed
+        # every (step, draw) the points use, as rows of one table; row 0: zeros (the padding)
+        table: list[np.ndarray] = [np.zeros(S)]
+        row_of: dict[tuple[Any, int], int] = {}
+        stimes = self._stimes
+
+        def row(k: Any, b: Any, node: _Draw) -> int:
+            r = row_of.get((k, node.id))
+            if r is None:
+                r = row_of[(k, node.id)] = len(table)
+                table.append(stimes(k, b, node))
+            return r
+
+        P = len(views)
+        n_mix = max(len(ss.mixes) for ss in states)
+        n_own = max(len(ss.ttft_mixes) for ss in states)
+        dec = np.zeros(P, dtype=np.intp)
+        mix = np.zeros((P, n_mix), dtype=np.intp)
+        mix_w = np.zeros((P, n_mix))
+        own = np.zeros((P, n_own), dtype=np.intp)
+        share = np.empty(P)
+        wait = np.empty(P)
+        num = np.empty(P)
+        first = np.full(P, np.nan)
+        osl = np.empty(P, dtype=np.int64)
+        fw_rows: list[int] = []  # each point's prompt shape, as a row of fw_ttft / fw_prefill
+        fw_of: dict[int, int] = {}
+        fw_list: list[tuple[Any, ...]] = []
+        overlap = self.sc.framework.overlap_scheduler.value
+        for i, (view, ss, prompt, (d_step, carried, _)) in enumerate(
+                zip(views, states, prompts, replays)):
+            wl = view.workload
+            dec[i] = row(*d_step)
+            m = len(ss.mixes)
+            for j, (step, (_, w)) in enumerate(zip(carried, ss.mixes)):
+                mix[i, j] = row(*step)
+                mix_w[i, j] = w
+            for j, step in enumerate(carried[m:]):
+                own[i, j] = row(*step)
+            share[i] = sum(w for _, w in ss.mixes)
+            wait[i] = overlap + ss.queue_iterations
+            num[i] = dp * ss.prompts_per_iteration * wl.output_len
+            if wl.num_requests is not None:
+                first[i] = wl.batch_size / wl.num_requests
+            osl[i] = wl.output_len
+            if prompt[1] is None:
+                prompt[1] = self._sfirst_wave(prompt[0], prompt[2][0])
+            r = fw_of.get(id(prompt))
+            if r is None:
+                r = fw_of[id(prompt)] = len(fw_list)
+                fw_list.append(prompt[1])
+            fw_rows.append(r)
+        T = np.stack(table)
+        t_dec = T[dec]
+        if mixed:  # the iteration carrying a chunk, as the decodes and as its request see it
+            carry, own_t = T[mix], T[own]
+        else:  # the chunk's own step after the decode step / the chunk's step alone
+            carry, own_t = t_dec[:, None] + T[mix], T[own]
+        ttft_ss, tpot_ss, thr = an.serving_times_rows(
+            t_dec, carry, mix_w, own_t, share, wait, num, 1.0, self._overhead_us)
+        fw_idx = np.array(fw_rows, dtype=np.intp)
+        fw_ttft = np.stack([f[5] for f in fw_list])[fw_idx]
+        fw_prefill = np.stack([f[6] for f in fw_list])[fw_idx]
+        ttft, tpot = an.benchmark_means_rows(ttft_ss, tpot_ss, fw_ttft, fw_prefill, first, osl)
+        # _mean per row (np.add.reduce of a contiguous row sums as one row alone does)
+        ttft_l = (np.add.reduce(ttft, axis=1) / S).tolist()
+        tpot_l = (np.add.reduce(tpot, axis=1) / S).tolist()
+        thr_l = thr.tolist()
+        share_l = share.tolist()
+        out: list[Outputs] = []
+        memory, warnings, sfirst = self._memory, an._warnings, self._sfirst
+        num_gpus, weights, reserved, cap = sc.num_gpus, self._weights, self._reserved, self._cap
+        for i, (view, ss, prompt, (d_step, _, _)) in enumerate(
+                zip(views, states, prompts, replays)):
+            _, _, big_tokens, big_us, big_shares, _, _, first_mean, prefill_mean = prompt[1]
+            d = ss.decode
+            d_us, d_shares = sfirst(*d_step)
+            mem = memory(sc, view.workload, dp)
+            total = mem.total
+            t = thr_l[i]
+            out.append((True, "", "fast", ttft_l[i], first_mean, tpot_l[i], t, t / num_gpus,
+                        prefill_mean, num_gpus, weights, mem.kv_cache, mem.activations,
+                        reserved, total, cap, total <= cap, mem.max_batch_size, big_tokens,
+                        big_us, d.num_seqs, d_us, share_l[i], ss.queued_requests * dp)
+                       + big_shares + d_shares + (S, " | ".join(warnings(view, mem, ss))))
+        return out
 
     def _vectorise(self, steps: list[Any]) -> np.ndarray:
         """Step vectors of new steps without their MoE layers (priced per draw)."""
@@ -1088,33 +1196,6 @@ class StochasticEvaluator(FastEvaluator):
                 m = self._moe_t[(node.id, g)] = self._moe[(node.id, g)][:, 0].copy()
             t = self._stime[(k, node.id)] = self._times[k] + m
         return t
-
-    def _spoint(self, view: Any, ss: Any, prompt: list[Any], seq: dict[Any, Any]) -> Outputs:
-        sc, wl, an = self.sc, view.workload, self._an
-        dp = sc.deployment.attention_dp
-
-        def time_of(b: Any) -> np.ndarray:
-            k = _step_key(b)
-            return self._stimes(k, *seq[k])
-
-        served = an.serving_times(view, ss, time_of, 0.0)
-        if prompt[1] is None:
-            prompt[1] = self._sfirst_wave(prompt[0], prompt[2][0])
-        _, _, big_tokens, big_us, big_shares, first_ms, prefill_ms, first_mean, prefill_mean = \
-            prompt[1]
-        ttft, tpot = an.benchmark_means(view, served, first_ms, prefill_ms)
-        d = ss.decode
-        dk = _step_key(d)
-        d_us, d_shares = self._sfirst(dk, *seq[dk])
-        mem = self._memory(sc, wl, dp)
-        kv, act, total, max_batch = mem.kv_cache, mem.activations, mem.total, mem.max_batch_size
-        thr = served.throughput_output_tok_per_s
-        return (True, "", "fast", _mean(ttft), first_mean, _mean(tpot), thr,
-                thr / sc.num_gpus, prefill_mean,
-                sc.num_gpus, self._weights, kv, act, self._reserved, total, self._cap,
-                total <= self._cap, max_batch, big_tokens, big_us, d.num_seqs,
-                d_us, served.mixed_fraction, ss.queued_requests * dp) + \
-            big_shares + d_shares + (self.S, " | ".join(an._warnings(view, mem, ss)))
 
     def _sfirst_wave(self, plan: Any, seq: dict[Any, Any]) -> tuple[Any, ...]:
         """:meth:`FastEvaluator._first_wave` per sample (arrays), then the first wave's TTFT
