@@ -917,6 +917,11 @@ class Draws:
         self.root = _Draw(0, 0, None, np.random.default_rng(routing.seed).bit_generator.state)
         self.count = 1
         self.nbytes = 0  # of the loads held
+        # What points of scenarios with the same (attention DP, token budget, mixed batching)
+        # share, by (batch size, input length, output length): their steady state and replayed
+        # steps (StochasticEvaluator.outputs_many); a grid repeats them in every layout and
+        # precision with that attention DP.
+        self.points: dict[tuple[Any, ...], dict[tuple[int, int, int], tuple[Any, ...]]] = {}
 
     def child(self, node: _Draw, tokens: int) -> _Draw:
         """The draw after ``node`` for a step of ``tokens`` global tokens."""
@@ -1041,9 +1046,25 @@ class StochasticEvaluator(FastEvaluator):
         steady_state, prompt_of = self._an.steady_state, self._prompt
         view = self._view
         views = [view(wl) for wl in workloads]
-        states = [steady_state(v) for v in views]
         prompts = [prompt_of(wl) for wl in workloads]
-        replays = [self._replay(v, ss, pr) for v, ss, pr in zip(views, states, prompts)]
+        # steady_state reads the workload's batch size and lengths (and its speculative
+        # settings: none here), the attention DP, the token budget and mixed batching;
+        # prefill_plan fewer of these; _replay those and the draws (this tree): points that
+        # agree on all of them have the same steady state and steps, whatever the group.
+        sc = self.sc
+        shared = self.draws.points.setdefault(
+            (sc.deployment.attention_dp, sc.max_num_batched_tokens, self.mixed), {})
+        states, replays = [], []
+        for v, wl, pr in zip(views, workloads, prompts):
+            key = (wl.batch_size, wl.input_len, wl.output_len)
+            hit = shared.get(key)
+            if hit is None:
+                ss = steady_state(v)
+                hit = shared[key] = (ss, self._replay(v, ss, pr), pr[2])
+            elif len(pr) < 3:  # this group's first point of the prompt shape: its first wave
+                pr.append(hit[2])
+            states.append(hit[0])
+            replays.append(hit[1])
         steps: dict[Any, Any] = {}
         moe: dict[tuple[int, bool], _Draw] = {}
         graph = self._graph
