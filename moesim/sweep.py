@@ -1556,32 +1556,68 @@ def _input_columns(spec: SweepSpec, n: int) -> tuple[list[str], list[list[Any]]]
     return names, cols
 
 
-def _batches(tasks: list[GroupTask], parts: int, base: Optional[dict[str, Any]] = None
-             ) -> list[list[GroupTask]]:
-    """Split groups into about ``parts`` batches of similar cost (big groups first): a point
-    costs about 2.2 times as much with drawn routing as with balanced routing (in ``base``
-    with the group's assignments; benchmarks/bench_sweep.py)."""
+def _batches(tasks: list[GroupTask], parts: int, base: Optional[dict[str, Any]] = None,
+             processes: Optional[int] = None) -> list[list[GroupTask]]:
+    """Split groups into about ``parts`` batches of similar cost (big ones first) for
+    ``processes`` processes (default ``parts``): a point costs about 2.2 times as much with
+    drawn routing as with balanced routing (in ``base`` with the group's assignments;
+    benchmarks/bench_sweep.py).
+
+    Groups with the same drawn routing and attention DP replay the same routing draws and
+    steady states (:class:`Draws`, kept by each process for all its groups): they go to one
+    batch, so one process draws them, unless together they cost more than a process's share
+    (then they are split into as few parts as keep the shares even). Only where groups run
+    depends on this, never their rows."""
     parts = max(1, min(parts, len(tasks)))
     routing = (base or {}).get("routing")
+    base_dep = (base or {}).get("deployment")
+    base_dp = base_dep.get("attention_dp", 1) if isinstance(base_dep, dict) else None
 
-    def cost(t: GroupTask) -> float:
+    def drawn_family(t: GroupTask) -> Optional[tuple[str, Any]]:
+        """(routing, attention DP) of a group with drawn routing; None for balanced."""
         r = dict(routing) if isinstance(routing, dict) else {}
+        dp = base_dp
         for path, value in t.structural:
             if path == "routing" and isinstance(value, dict):
                 r = dict(value)
             elif path.startswith("routing."):
                 r[path.split(".", 1)[1]] = value
-        drawn = r.get("distribution", "balanced") != "balanced"
-        return len(t.points) * (2.2 if drawn else 1.0)
+            elif path == "deployment.attention_dp":
+                dp = value
+            elif path == "deployment":
+                dp = None
+        if r.get("distribution", "balanced") == "balanced":
+            return None
+        return json.dumps(r, sort_keys=True, default=str), (dp if dp is not None else id(t))
 
-    order = sorted(tasks, key=lambda t: -cost(t))
+    def cost(t: GroupTask) -> float:
+        return len(t.points) * (1.0 if drawn_family(t) is None else 2.2)
+
+    families: dict[Any, list[GroupTask]] = {}
+    units: list[tuple[float, list[GroupTask]]] = []
+    for t in tasks:
+        f = drawn_family(t)
+        if f is None:
+            units.append((cost(t), [t]))
+        else:
+            families.setdefault(f, []).append(t)
+    share = sum(cost(t) for t in tasks) / max(1, min(processes or parts, len(tasks)))
+    for fam in families.values():
+        total = sum(cost(t) for t in fam)
+        k = max(1, math.ceil(total / share - 1e-9))
+        fam.sort(key=lambda t: -cost(t))
+        for i in range(k):
+            part = fam[i::k]
+            units.append((sum(cost(t) for t in part), part))
+    units.sort(key=lambda u: -u[0])
     bins: list[list[GroupTask]] = [[] for _ in range(parts)]
     loads = [0.0] * parts
-    for t in order:
+    for c, part in units:
         i = loads.index(min(loads))
-        bins[i].append(t)
-        loads[i] += cost(t)
-    return [b for b in bins if b]
+        bins[i].extend(part)
+        loads[i] += c
+    order = sorted(range(parts), key=lambda i: -loads[i])  # the biggest batches start first
+    return [bins[i] for i in order if bins[i]]
 
 
 class Progress:
@@ -1688,7 +1724,7 @@ def _execute(tasks: list[GroupTask], n: int, base: dict[str, Any], base_dir: Opt
         remote = ray.remote(_run_tasks)
         size = max(1, int(ray.cluster_resources().get("CPU", 1)))
         pending = [remote.remote((base, base_dir, b, verify, fast))
-                   for b in _batches(tasks, 4 * size, base)]
+                   for b in _batches(tasks, 4 * size, base, size)]
         side = meanwhile() if meanwhile else None
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
@@ -1700,7 +1736,7 @@ def _execute(tasks: list[GroupTask], n: int, base: dict[str, Any], base_dir: Opt
         ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None
         with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
             futs = [pool.submit(_run_tasks, (base, base_dir, b, verify, fast))
-                    for b in _batches(tasks, 4 * workers, base)]
+                    for b in _batches(tasks, 4 * workers, base, workers)]
             side = meanwhile() if meanwhile else None
             for f in cf.as_completed(futs):
                 take(f.result())
