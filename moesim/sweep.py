@@ -684,7 +684,7 @@ class FastEvaluator:
     ``tests/test_sweep.py`` compare it with ``predict``.
     """
 
-    def __init__(self, sc: Any) -> None:
+    def __init__(self, sc: Any, states: Optional[dict[Any, Any]] = None) -> None:
         from . import analytic
         from .memory import MemoryBreakdown, activation_bytes, kv_bytes_per_seq, \
             weight_bytes_per_gpu
@@ -716,6 +716,12 @@ class FastEvaluator:
             sc.hardware.overheads.runtime_reserved_bytes.value
         self._overhead_us = sc.framework.request_overhead_us.value
         self._view = _view_class(sc)
+        # steady_state reads the workload's batch size and lengths (and its speculative
+        # settings), the attention DP, the token budget and mixed batching: groups agreeing on
+        # the last three share the steady states of their points (``states``: kept by a
+        # process for all its groups), by (batch size, input length, output length)
+        self._states = ({} if states is None else states).setdefault(
+            (sc.deployment.attention_dp, sc.max_num_batched_tokens, self.mixed), {})
         # Per prompt shape (what prefill_plan reads): [the prefill plan, then (lazily, once its
         # steps are priced) its first wave].
         self._prompt = WorkloadMemo(sc, lambda psc: [analytic.prefill_plan(psc), None])
@@ -815,7 +821,17 @@ class FastEvaluator:
         steady_state, prompt_of, Batch = self._an.steady_state, self._prompt, self._Batch
         view = self._view
         views = [view(wl) for wl in workloads]
-        states = [steady_state(v) for v in views]
+        shared = self._states
+        states = []
+        for v, wl in zip(views, workloads):
+            if wl.speculative is not None:
+                states.append(steady_state(v))
+                continue
+            key = (wl.batch_size, wl.input_len, wl.output_len)
+            ss = shared.get(key)
+            if ss is None:
+                ss = shared[key] = steady_state(v)
+            states.append(ss)
         prompts = [prompt_of(wl) for wl in workloads]
         seen: set[int] = set()
         need: dict[Any, Any] = {}
@@ -1252,12 +1268,13 @@ def _mean(x: np.ndarray) -> float:
     return float(np.add.reduce(x)) / x.size
 
 
-def evaluator_for(sc: Any, draws: Optional[dict[Any, Draws]] = None
-                  ) -> Optional[FastEvaluator]:
+def evaluator_for(sc: Any, draws: Optional[dict[Any, Draws]] = None,
+                  states: Optional[dict[Any, Any]] = None) -> Optional[FastEvaluator]:
     """The fast evaluator of a resolved scenario (None: only ``predict`` covers it);
-    ``draws``: routing draws to share (:class:`Draws` by :func:`_draws_key`)."""
+    ``draws``: routing draws to share (:class:`Draws` by :func:`_draws_key`); ``states``:
+    steady states to share (:class:`FastEvaluator`)."""
     if deterministic(sc):
-        return FastEvaluator(sc)
+        return FastEvaluator(sc, states)
     if not stochastic_supported(sc):
         return None
     shared = {} if draws is None else draws
@@ -1323,7 +1340,8 @@ def _full_parse(doc: dict[str, Any], base_dir: Optional[Path]) -> tuple[Any, Opt
 def evaluate_group(base: dict[str, Any], base_dir: Optional[Path], task: GroupTask, *,
                    verify: bool = True, fast: bool = True,
                    workloads: Optional[dict[Any, Any]] = None,
-                   draws: Optional[dict[Any, Draws]] = None) -> GroupResult:
+                   draws: Optional[dict[Any, Draws]] = None,
+                   states: Optional[dict[Any, Any]] = None) -> GroupResult:
     """Outputs of one group's points.
 
     The group is resolved once with a workload that passes every check; each point's workload is
@@ -1356,7 +1374,7 @@ def evaluate_group(base: dict[str, Any], base_dir: Optional[Path], task: GroupTa
     if fast and sc is not None and len(task.points) >= 4:
         if draws and sum(d.nbytes for d in draws.values()) > _MAX_DRAW_BYTES:
             draws.clear()  # drawn again when needed: the same draws
-        evaluator = evaluator_for(sc, draws)
+        evaluator = evaluator_for(sc, draws, states)
     wl_cache: dict[Any, Any] = {} if workloads is None else workloads
     out = res.outputs
     pending: list[tuple[int, Any]] = []  # points for the fast evaluator
@@ -1427,10 +1445,10 @@ def evaluate_group(base: dict[str, Any], base_dir: Optional[Path], task: GroupTa
 def _run_tasks(args: tuple[dict[str, Any], Optional[Path], list[GroupTask], bool, bool]
                ) -> list[GroupResult]:
     base, base_dir, tasks, verify, fast = args
-    workloads, draws = _worker_caches()
+    workloads, draws, states = _worker_caches()
     with _no_gc():
         out = [evaluate_group(base, base_dir, t, verify=verify, fast=fast, workloads=workloads,
-                              draws=draws) for t in tasks]
+                              draws=draws, states=states) for t in tasks]
         # The output part of each CSV line is formatted here, in parallel, rather than by the
         # parent after every worker has finished (write_csv uses it).
         for g in out:
@@ -1439,19 +1457,22 @@ def _run_tasks(args: tuple[dict[str, Any], Optional[Path], list[GroupTask], bool
 
 
 # A worker process's caches, kept from one batch of groups to the next (the same workloads and
-# routing draws recur in every group of a grid); see _worker_caches.
-_WORKER_CACHES: tuple[dict[Any, Any], dict[Any, "Draws"]] = ({}, {})
+# routing draws and steady states recur in every group of a grid); see _worker_caches.
+_WORKER_CACHES: tuple[dict[Any, Any], dict[Any, "Draws"], dict[Any, Any]] = ({}, {}, {})
 _MAX_DRAW_BYTES = 256 * 1024 * 1024
 
 
-def _worker_caches() -> tuple[dict[Any, Any], dict[Any, "Draws"]]:
-    """This process's (validated workloads, routing draws), emptied when the draws hold more
-    than :data:`_MAX_DRAW_BYTES` of loads (a long-lived process serves many sweeps)."""
-    workloads, draws = _WORKER_CACHES
-    if sum(d.nbytes for d in draws.values()) > _MAX_DRAW_BYTES or len(workloads) > 1_000_000:
+def _worker_caches() -> tuple[dict[Any, Any], dict[Any, "Draws"], dict[Any, Any]]:
+    """This process's (validated workloads, routing draws, steady states), emptied when the
+    draws hold more than :data:`_MAX_DRAW_BYTES` of loads or the workloads or steady states
+    number more than a million (a long-lived process serves many sweeps)."""
+    workloads, draws, states = _WORKER_CACHES
+    if sum(d.nbytes for d in draws.values()) > _MAX_DRAW_BYTES or len(workloads) > 1_000_000 \
+            or sum(len(t) for t in states.values()) > 1_000_000:
         workloads.clear()
         draws.clear()
-    return workloads, draws
+        states.clear()
+    return workloads, draws, states
 
 
 @contextlib.contextmanager
@@ -1741,11 +1762,11 @@ def _execute(tasks: list[GroupTask], n: int, base: dict[str, Any], base_dir: Opt
             for f in cf.as_completed(futs):
                 take(f.result())
     else:
-        workloads, draws = _worker_caches()
+        workloads, draws, states = _worker_caches()
         with _no_gc():
             for t in tasks:
                 take([evaluate_group(base, base_dir, t, verify=verify, fast=fast,
-                                     workloads=workloads, draws=draws)])
+                                     workloads=workloads, draws=draws, states=states)])
         side = meanwhile() if meanwhile else None
     bar.close()
     assert all(r is not None for r in results)
