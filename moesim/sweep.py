@@ -32,10 +32,11 @@ Speed. ``predict`` costs milliseconds a point, so a sweep does not call it point
 Points are grouped by everything except the workload (batch size, lengths); each group is
 resolved once and evaluated by :class:`FastEvaluator` (balanced routing, or a dense model) or
 :class:`StochasticEvaluator` (drawn routing: zipf, power_law, uniform, ...). Both call the
-driver's own ``analytic.steady_state``, ``serving_times`` and ``benchmark_means`` for every point
-and only price the steps differently: the steps all points of the group need (the steady
-state's decode step and the iterations carrying prefill, the first wave's prefill steps) are
-collected first and priced together, each distinct step once, by
+driver's own ``analytic.steady_state`` and ``serving_times`` / ``benchmark_means`` (for drawn
+routing their twins ``serving_times_rows`` / ``benchmark_means_rows``, all of a group's points at
+once, bit for bit the same) and only price the steps differently: the steps all points of the
+group need (the steady state's decode step and the iterations carrying prefill, the first
+wave's prefill steps) are collected first and priced together, each distinct step once, by
 :class:`~moesim.vstep.StepPricer`, the vectorised twin of ``step.build_step`` (numpy over the
 steps; ``tests/test_sweep.py`` holds every twin to its scalar original). With drawn routing each
 point replays the order in which ``predict`` first prices its steps, which fixes each step's
@@ -974,8 +975,9 @@ class StochasticEvaluator(FastEvaluator):
     """``predict`` for many workloads of one resolved scenario whose routing is drawn (zipf,
     power_law, uniform, ...; :func:`stochastic_supported`).
 
-    The same plan as :class:`FastEvaluator` (``steady_state``, ``serving_times`` and
-    ``benchmark_means`` per workload; steps priced together), with ``predict``'s draws: each
+    The same plan as :class:`FastEvaluator` (``steady_state`` per workload, shared by the
+    groups that draw alike; ``serving_times`` and ``benchmark_means`` as their row-wise twins,
+    all points at once: :meth:`_rows`; steps priced together), with ``predict``'s draws: each
     point replays the order in which ``predict`` first prices its steps (the first wave's
     prefill steps, the decode step, then the iterations carrying each prefill in the order
     ``serving_times`` prices them: :meth:`_replay`), which fixes each step's draw
@@ -1012,7 +1014,8 @@ class StochasticEvaluator(FastEvaluator):
             self._gflag[k] = g
         return g
 
-    def _replay(self, view: Any, ss: Any, prompt: list[Any]) -> tuple[Any, list[Any], dict[Any, Any]]:
+    def _replay(self, view: Any, ss: Any, prompt: list[Any]
+                ) -> tuple[Any, list[Any], dict[Any, Any]]:
         """One point's steps with their draws, in ``predict``'s order: (the decode step, the
         iterations carrying ``ss.mixes`` then ``ss.ttft_mixes``), each as (step key, batch,
         draw); and {step key: (batch, draw)} of the steps drawn after the prompt shape's first
