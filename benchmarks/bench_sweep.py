@@ -54,6 +54,31 @@ per-sample times (numpy arrays); every group prices the MoE layers of all its dr
 (``StepPricer.moe_draws``, ranks holding one expert priced once per distinct (tokens, load)),
 and the zipf draws reuse their pick probabilities (``routing._cps_tables``). Per group, the
 self-check against ``predict`` costs 8 ms (balanced) to 20 ms (zipf).
+
+Figures, 2026-12-02 (later), after vectorising drawn routing's serving times (issue 8): the
+machine was shared again (load average 7.5-7.8 on 2 CPUs, so wall is dominated by the other
+jobs and CPU seconds are inflated); ``--workers 2 --repeat 2``, before (7cde490) and after run
+back to back; full-grid CSV byte-identical:
+
+    =============================  =======  ============  ===========  ===============
+    sweep (workers 2)              points   CPU s         µs/eval      wall s (load)
+    =============================  =======  ============  ===========  ===============
+    mixtral-grid.yaml              110,592  25.97 → 21.32  235 → 193   43.1 → 37.3 (7.5)
+    routing=balanced               55,296    7.88 → 6.79   143 → 123   14.6 → 10.5 (7.5)
+    routing=zipf                   55,296   19.73 → 15.38  357 → 278   38.6 → 28.4 (7.8)
+    =============================  =======  ============  ===========  ===============
+
+At load ~1.7 the "before" full grid took 25.5 CPU s and 13.5 s wall (8,180 evaluations/s);
+scaled by the CPU saved (-18 %) that is about 21 CPU s, 10.5-11 s wall: about 10,000
+evaluations/s on two quiet cores, to be confirmed there. What changed: drawn routing computes
+``serving_times`` / ``benchmark_means`` for all points of a group at once
+(``analytic.serving_times_rows`` / ``benchmark_means_rows``: the same arithmetic on
+``[points, draws]`` arrays, bit for bit); steady states (and, for drawn routing, the replayed
+steps with their draws) are shared by the groups with the same attention DP, token budget and
+mixed batching; and workers get the groups of one drawn routing and attention DP together, so
+only one process draws them. Left: each group's MoE draws priced (``StepPricer.moe_draws``,
+the largest part of a zipf group), the check against ``predict`` per group, the per-point
+Python (memory, warnings, workload checks: ~40 µs), CSV formatting (~13 µs a row).
 """
 
 from __future__ import annotations

@@ -279,6 +279,36 @@ def serving_times(sc: Scenario, ss: SteadyState, time_of: Callable[[Batch], np.n
     return ServingTimes(ttfts, mean_us / g / 1e3, throughput, float(share))
 
 
+def serving_times_rows(t_dec_us: np.ndarray, carry_us: np.ndarray, carry_w: np.ndarray,
+                       own_us: np.ndarray, share: np.ndarray, wait_iterations: np.ndarray,
+                       tokens_per_s_num: np.ndarray, tokens_per_step: float,
+                       request_overhead_us: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`serving_times` of many points at once, one row per point (the sweep's fast path
+    for drawn routing: the same arithmetic, in the same order, on ``[points, draws]`` arrays
+    instead of one ``[draws]`` array per point, so every number comes out bit for bit the same;
+    ``tests/test_sweep.py`` holds the two to each other).
+
+    ``t_dec_us [P, S]``: the decode iteration (draft included); ``carry_us [P, M, S]`` and
+    ``carry_w [P, M]``: each mix's iteration as the decodes see it and its share (padded with
+    zero shares and zero times: adding ``0 * 0`` leaves a sum unchanged); ``own_us [P, C, S]``:
+    the iterations a request's own prompt rides in, as the request sees them (padded with zero
+    times); ``share``: the mixes' shares summed
+    (``serving_times``'s ``share``); ``wait_iterations``: overlap scheduler + queue
+    iterations; ``tokens_per_s_num``: ``attention_dp * prompts_per_iteration * output_len``.
+    Returns (TTFT ms ``[P, S]``, TPOT ms ``[P, S]``, throughput ``[P]``)."""
+    mean_us = (1.0 - share)[:, None] * t_dec_us
+    for j in range(carry_w.shape[1]):
+        mean_us = mean_us + carry_w[:, j:j + 1] * carry_us[:, j]
+    own = own_us[:, 0]  # serving_times's sum() starts at 0: 0 + x is x
+    for j in range(1, own_us.shape[1]):
+        own = own + own_us[:, j]
+    wait_us = wait_iterations[:, None] * mean_us
+    ttfts = (request_overhead_us + wait_us + own) / 1e3
+    # _mean per row: np.add.reduce along contiguous rows sums as it does one row alone
+    throughput = tokens_per_s_num / (np.add.reduce(mean_us, axis=1) / mean_us.shape[1] / 1e6)
+    return ttfts, mean_us / tokens_per_step / 1e3, throughput
+
+
 def _mean(x) -> float:
     """``float(np.mean(x))`` of a float or a float64 array (the same sum over the same count,
     without np.mean's dispatch, a third of serving_times' time)."""
@@ -302,6 +332,21 @@ def benchmark_means(sc: Scenario, served: ServingTimes, first_wave_ttft_ms: np.n
     stall_ms = 0.5 * first_wave_prefill_ms / max(wl.output_len - 1, 1)
     tpot = served.tpot_ms + first * stall_ms
     return ttft, tpot
+
+
+def benchmark_means_rows(ttft_ms: np.ndarray, tpot_ms: np.ndarray,
+                         first_wave_ttft_ms: np.ndarray, first_wave_prefill_ms: np.ndarray,
+                         first: np.ndarray, output_len: np.ndarray
+                         ) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`benchmark_means` of many points, one row per point (``[P, S]`` arrays; the same
+    arithmetic in the same order). ``first``: ``batch_size / num_requests``, NaN where a
+    point has no ``num_requests`` (its steady state is reported)."""
+    has = ~np.isnan(first)
+    f = np.where(has, first, 0.0)[:, None]
+    ttft = f * first_wave_ttft_ms + (1.0 - f) * ttft_ms
+    stall_ms = 0.5 * first_wave_prefill_ms / np.maximum(output_len - 1, 1)[:, None]
+    tpot = tpot_ms + f * stall_ms
+    return np.where(has[:, None], ttft, ttft_ms), np.where(has[:, None], tpot, tpot_ms)
 
 
 def draft_us(sc: Scenario, decode: Step) -> float:

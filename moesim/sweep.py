@@ -32,10 +32,11 @@ Speed. ``predict`` costs milliseconds a point, so a sweep does not call it point
 Points are grouped by everything except the workload (batch size, lengths); each group is
 resolved once and evaluated by :class:`FastEvaluator` (balanced routing, or a dense model) or
 :class:`StochasticEvaluator` (drawn routing: zipf, power_law, uniform, ...). Both call the
-driver's own ``analytic.steady_state``, ``serving_times`` and ``benchmark_means`` for every point
-and only price the steps differently: the steps all points of the group need (the steady
-state's decode step and the iterations carrying prefill, the first wave's prefill steps) are
-collected first and priced together, each distinct step once, by
+driver's own ``analytic.steady_state`` and ``serving_times`` / ``benchmark_means`` (for drawn
+routing their twins ``serving_times_rows`` / ``benchmark_means_rows``, all of a group's points at
+once, bit for bit the same) and only price the steps differently: the steps all points of the
+group need (the steady state's decode step and the iterations carrying prefill, the first
+wave's prefill steps) are collected first and priced together, each distinct step once, by
 :class:`~moesim.vstep.StepPricer`, the vectorised twin of ``step.build_step`` (numpy over the
 steps; ``tests/test_sweep.py`` holds every twin to its scalar original). With drawn routing each
 point replays the order in which ``predict`` first prices its steps, which fixes each step's
@@ -684,7 +685,7 @@ class FastEvaluator:
     ``tests/test_sweep.py`` compare it with ``predict``.
     """
 
-    def __init__(self, sc: Any) -> None:
+    def __init__(self, sc: Any, states: Optional[dict[Any, Any]] = None) -> None:
         from . import analytic
         from .memory import MemoryBreakdown, activation_bytes, kv_bytes_per_seq, \
             weight_bytes_per_gpu
@@ -716,6 +717,12 @@ class FastEvaluator:
             sc.hardware.overheads.runtime_reserved_bytes.value
         self._overhead_us = sc.framework.request_overhead_us.value
         self._view = _view_class(sc)
+        # steady_state reads the workload's batch size and lengths (and its speculative
+        # settings), the attention DP, the token budget and mixed batching: groups agreeing on
+        # the last three share the steady states of their points (``states``: kept by a
+        # process for all its groups), by (batch size, input length, output length)
+        self._states = ({} if states is None else states).setdefault(
+            (sc.deployment.attention_dp, sc.max_num_batched_tokens, self.mixed), {})
         # Per prompt shape (what prefill_plan reads): [the prefill plan, then (lazily, once its
         # steps are priced) its first wave].
         self._prompt = WorkloadMemo(sc, lambda psc: [analytic.prefill_plan(psc), None])
@@ -815,7 +822,17 @@ class FastEvaluator:
         steady_state, prompt_of, Batch = self._an.steady_state, self._prompt, self._Batch
         view = self._view
         views = [view(wl) for wl in workloads]
-        states = [steady_state(v) for v in views]
+        shared = self._states
+        states = []
+        for v, wl in zip(views, workloads):
+            if wl.speculative is not None:
+                states.append(steady_state(v))
+                continue
+            key = (wl.batch_size, wl.input_len, wl.output_len)
+            ss = shared.get(key)
+            if ss is None:
+                ss = shared[key] = steady_state(v)
+            states.append(ss)
         prompts = [prompt_of(wl) for wl in workloads]
         seen: set[int] = set()
         need: dict[Any, Any] = {}
@@ -917,6 +934,11 @@ class Draws:
         self.root = _Draw(0, 0, None, np.random.default_rng(routing.seed).bit_generator.state)
         self.count = 1
         self.nbytes = 0  # of the loads held
+        # What points of scenarios with the same (attention DP, token budget, mixed batching)
+        # share, by (batch size, input length, output length): their steady state and replayed
+        # steps (StochasticEvaluator.outputs_many); a grid repeats them in every layout and
+        # precision with that attention DP.
+        self.points: dict[tuple[Any, ...], dict[tuple[int, int, int], tuple[Any, ...]]] = {}
 
     def child(self, node: _Draw, tokens: int) -> _Draw:
         """The draw after ``node`` for a step of ``tokens`` global tokens."""
@@ -953,8 +975,9 @@ class StochasticEvaluator(FastEvaluator):
     """``predict`` for many workloads of one resolved scenario whose routing is drawn (zipf,
     power_law, uniform, ...; :func:`stochastic_supported`).
 
-    The same plan as :class:`FastEvaluator` (``steady_state``, ``serving_times`` and
-    ``benchmark_means`` per workload; steps priced together), with ``predict``'s draws: each
+    The same plan as :class:`FastEvaluator` (``steady_state`` per workload, shared by the
+    groups that draw alike; ``serving_times`` and ``benchmark_means`` as their row-wise twins,
+    all points at once: :meth:`_rows`; steps priced together), with ``predict``'s draws: each
     point replays the order in which ``predict`` first prices its steps (the first wave's
     prefill steps, the decode step, then the iterations carrying each prefill in the order
     ``serving_times`` prices them: :meth:`_replay`), which fixes each step's draw
@@ -991,8 +1014,12 @@ class StochasticEvaluator(FastEvaluator):
             self._gflag[k] = g
         return g
 
-    def _replay(self, view: Any, ss: Any, prompt: list[Any]) -> dict[Any, tuple[Any, _Draw]]:
-        """{step key: (batch, draw)} of one point, in ``predict``'s order."""
+    def _replay(self, view: Any, ss: Any, prompt: list[Any]
+                ) -> tuple[Any, list[Any], dict[Any, Any]]:
+        """One point's steps with their draws, in ``predict``'s order: (the decode step, the
+        iterations carrying ``ss.mixes`` then ``ss.ttft_mixes``), each as (step key, batch,
+        draw); and {step key: (batch, draw)} of the steps drawn after the prompt shape's first
+        wave (``prompt[2]``: its steps and draws, shared by the points of that shape)."""
         draws, dp = self.draws, self.sc.deployment.attention_dp
         if len(prompt) < 3:  # the first wave's steps come first: the same for a prompt shape
             seq: dict[Any, tuple[Any, _Draw]] = {}
@@ -1005,7 +1032,7 @@ class StochasticEvaluator(FastEvaluator):
                         seq[k] = (b, node)
             prompt.append((seq, node))
         seq0, node = prompt[2]
-        seq = dict(seq0)
+        added: dict[Any, tuple[Any, _Draw]] = {}
         # Then the decode step and the iterations carrying each prefill, in the order
         # ``serving_times`` first prices them (its ``carrying``: ``mixes``, then the
         # ``ttft_mixes`` not among them); predict's other steps repeat these. Listed here rather
@@ -1014,18 +1041,23 @@ class StochasticEvaluator(FastEvaluator):
         # against predict and the twin tests catch.
         d = ss.decode
         dk = _step_key(d)
-        if dk not in seq:
+        e = seq0.get(dk)
+        if e is None:
             node = draws.child(node, d.tokens * dp)
-            seq[dk] = (d, node)
+            e = added[dk] = (d, node)
+        dec = (dk,) + e
         Batch = self._Batch
         mixed = self.mixed
+        carried = []
         for p, _ in itertools.chain(ss.mixes, ((p, 0.0) for p in ss.ttft_mixes)):
             b = Batch(d.phase, d.num_seqs, d.new_tokens, d.context, p) if mixed else p
             k = _step_key(b)
-            if k not in seq:
+            e = seq0.get(k) or added.get(k)  # (batch, draw) tuples are never falsy
+            if e is None:
                 node = draws.child(node, b.tokens * dp)
-                seq[k] = (b, node)
-        return seq
+                e = added[k] = (b, node)
+            carried.append((k,) + e)
+        return dec, carried, added
 
     def outputs_many(self, workloads: Sequence[Any]) -> list[Outputs]:
         if any(wl.speculative is not None for wl in workloads):
@@ -1033,15 +1065,38 @@ class StochasticEvaluator(FastEvaluator):
         steady_state, prompt_of = self._an.steady_state, self._prompt
         view = self._view
         views = [view(wl) for wl in workloads]
-        states = [steady_state(v) for v in views]
         prompts = [prompt_of(wl) for wl in workloads]
-        seqs = [self._replay(v, ss, pr) for v, ss, pr in zip(views, states, prompts)]
+        # steady_state reads the workload's batch size and lengths (and its speculative
+        # settings: none here), the attention DP, the token budget and mixed batching;
+        # prefill_plan fewer of these; _replay those and the draws (this tree): points that
+        # agree on all of them have the same steady state and steps, whatever the group.
+        sc = self.sc
+        shared = self.draws.points.setdefault(
+            (sc.deployment.attention_dp, sc.max_num_batched_tokens, self.mixed), {})
+        states, replays = [], []
+        for v, wl, pr in zip(views, workloads, prompts):
+            key = (wl.batch_size, wl.input_len, wl.output_len)
+            hit = shared.get(key)
+            if hit is None:
+                ss = steady_state(v)
+                hit = shared[key] = (ss, self._replay(v, ss, pr), pr[2])
+            elif len(pr) < 3:  # this group's first point of the prompt shape: its first wave
+                pr.append(hit[2])
+            states.append(hit[0])
+            replays.append(hit[1])
         steps: dict[Any, Any] = {}
         moe: dict[tuple[int, bool], _Draw] = {}
-        for seq in seqs:
-            for k, (b, node) in seq.items():
+        graph = self._graph
+        seen: set[int] = set()
+        for pr, (_, _, added) in zip(prompts, replays):
+            if id(pr) not in seen:  # a prompt shape's first-wave steps, listed once
+                seen.add(id(pr))
+                for k, (b, node) in pr[2][0].items():
+                    steps[k] = b
+                    moe.setdefault((node.id, graph(b, k)), node)
+            for k, (b, node) in added.items():
                 steps[k] = b
-                moe.setdefault((node.id, self._graph(b, k)), node)
+                moe.setdefault((node.id, graph(b, k)), node)
         self.price(steps)  # the parts outside the MoE layers (_vectorise)
         new = [(k, n) for k, n in moe.items() if k not in self._moe]
         if new:
@@ -1051,8 +1106,101 @@ class StochasticEvaluator(FastEvaluator):
             cov = np.array([g for (_, g), _ in new])
             for ((k, _), v) in zip(new, self.pricer.moe_draws(tokens, loads, cov)):
                 self._moe[k] = v
-        return [self._spoint(v, ss, pr, seq)
-                for v, ss, pr, seq in zip(views, states, prompts, seqs)]
+        return self._rows(views, states, prompts, replays)
+
+    def _rows(self, views: list[Any], states: list[Any], prompts: list[Any],
+              replays: list[Any]) -> list[Outputs]:
+        """The points' outputs: ``serving_times`` and ``benchmark_means`` of all of them at
+        once (``analytic.serving_times_rows`` / ``benchmark_means_rows``, one row per point;
+        per point they cost more in numpy's per-call overhead than in arithmetic), on the
+        per-sample step times of each point's steps with its draws."""
+        an, S, sc = self._an, self.S, self.sc
+        dp, mixed = sc.deployment.attention_dp, self.mixed
+        # every (step, draw) the points use, as rows of one table; row 0: zeros (the padding)
+        table: list[np.ndarray] = [np.zeros(S)]
+        row_of: dict[tuple[Any, int], int] = {}
+        stimes = self._stimes
+
+        def row(k: Any, b: Any, node: _Draw) -> int:
+            r = row_of.get((k, node.id))
+            if r is None:
+                r = row_of[(k, node.id)] = len(table)
+                table.append(stimes(k, b, node))
+            return r
+
+        P = len(views)
+        n_mix = max(len(ss.mixes) for ss in states)
+        n_own = max(len(ss.ttft_mixes) for ss in states)
+        dec = np.zeros(P, dtype=np.intp)
+        mix = np.zeros((P, n_mix), dtype=np.intp)
+        mix_w = np.zeros((P, n_mix))
+        own = np.zeros((P, n_own), dtype=np.intp)
+        share = np.empty(P)
+        wait = np.empty(P)
+        num = np.empty(P)
+        first = np.full(P, np.nan)
+        osl = np.empty(P, dtype=np.int64)
+        fw_rows: list[int] = []  # each point's prompt shape, as a row of fw_ttft / fw_prefill
+        fw_of: dict[int, int] = {}
+        fw_list: list[tuple[Any, ...]] = []
+        overlap = self.sc.framework.overlap_scheduler.value
+        for i, (view, ss, prompt, (d_step, carried, _)) in enumerate(
+                zip(views, states, prompts, replays)):
+            wl = view.workload
+            dec[i] = row(*d_step)
+            m = len(ss.mixes)
+            for j, (step, (_, w)) in enumerate(zip(carried, ss.mixes)):
+                mix[i, j] = row(*step)
+                mix_w[i, j] = w
+            for j, step in enumerate(carried[m:]):
+                own[i, j] = row(*step)
+            share[i] = sum(w for _, w in ss.mixes)
+            wait[i] = overlap + ss.queue_iterations
+            num[i] = dp * ss.prompts_per_iteration * wl.output_len
+            if wl.num_requests is not None:
+                first[i] = wl.batch_size / wl.num_requests
+            osl[i] = wl.output_len
+            if prompt[1] is None:
+                prompt[1] = self._sfirst_wave(prompt[0], prompt[2][0])
+            r = fw_of.get(id(prompt))
+            if r is None:
+                r = fw_of[id(prompt)] = len(fw_list)
+                fw_list.append(prompt[1])
+            fw_rows.append(r)
+        T = np.stack(table)
+        t_dec = T[dec]
+        if mixed:  # the iteration carrying a chunk, as the decodes and as its request see it
+            carry, own_t = T[mix], T[own]
+        else:  # the chunk's own step after the decode step / the chunk's step alone
+            carry, own_t = t_dec[:, None] + T[mix], T[own]
+        ttft_ss, tpot_ss, thr = an.serving_times_rows(
+            t_dec, carry, mix_w, own_t, share, wait, num, 1.0, self._overhead_us)
+        fw_idx = np.array(fw_rows, dtype=np.intp)
+        fw_ttft = np.stack([f[5] for f in fw_list])[fw_idx]
+        fw_prefill = np.stack([f[6] for f in fw_list])[fw_idx]
+        ttft, tpot = an.benchmark_means_rows(ttft_ss, tpot_ss, fw_ttft, fw_prefill, first, osl)
+        # _mean per row (np.add.reduce of a contiguous row sums as one row alone does)
+        ttft_l = (np.add.reduce(ttft, axis=1) / S).tolist()
+        tpot_l = (np.add.reduce(tpot, axis=1) / S).tolist()
+        thr_l = thr.tolist()
+        share_l = share.tolist()
+        out: list[Outputs] = []
+        memory, warnings, sfirst = self._memory, an._warnings, self._sfirst
+        num_gpus, weights, reserved, cap = sc.num_gpus, self._weights, self._reserved, self._cap
+        for i, (view, ss, prompt, (d_step, _, _)) in enumerate(
+                zip(views, states, prompts, replays)):
+            _, _, big_tokens, big_us, big_shares, _, _, first_mean, prefill_mean = prompt[1]
+            d = ss.decode
+            d_us, d_shares = sfirst(*d_step)
+            mem = memory(sc, view.workload, dp)
+            total = mem.total
+            t = thr_l[i]
+            out.append((True, "", "fast", ttft_l[i], first_mean, tpot_l[i], t, t / num_gpus,
+                        prefill_mean, num_gpus, weights, mem.kv_cache, mem.activations,
+                        reserved, total, cap, total <= cap, mem.max_batch_size, big_tokens,
+                        big_us, d.num_seqs, d_us, share_l[i], ss.queued_requests * dp)
+                       + big_shares + d_shares + (S, " | ".join(warnings(view, mem, ss))))
+        return out
 
     def _vectorise(self, steps: list[Any]) -> np.ndarray:
         """Step vectors of new steps without their MoE layers (priced per draw)."""
@@ -1089,33 +1237,6 @@ class StochasticEvaluator(FastEvaluator):
             t = self._stime[(k, node.id)] = self._times[k] + m
         return t
 
-    def _spoint(self, view: Any, ss: Any, prompt: list[Any], seq: dict[Any, Any]) -> Outputs:
-        sc, wl, an = self.sc, view.workload, self._an
-        dp = sc.deployment.attention_dp
-
-        def time_of(b: Any) -> np.ndarray:
-            k = _step_key(b)
-            return self._stimes(k, *seq[k])
-
-        served = an.serving_times(view, ss, time_of, 0.0)
-        if prompt[1] is None:
-            prompt[1] = self._sfirst_wave(prompt[0], prompt[2][0])
-        _, _, big_tokens, big_us, big_shares, first_ms, prefill_ms, first_mean, prefill_mean = \
-            prompt[1]
-        ttft, tpot = an.benchmark_means(view, served, first_ms, prefill_ms)
-        d = ss.decode
-        dk = _step_key(d)
-        d_us, d_shares = self._sfirst(dk, *seq[dk])
-        mem = self._memory(sc, wl, dp)
-        kv, act, total, max_batch = mem.kv_cache, mem.activations, mem.total, mem.max_batch_size
-        thr = served.throughput_output_tok_per_s
-        return (True, "", "fast", _mean(ttft), first_mean, _mean(tpot), thr,
-                thr / sc.num_gpus, prefill_mean,
-                sc.num_gpus, self._weights, kv, act, self._reserved, total, self._cap,
-                total <= self._cap, max_batch, big_tokens, big_us, d.num_seqs,
-                d_us, served.mixed_fraction, ss.queued_requests * dp) + \
-            big_shares + d_shares + (self.S, " | ".join(an._warnings(view, mem, ss)))
-
     def _sfirst_wave(self, plan: Any, seq: dict[Any, Any]) -> tuple[Any, ...]:
         """:meth:`FastEvaluator._first_wave` per sample (arrays), then the first wave's TTFT
         and prefill ms per sample and their means (the same for every point of the prompt
@@ -1150,12 +1271,13 @@ def _mean(x: np.ndarray) -> float:
     return float(np.add.reduce(x)) / x.size
 
 
-def evaluator_for(sc: Any, draws: Optional[dict[Any, Draws]] = None
-                  ) -> Optional[FastEvaluator]:
+def evaluator_for(sc: Any, draws: Optional[dict[Any, Draws]] = None,
+                  states: Optional[dict[Any, Any]] = None) -> Optional[FastEvaluator]:
     """The fast evaluator of a resolved scenario (None: only ``predict`` covers it);
-    ``draws``: routing draws to share (:class:`Draws` by :func:`_draws_key`)."""
+    ``draws``: routing draws to share (:class:`Draws` by :func:`_draws_key`); ``states``:
+    steady states to share (:class:`FastEvaluator`)."""
     if deterministic(sc):
-        return FastEvaluator(sc)
+        return FastEvaluator(sc, states)
     if not stochastic_supported(sc):
         return None
     shared = {} if draws is None else draws
@@ -1221,7 +1343,8 @@ def _full_parse(doc: dict[str, Any], base_dir: Optional[Path]) -> tuple[Any, Opt
 def evaluate_group(base: dict[str, Any], base_dir: Optional[Path], task: GroupTask, *,
                    verify: bool = True, fast: bool = True,
                    workloads: Optional[dict[Any, Any]] = None,
-                   draws: Optional[dict[Any, Draws]] = None) -> GroupResult:
+                   draws: Optional[dict[Any, Draws]] = None,
+                   states: Optional[dict[Any, Any]] = None) -> GroupResult:
     """Outputs of one group's points.
 
     The group is resolved once with a workload that passes every check; each point's workload is
@@ -1254,7 +1377,7 @@ def evaluate_group(base: dict[str, Any], base_dir: Optional[Path], task: GroupTa
     if fast and sc is not None and len(task.points) >= 4:
         if draws and sum(d.nbytes for d in draws.values()) > _MAX_DRAW_BYTES:
             draws.clear()  # drawn again when needed: the same draws
-        evaluator = evaluator_for(sc, draws)
+        evaluator = evaluator_for(sc, draws, states)
     wl_cache: dict[Any, Any] = {} if workloads is None else workloads
     out = res.outputs
     pending: list[tuple[int, Any]] = []  # points for the fast evaluator
@@ -1325,10 +1448,10 @@ def evaluate_group(base: dict[str, Any], base_dir: Optional[Path], task: GroupTa
 def _run_tasks(args: tuple[dict[str, Any], Optional[Path], list[GroupTask], bool, bool]
                ) -> list[GroupResult]:
     base, base_dir, tasks, verify, fast = args
-    workloads, draws = _worker_caches()
+    workloads, draws, states = _worker_caches()
     with _no_gc():
         out = [evaluate_group(base, base_dir, t, verify=verify, fast=fast, workloads=workloads,
-                              draws=draws) for t in tasks]
+                              draws=draws, states=states) for t in tasks]
         # The output part of each CSV line is formatted here, in parallel, rather than by the
         # parent after every worker has finished (write_csv uses it).
         for g in out:
@@ -1337,19 +1460,22 @@ def _run_tasks(args: tuple[dict[str, Any], Optional[Path], list[GroupTask], bool
 
 
 # A worker process's caches, kept from one batch of groups to the next (the same workloads and
-# routing draws recur in every group of a grid); see _worker_caches.
-_WORKER_CACHES: tuple[dict[Any, Any], dict[Any, "Draws"]] = ({}, {})
+# routing draws and steady states recur in every group of a grid); see _worker_caches.
+_WORKER_CACHES: tuple[dict[Any, Any], dict[Any, "Draws"], dict[Any, Any]] = ({}, {}, {})
 _MAX_DRAW_BYTES = 256 * 1024 * 1024
 
 
-def _worker_caches() -> tuple[dict[Any, Any], dict[Any, "Draws"]]:
-    """This process's (validated workloads, routing draws), emptied when the draws hold more
-    than :data:`_MAX_DRAW_BYTES` of loads (a long-lived process serves many sweeps)."""
-    workloads, draws = _WORKER_CACHES
-    if sum(d.nbytes for d in draws.values()) > _MAX_DRAW_BYTES or len(workloads) > 1_000_000:
+def _worker_caches() -> tuple[dict[Any, Any], dict[Any, "Draws"], dict[Any, Any]]:
+    """This process's (validated workloads, routing draws, steady states), emptied when the
+    draws hold more than :data:`_MAX_DRAW_BYTES` of loads or the workloads or steady states
+    number more than a million (a long-lived process serves many sweeps)."""
+    workloads, draws, states = _WORKER_CACHES
+    if sum(d.nbytes for d in draws.values()) > _MAX_DRAW_BYTES or len(workloads) > 1_000_000 \
+            or sum(len(t) for t in states.values()) > 1_000_000:
         workloads.clear()
         draws.clear()
-    return workloads, draws
+        states.clear()
+    return workloads, draws, states
 
 
 @contextlib.contextmanager
@@ -1454,32 +1580,68 @@ def _input_columns(spec: SweepSpec, n: int) -> tuple[list[str], list[list[Any]]]
     return names, cols
 
 
-def _batches(tasks: list[GroupTask], parts: int, base: Optional[dict[str, Any]] = None
-             ) -> list[list[GroupTask]]:
-    """Split groups into about ``parts`` batches of similar cost (big groups first): a point
-    costs about 2.2 times as much with drawn routing as with balanced routing (in ``base``
-    with the group's assignments; benchmarks/bench_sweep.py)."""
+def _batches(tasks: list[GroupTask], parts: int, base: Optional[dict[str, Any]] = None,
+             processes: Optional[int] = None) -> list[list[GroupTask]]:
+    """Split groups into about ``parts`` batches of similar cost (big ones first) for
+    ``processes`` processes (default ``parts``): a point costs about 2.2 times as much with
+    drawn routing as with balanced routing (in ``base`` with the group's assignments;
+    benchmarks/bench_sweep.py).
+
+    Groups with the same drawn routing and attention DP replay the same routing draws and
+    steady states (:class:`Draws`, kept by each process for all its groups): they go to one
+    batch, so one process draws them, unless together they cost more than a process's share
+    (then they are split into as few parts as keep the shares even). Only where groups run
+    depends on this, never their rows."""
     parts = max(1, min(parts, len(tasks)))
     routing = (base or {}).get("routing")
+    base_dep = (base or {}).get("deployment")
+    base_dp = base_dep.get("attention_dp", 1) if isinstance(base_dep, dict) else None
 
-    def cost(t: GroupTask) -> float:
+    def drawn_family(t: GroupTask) -> Optional[tuple[str, Any]]:
+        """(routing, attention DP) of a group with drawn routing; None for balanced."""
         r = dict(routing) if isinstance(routing, dict) else {}
+        dp = base_dp
         for path, value in t.structural:
             if path == "routing" and isinstance(value, dict):
                 r = dict(value)
             elif path.startswith("routing."):
                 r[path.split(".", 1)[1]] = value
-        drawn = r.get("distribution", "balanced") != "balanced"
-        return len(t.points) * (2.2 if drawn else 1.0)
+            elif path == "deployment.attention_dp":
+                dp = value
+            elif path == "deployment":
+                dp = None
+        if r.get("distribution", "balanced") == "balanced":
+            return None
+        return json.dumps(r, sort_keys=True, default=str), (dp if dp is not None else id(t))
 
-    order = sorted(tasks, key=lambda t: -cost(t))
+    def cost(t: GroupTask) -> float:
+        return len(t.points) * (1.0 if drawn_family(t) is None else 2.2)
+
+    families: dict[Any, list[GroupTask]] = {}
+    units: list[tuple[float, list[GroupTask]]] = []
+    for t in tasks:
+        f = drawn_family(t)
+        if f is None:
+            units.append((cost(t), [t]))
+        else:
+            families.setdefault(f, []).append(t)
+    share = sum(cost(t) for t in tasks) / max(1, min(processes or parts, len(tasks)))
+    for fam in families.values():
+        total = sum(cost(t) for t in fam)
+        k = max(1, math.ceil(total / share - 1e-9))
+        fam.sort(key=lambda t: -cost(t))
+        for i in range(k):
+            part = fam[i::k]
+            units.append((sum(cost(t) for t in part), part))
+    units.sort(key=lambda u: -u[0])
     bins: list[list[GroupTask]] = [[] for _ in range(parts)]
     loads = [0.0] * parts
-    for t in order:
+    for c, part in units:
         i = loads.index(min(loads))
-        bins[i].append(t)
-        loads[i] += cost(t)
-    return [b for b in bins if b]
+        bins[i].extend(part)
+        loads[i] += c
+    order = sorted(range(parts), key=lambda i: -loads[i])  # the biggest batches start first
+    return [bins[i] for i in order if bins[i]]
 
 
 class Progress:
@@ -1586,7 +1748,7 @@ def _execute(tasks: list[GroupTask], n: int, base: dict[str, Any], base_dir: Opt
         remote = ray.remote(_run_tasks)
         size = max(1, int(ray.cluster_resources().get("CPU", 1)))
         pending = [remote.remote((base, base_dir, b, verify, fast))
-                   for b in _batches(tasks, 4 * size, base)]
+                   for b in _batches(tasks, 4 * size, base, size)]
         side = meanwhile() if meanwhile else None
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
@@ -1598,16 +1760,16 @@ def _execute(tasks: list[GroupTask], n: int, base: dict[str, Any], base_dir: Opt
         ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None
         with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
             futs = [pool.submit(_run_tasks, (base, base_dir, b, verify, fast))
-                    for b in _batches(tasks, 4 * workers, base)]
+                    for b in _batches(tasks, 4 * workers, base, workers)]
             side = meanwhile() if meanwhile else None
             for f in cf.as_completed(futs):
                 take(f.result())
     else:
-        workloads, draws = _worker_caches()
+        workloads, draws, states = _worker_caches()
         with _no_gc():
             for t in tasks:
                 take([evaluate_group(base, base_dir, t, verify=verify, fast=fast,
-                                     workloads=workloads, draws=draws)])
+                                     workloads=workloads, draws=draws, states=states)])
         side = meanwhile() if meanwhile else None
     bar.close()
     assert all(r is not None for r in results)

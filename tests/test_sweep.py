@@ -661,3 +661,73 @@ def test_draws_replay_predicts_generator():
     assert a.child(a.root, 512) is a.child(a.root, 512)
     assert np.array_equal(b.child(b.child(b.root, 512), 64).loads,
                           a.child(a.child(a.root, 512), 64).loads)
+
+
+@pytest.mark.parametrize("framework", ["vllm", "sglang"])
+@pytest.mark.parametrize("samples", [1, 2, 3, 9])
+def test_serving_times_rows_equal_serving_times_bit_for_bit(framework, samples):
+    """The drawn-routing fast path's ``serving_times_rows`` / ``benchmark_means_rows`` (all
+    points of a group at once) give exactly what ``serving_times`` / ``benchmark_means`` give
+    point by point (mixed batching or not, chunked prompts, queueing, first waves)."""
+    from moesim.analytic import (benchmark_means, benchmark_means_rows, serving_times,
+                                 serving_times_rows, steady_state)
+    from moesim.sweep import _step_key
+
+    rng = np.random.default_rng(samples)
+    times: dict = {}
+
+    def time_of(b):
+        k = _step_key(b)
+        if k not in times:
+            times[k] = rng.uniform(10.0, 5e4, samples)
+        return times[k]
+
+    workloads = [{"batch_size": bs, "input_len": isl, "output_len": osl, **extra}
+                 for bs in (1, 7, 256, 2048) for isl in (64, 3000, 16384) for osl in (1, 33, 4096)
+                 for extra in ({}, {"num_requests": 4096})]
+    scs = [parse_scenario({"model": "mixtral-8x7b", "hardware": {"profile": "h100_sxm",
+                                                                "num_gpus": 2},
+                           "deployment": {"tp": 2, "framework": framework}, "workload": wl})
+           for wl in workloads]
+    mixed = bool(scs[0].framework.mixed_batching.value)
+    states = [steady_state(sc) for sc in scs]
+    fw_ttft = rng.uniform(1.0, 1e3, (len(scs), samples))
+    fw_prefill = rng.uniform(1.0, 1e3, (len(scs), samples))
+    ref = []
+    for i, (sc, ss) in enumerate(zip(scs, states)):
+        served = serving_times(sc, ss, time_of, 0.0)
+        ref.append((served,) + benchmark_means(sc, served, fw_ttft[i], fw_prefill[i]))
+    P, M = len(scs), max(len(ss.mixes) for ss in states)
+    C = max(len(ss.ttft_mixes) for ss in states)
+    t_dec = np.stack([time_of(ss.decode) for ss in states])
+    carry, own = np.zeros((P, M, samples)), np.zeros((P, C, samples))
+    w = np.zeros((P, M))
+
+    def carrying(d, p):
+        from moesim.step import Batch
+        return time_of(Batch(d.phase, d.num_seqs, d.new_tokens, d.context, p)) if mixed \
+            else time_of(p)
+
+    for i, ss in enumerate(states):
+        for j, (p, wj) in enumerate(ss.mixes):
+            carry[i, j] = carrying(ss.decode, p) + (0.0 if mixed else t_dec[i])
+            w[i, j] = wj
+        for j, p in enumerate(ss.ttft_mixes):
+            own[i, j] = carrying(ss.decode, p)
+    share = np.array([sum(wj for _, wj in ss.mixes) for ss in states])
+    fw = scs[0].framework
+    wait = np.array([fw.overlap_scheduler.value + ss.queue_iterations for ss in states])
+    num = np.array([sc.deployment.attention_dp * ss.prompts_per_iteration
+                    * sc.workload.output_len for sc, ss in zip(scs, states)])
+    ttft, tpot, thr = serving_times_rows(t_dec, carry, w, own, share, wait, num, 1.0,
+                                         fw.request_overhead_us.value)
+    first = np.array([sc.workload.batch_size / sc.workload.num_requests
+                      if sc.workload.num_requests else np.nan for sc in scs])
+    osl = np.array([sc.workload.output_len for sc in scs])
+    bt, bp = benchmark_means_rows(ttft, tpot, fw_ttft, fw_prefill, first, osl)
+    for i, (served, rt, rp) in enumerate(ref):
+        assert np.array_equal(ttft[i], served.ttft_ms) and np.array_equal(tpot[i], served.tpot_ms)
+        assert thr[i] == served.throughput_output_tok_per_s
+        assert share[i] == served.mixed_fraction
+        assert np.array_equal(bt[i], rt) and np.array_equal(bp[i], rp)
+        assert (np.add.reduce(bt, axis=1)[i] / samples) == float(np.add.reduce(rt)) / samples
