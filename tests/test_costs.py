@@ -349,3 +349,22 @@ def test_expert_tiles_follow_rows_per_expert_not_tokens():
     up = {t[0]: t for t in fused_terms_steps(loads, 128, 2, 4096, 1792, HW, "bf16", "bf16")}
     waves = float(tile_waves(loads, 3584, np.array([64]), np.array([64]), sms)[0])
     assert float(up["experts_up"][7][0]) == waves * 4096
+
+
+def test_w4_weight_only_experts_run_at_the_engines_rate():
+    """4-bit weight-only experts (mxfp4 on Hopper) compute at the framework's
+    w4a16_moe_efficiency share of the 16-bit kernel's rate; other formats are untouched."""
+    from moesim.costs.moe import fused_terms_steps
+
+    loads = np.full((1, 32), 256, dtype=np.int64)
+
+    def ideal(wd, w4):
+        t = {x[0]: x for x in fused_terms_steps(loads, 2048, 4, 2880, 360, HW, wd, "bf16",
+                                                True, w4)}
+        return float(t["experts_up"][4][0]), float(t["experts_down"][4][0])
+
+    full, half = ideal("mxfp4", 1.0), ideal("mxfp4", 0.5)
+    assert half == pytest.approx((2 * full[0], 2 * full[1]))
+    assert ideal("bf16", 0.5) == ideal("bf16", 1.0)
+    from moesim.spec.framework import load_framework
+    assert 0 < load_framework("vllm").w4a16_moe_efficiency.value <= 1
