@@ -349,3 +349,24 @@ def test_expert_tiles_follow_rows_per_expert_not_tokens():
     up = {t[0]: t for t in fused_terms_steps(loads, 128, 2, 4096, 1792, HW, "bf16", "bf16")}
     waves = float(tile_waves(loads, 3584, np.array([64]), np.array([64]), sms)[0])
     assert float(up["experts_up"][7][0]) == waves * 4096
+
+
+def test_prefill_uses_fa3_sm90_tiles_per_head_dim_and_kv_dtype():
+    from moesim.costs.attention import fa3_prefill_tile, prefill
+
+    # hopper/tile_size.h tile_size_fwd_sm90 with vLLM's paged KV (no TMA, causal).
+    assert fa3_prefill_tile(64, 64, "bf16", False) == (192, 128, True)
+    assert fa3_prefill_tile(128, 128, "bf16", False) == (128, 128, True)
+    assert fa3_prefill_tile(256, 256, "bf16", False) == (128, 80, True)
+    assert fa3_prefill_tile(256, 256, "bf16", True) == (128, 64, True)
+    assert fa3_prefill_tile(128, 128, "fp8", False) == (128, 160, True)
+    assert fa3_prefill_tile(256, 256, "fp8", False) == (128, 128, False)
+    assert fa3_prefill_tile(256, 256, "fp8", True) == (128, 64, False)
+    # One 256-token head at head dim 64: two 192-row tiles; the second (queries 192..255)
+    # walks both 128-key blocks, and that chain of 2 blocks sets the K loop.
+    pre = prefill(1, 256, 0, 1, 1, 64, 64, HW)
+    assert pre.steps == 1 and pre.k_loop == 2 * 128 * 128
+    # Head dim 256 with a 1024 window walks 64-key blocks: a 4096-token sequence's tiles
+    # each visit 1024 / 64 + 2 blocks of the window.
+    win = prefill(1, 4096, 0, 1, 1, 256, 256, HW, window=1024)
+    assert win.k_loop == 18 * 64 * 512
