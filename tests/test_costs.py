@@ -370,3 +370,20 @@ def test_prefill_uses_fa3_sm90_tiles_per_head_dim_and_kv_dtype():
     # each visit 1024 / 64 + 2 blocks of the window.
     win = prefill(1, 4096, 0, 1, 1, 256, 256, HW, window=1024)
     assert win.k_loop == 18 * 64 * 512
+
+
+def test_prefill_prices_paged_kv_bytes_at_their_own_cost():
+    from moesim.costs.attention import prefill
+
+    # One query head per KV head: K/V are half the bf16 traffic; 64 per KV head: 1/65.
+    mha = prefill(1, 4096, 0, 64, 64, 128, 128, HW)
+    gqa = prefill(1, 4096, 0, 64, 1, 128, 128, HW)
+    assert mha.kv_fraction == pytest.approx(0.5)
+    assert gqa.kv_fraction == pytest.approx(1 / 65)
+    # The kernel time formula weighs those bytes by the family's fitted K/V read cost.
+    base = kernel_time_us(0.0, 1.0, 1.0, 0.0, 10.0, kv_fraction=0.5)
+    assert kernel_time_us(0.0, 1.0, 1.0, 0.0, 10.0, kv_fraction=0.5, kv_read_cost=3.0) == \
+        pytest.approx(2.0 * base)
+    fit = HW.kernel("attention_prefill")
+    assert fit.kv_read_cost is not None and "calibration fit" in fit.kv_read_cost.source
+    assert fit.kv_read_cost.value > 1.0

@@ -19,6 +19,9 @@ special-function peaks as a floor under the prefill's ideal compute time (few he
 use the whole GPU). Decode follows FlashAttention-3's split-KV heuristic (few sequences with
 long caches are split over more CTAs). Prefill's ideal compute adds the softmax's
 exponentials at the special-function peak to the matmuls (``compute.peak_exp_tops``).
+Prefill's memory time prices the paged K/V cache bytes at the family's fitted ``kv_read_cost``
+reads each (FlashAttention-3 gathers vLLM's 16-token pages without TMA, queries and outputs
+move in bulk), which is why one query head per KV head runs so much slower per query than 16.
 """
 
 from __future__ import annotations
@@ -124,18 +127,19 @@ def softmax_us(scores, hw: HardwareProfile):
 def _attend(name: str, family: str, pairs: float, heads: int, qk_dim: int, v_dim: int,
             io_bytes: float, hw: HardwareProfile, tiled_flops: float = 0.0,
             k_loop: float = 0.0, waves: int = 0, exp_us: float = 0.0,
-            chain_us: float = 0.0) -> OpCost:
+            chain_us: float = 0.0, kv_fraction: float = 0.0) -> OpCost:
     """``pairs``: query-key pairs attended (useful work); ``tiled_flops``: the work the kernel's
     tiles actually compute (padding included), which sets the ideal compute time; ``k_loop``:
     K and V values one SM walks serially (:func:`serial_blocks` x 128 x (qk_dim + v_dim));
     ``waves``: CTA waves (:func:`cta_waves`), each a serialised step of the family's
     ``step_us``; ``exp_us``: the tiles' softmax (:func:`softmax_us`), added to the matmuls'
     ideal compute time; ``chain_us``: the blocks one SM walks serially at its own peak
-    (:func:`block_compute_us`), a floor under that ideal compute time."""
+    (:func:`block_compute_us`), a floor under that ideal compute time; ``kv_fraction``: the
+    share of ``io_bytes`` that is paged K/V cache (the family's ``kv_read_cost``)."""
     flops = 2.0 * pairs * heads * (qk_dim + v_dim)
     ideal = max(max(flops, tiled_flops) / hw.peak_flops_per_us("bf16") + exp_us, chain_us)
     return roofline(name, "attention", family, flops, io_bytes, ideal, hw, steps=waves,
-                    k_loop=k_loop)
+                    k_loop=k_loop, kv_fraction=kv_fraction)
 
 
 # FlashAttention-3's forward tiles on sm90 (hopper/tile_size.h, ``tile_size_fwd_sm90``), as vLLM
@@ -193,8 +197,8 @@ def prefill(num_seqs: int, q_len: int, prefix: int, heads: int, kv_heads: int, q
     """FlashAttention prefill of ``num_seqs`` equal sequences (``heads`` = this rank's heads)."""
     pairs = num_seqs * attended_pairs(q_len, prefix, window, chunk)
     kv_read = prefix + q_len if not window else min(prefix + q_len, window + q_len)
-    io = num_seqs * (q_len * heads * (qk_dim + v_dim) * 2.0
-                     + kv_read * kv_heads * (qk_dim + v_dim) * ELEMENT_BYTES[kv_dtype])
+    kv_bytes = num_seqs * kv_read * kv_heads * (qk_dim + v_dim) * ELEMENT_BYTES[kv_dtype]
+    io = num_seqs * q_len * heads * (qk_dim + v_dim) * 2.0 + kv_bytes
     tile_q, tile_k, _ = fa3_prefill_tile(qk_dim, v_dim, kv_dtype, bool(window or chunk))
     blocks = _prefill_tiles(q_len, prefix, max(1, heads // kv_heads), window, chunk,
                             tile_q, tile_k)
@@ -208,7 +212,8 @@ def prefill(num_seqs: int, q_len: int, prefix: int, heads: int, kv_heads: int, q
                    qk_dim, v_dim, io, hw, float(tiled), chain * tile_k * (qk_dim + v_dim),
                    int(cta_waves(tiles, sms)),
                    float(softmax_us(tiled / (2.0 * (qk_dim + v_dim)), hw)),
-                   chain * block_compute_us(tile_q, qk_dim + v_dim, hw, tile_k))
+                   chain * block_compute_us(tile_q, qk_dim + v_dim, hw, tile_k),
+                   kv_fraction=kv_bytes / io)
 
 
 def decode(num_seqs: int, kv_len: float, heads: int, kv_heads: int, qk_dim: int, v_dim: int,
@@ -265,3 +270,6 @@ def linear_attention(num_seqs: int, q_len: int, heads_v: int, key_dim: int, valu
     family = "attention_prefill" if q_len > 1 else "attention_decode"
     return roofline("linear_attention", "attention", family, flops, io,
                     flops / hw.peak_flops_per_us("bf16"), hw, kernels=2)
+
+
+
