@@ -83,13 +83,16 @@ WRITE_FAMILIES = ("gemm_bf16", "gemm_fp8", "gemm_fp8_block")
 # K at a fixed tile count (the fits of CUTLASS fp8 and DeepGEMM drive it to zero: their small-K
 # times are dominated by the activation quantisation and the host floor).
 WAVE_OVERHEAD_FAMILIES = ("gemm_bf16",)
+# Prefill attention: its rows range from query/output-dominated traffic (many query heads per KV
+# head) to K/V-dominated (one), so they identify what a paged K/V byte costs against the rest.
+KV_READ_FAMILIES = ("attention_prefill", "attention_prefill_fp8")
 # A collective table whose transfer times span this ratio reaches from the latency-bound to the
 # bandwidth-bound end, so it can identify both protocol lines (LL/LL128 and Simple).
 LL_SPAN = 1000.0
 # Optional KernelFit terms and the value that switches each off.
 EXTRA_TERMS = {"step_us": 0.0, "k_latency_us": 0.0, "k_split_above": float("inf"),
                "overlap_exponent": 0.0, "unaligned_m_floor_us": 0.0, "partial_wave_gain": 0.0,
-               "write_cost": 1.0, "wave_overhead_us": 0.0}
+               "write_cost": 1.0, "wave_overhead_us": 0.0, "kv_read_cost": 1.0}
 # Fused-MoE families whose serialised steps are unaligned elements (costs/moe.py).
 MOE_STEP_FAMILIES = ("moe_bf16",)
 LAYOUT_ORDER = ("moe", "gemm", "attention_context", "attention_generation", "collective",
@@ -114,12 +117,13 @@ class Ops:
     wave_fill: np.ndarray  # fraction of SM slots a GEMM's waves of tiles keep busy
     write_fraction: np.ndarray  # share of an op's bytes written to HBM
     waves: np.ndarray  # a GEMM's waves of tiles
+    kv_fraction: np.ndarray  # share of an op's bytes that is paged K/V cache
     measured: np.ndarray
     n_rows: int
 
     @classmethod
     def from_lists(cls, ops_list: Sequence[Sequence[OpCost]], measured: Sequence[float]) -> "Ops":
-        row, fam, ker, ic, im, eager, steps, kl, un, wf, wr, wv = ([] for _ in range(12))
+        row, fam, ker, ic, im, eager, steps, kl, un, wf, wr, wv, kv = ([] for _ in range(13))
         for r, ops in enumerate(ops_list):
             for o in ops:
                 row.append(r)
@@ -134,10 +138,12 @@ class Ops:
                 wf.append(o.wave_fill)
                 wr.append(o.write_fraction)
                 wv.append(o.waves)
+                kv.append(o.kv_fraction)
         return cls(np.array(row), np.array(fam), np.array(ker, float), np.array(ic),
                    np.array(im), np.array(eager, bool), np.array(steps, float),
                    np.array(kl, float), np.array(un, bool), np.array(wf, float),
-                   np.array(wr, float), np.array(wv, float), np.asarray(measured, float),
+                   np.array(wr, float), np.array(wv, float), np.array(kv, float),
+                   np.asarray(measured, float),
                    len(ops_list))
 
     def subset(self, rows: np.ndarray) -> "Ops":
@@ -147,7 +153,8 @@ class Ops:
         return Ops(remap[self.row[keep]], self.family[keep], self.kernels[keep],
                    self.ideal_c[keep], self.ideal_m[keep], self.eager[keep], self.steps[keep],
                    self.k_loop[keep], self.unaligned[keep], self.wave_fill[keep],
-                   self.write_fraction[keep], self.waves[keep], self.measured[rows], len(rows))
+                   self.write_fraction[keep], self.waves[keep], self.kv_fraction[keep],
+                   self.measured[rows], len(rows))
 
 
 Params = dict[str, dict[str, float]]  # family -> {t0_us, compute_efficiency, memory_efficiency}
@@ -201,7 +208,8 @@ def predict_rows(ops: Ops, params: Params) -> np.ndarray:
                                 p.get("overlap_exponent") or None, ops.wave_fill[sel],
                                 p.get("partial_wave_gain", 0.0), ops.write_fraction[sel],
                                 p.get("write_cost", 1.0), ops.waves[sel],
-                                p.get("wave_overhead_us", 0.0))
+                                p.get("wave_overhead_us", 0.0), ops.kv_fraction[sel],
+                                p.get("kv_read_cost", 1.0))
         if p.get("ll_latency_us", 0.0) > 0 and p.get("ll_bus_efficiency", 0.0) > 0:
             # Second protocol line (hardware.CollectiveFit): the faster one is used.
             t[sel] = np.minimum(t[sel], kernel_time_us(
@@ -245,6 +253,9 @@ def _free_params(ops: Ops, families: Sequence[str]) -> list[tuple[str, str]]:
         if fam in WRITE_FAMILIES and np.ptp(ops.write_fraction[sel]) > 0.5:
             # Read- and write-dominated ops both present: the write cost is identifiable.
             free.append((fam, "write_cost"))
+        if fam in KV_READ_FAMILIES and np.ptp(ops.kv_fraction[sel]) > 0.25:
+            # Query/output- and K/V-dominated ops both present: the K/V cost is identifiable.
+            free.append((fam, "kv_read_cost"))
         if fam in WAVE_OVERHEAD_FAMILIES and ops.waves[sel].max() > 2 * ops.waves[sel].min() > 0:
             free.append((fam, "wave_overhead_us"))
         if fam in WAVE_FAMILIES and ops.wave_fill[sel].min() < 1.0:
@@ -321,6 +332,11 @@ def fit_families(ops: Ops, base: Params, families: Sequence[str]) -> tuple[Param
             x0.append(np.log(v if v > 0 else 1.0))
             lo.append(np.log(0.5))
             hi.append(np.log(4.0))
+        elif name == "kv_read_cost":
+            # A gathered page costs at least a bulk byte, at most several.
+            x0.append(np.log(v if v > 0 else 1.5))
+            lo.append(np.log(0.5))
+            hi.append(np.log(8.0))
         elif name == "partial_wave_gain":
             # A busy SM can at most reach its unthrottled peak: a few tens of percent.
             x0.append(np.log(v if v > 0 else 0.2))
@@ -462,7 +478,7 @@ def overlay(base: HardwareProfile, params: Params, report: dict, tables: Sequenc
         fields = {}
         for name in ("t0_us", "compute_efficiency", "memory_efficiency", "host_floor_us",
                      "step_us", "k_latency_us", "k_split_above", "overlap_exponent",
-                     "unaligned_m_floor_us", "partial_wave_gain", "write_cost", "wave_overhead_us",
+                     "unaligned_m_floor_us", "partial_wave_gain", "write_cost", "wave_overhead_us", "kv_read_cost",
                      "ll_latency_us",
                      "ll_bus_efficiency"):
             if f"{fam}.{name}" in fitted_by:

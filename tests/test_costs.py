@@ -368,3 +368,41 @@ def test_w4_weight_only_experts_run_at_the_engines_rate():
     assert ideal("bf16", 0.5) == ideal("bf16", 1.0)
     from moesim.spec.framework import load_framework
     assert 0 < load_framework("vllm").w4a16_moe_efficiency.value <= 1
+
+
+def test_prefill_uses_fa3_sm90_tiles_per_head_dim_and_kv_dtype():
+    from moesim.costs.attention import fa3_prefill_tile, prefill
+
+    # hopper/tile_size.h tile_size_fwd_sm90 with vLLM's paged KV (no TMA, causal).
+    assert fa3_prefill_tile(64, 64, "bf16", False) == (192, 128, True)
+    assert fa3_prefill_tile(128, 128, "bf16", False) == (128, 128, True)
+    assert fa3_prefill_tile(256, 256, "bf16", False) == (128, 80, True)
+    assert fa3_prefill_tile(256, 256, "bf16", True) == (128, 64, True)
+    assert fa3_prefill_tile(128, 128, "fp8", False) == (128, 160, True)
+    assert fa3_prefill_tile(256, 256, "fp8", False) == (128, 128, False)
+    assert fa3_prefill_tile(256, 256, "fp8", True) == (128, 64, False)
+    # One 256-token head at head dim 64: two 192-row tiles; the second (queries 192..255)
+    # walks both 128-key blocks, and that chain of 2 blocks sets the K loop.
+    pre = prefill(1, 256, 0, 1, 1, 64, 64, HW)
+    assert pre.steps == 1 and pre.k_loop == 2 * 128 * 128
+    # Head dim 256 with a 1024 window walks 64-key blocks: a 4096-token sequence's tiles
+    # each visit 1024 / 64 + 2 blocks of the window.
+    win = prefill(1, 4096, 0, 1, 1, 256, 256, HW, window=1024)
+    assert win.k_loop == 18 * 64 * 512
+
+
+def test_prefill_prices_paged_kv_bytes_at_their_own_cost():
+    from moesim.costs.attention import prefill
+
+    # One query head per KV head: K/V are half the bf16 traffic; 64 per KV head: 1/65.
+    mha = prefill(1, 4096, 0, 64, 64, 128, 128, HW)
+    gqa = prefill(1, 4096, 0, 64, 1, 128, 128, HW)
+    assert mha.kv_fraction == pytest.approx(0.5)
+    assert gqa.kv_fraction == pytest.approx(1 / 65)
+    # The kernel time formula weighs those bytes by the family's fitted K/V read cost.
+    base = kernel_time_us(0.0, 1.0, 1.0, 0.0, 10.0, kv_fraction=0.5)
+    assert kernel_time_us(0.0, 1.0, 1.0, 0.0, 10.0, kv_fraction=0.5, kv_read_cost=3.0) == \
+        pytest.approx(2.0 * base)
+    fit = HW.kernel("attention_prefill")
+    assert fit.kv_read_cost is not None and "calibration fit" in fit.kv_read_cost.source
+    assert fit.kv_read_cost.value > 1.0

@@ -51,6 +51,7 @@ class OpCost:
     wave_fill: float = 1.0  # fraction of the SM slots a GEMM's waves of tiles keep busy
     write_fraction: float = 0.0  # share of ``bytes`` written to HBM (the rest is read)
     waves: float = 0.0  # waves of GEMM tiles: each pays a pipeline fill and an epilogue
+    kv_fraction: float = 0.0  # share of ``bytes`` that is paged K/V cache (attention)
 
     @property
     def total_us(self) -> float:
@@ -65,13 +66,14 @@ def kernel_time_us(t0_us, compute_efficiency, memory_efficiency, ideal_compute_u
                    ideal_memory_us, kernels=1, steps=0, step_us=0.0, k_loop=0.0,
                    k_latency_us=0.0, k_split_above=float("inf"), overlap_exponent=None,
                    wave_fill=1.0, partial_wave_gain=0.0, write_fraction=0.0, write_cost=1.0,
-                   waves=0.0, wave_overhead_us=0.0):
+                   waves=0.0, wave_overhead_us=0.0, kv_fraction=0.0, kv_read_cost=1.0):
     """``kernels * t0 + steps * step_us + combine(t_c, t_m, t_k)`` with ``t_c = ideal_compute /
     min(1, eff_c * (1 + partial_wave_gain * (1 - wave_fill))))`` (SMs a partial wave leaves idle leave
     their share of power, hence clock, and of L2/HBM bandwidth to the busy ones: a busy SM runs
     faster than at full load) ``+ waves * wave_overhead_us`` (each wave of tiles fills its
     load pipeline before the first MMA and drains its accumulators after the last), ``t_m = ideal_memory * (1 + (write_cost - 1) * write_fraction) /
-    eff_m`` (HBM writes cost ``write_cost`` reads: bus turnarounds and write recovery) and ``t_k = k_latency_us * min(k_loop,
+    eff_m`` (HBM writes cost ``write_cost`` reads: bus turnarounds and write recovery; paged K/V
+    cache bytes, ``kv_fraction`` of them, cost ``kv_read_cost`` reads: gathered page by page) and ``t_k = k_latency_us * min(k_loop,
     k_split_above) / 1024`` (the K loop one CTA walks serially: each K block waits on its loads,
     so a thin GEMM is latency bound however little it moves). ``combine`` is the roofline's
     maximum, or with an ``overlap_exponent`` p the p-norm ``(t_c^p + t_m^p + t_k^p)^(1/p)``: a
@@ -85,7 +87,7 @@ def kernel_time_us(t0_us, compute_efficiency, memory_efficiency, ideal_compute_u
         1.0 + partial_wave_gain * (1.0 - np.asarray(wave_fill)))) + \
         np.asarray(waves) * wave_overhead_us
     t_m = np.asarray(ideal_memory_us) * (1.0 + (write_cost - 1.0) * np.asarray(
-        write_fraction)) / memory_efficiency
+        write_fraction) + (kv_read_cost - 1.0) * np.asarray(kv_fraction)) / memory_efficiency
     t_k = k_latency_us * np.minimum(k_loop, k_split_above) / 1024.0
     if overlap_exponent:
         p = overlap_exponent
@@ -106,11 +108,13 @@ def fit_terms(fit) -> dict:
             "overlap_exponent": _opt(fit.overlap_exponent, None),
             "partial_wave_gain": _opt(fit.partial_wave_gain, 0.0),
             "write_cost": _opt(fit.write_cost, 1.0),
+            "kv_read_cost": _opt(fit.kv_read_cost, 1.0),
             "wave_overhead_us": _opt(fit.wave_overhead_us, 0.0)}
 
 
 def roofline_terms(fit, hw: "HardwareProfile", bytes_, ideal_compute_us, kernels, steps, k_loop,
-                   maximum, minimum, wave_fill=1.0, write_fraction=0.0, waves=0.0):
+                   maximum, minimum, wave_fill=1.0, write_fraction=0.0, waves=0.0,
+                   kv_fraction=0.0):
     """:func:`kernel_time_us` of one kernel family's fit, and its parts: (time, fixed time,
     ideal memory time, compute, memory and K-loop time), all us. ``maximum`` / ``minimum``:
     the builtins for plain floats (predict prices thousands of ops per second), ``np.maximum``
@@ -120,7 +124,8 @@ def roofline_terms(fit, hw: "HardwareProfile", bytes_, ideal_compute_us, kernels
     extra = fit_terms(fit)
     t_c = ideal_compute_us / minimum(1.0, eff_c * (
         1.0 + extra["partial_wave_gain"] * (1.0 - wave_fill))) + waves * extra["wave_overhead_us"]
-    t_m = ideal_memory_us * (1.0 + (extra["write_cost"] - 1.0) * write_fraction) / \
+    t_m = ideal_memory_us * (1.0 + (extra["write_cost"] - 1.0) * write_fraction
+                             + (extra["kv_read_cost"] - 1.0) * kv_fraction) / \
         fit.memory_efficiency.value
     t_k = extra["k_latency_us"] * minimum(k_loop, extra["k_split_above"]) / 1024.0
     fixed = kernels * fit.t0_us.value  # what a CUDA graph replaces (step.py): t0 only
@@ -134,17 +139,20 @@ def roofline_terms(fit, hw: "HardwareProfile", bytes_, ideal_compute_us, kernels
 def roofline(name: str, category: Category, family: str, flops: float, bytes_: float,
              ideal_compute_us: float, hw: "HardwareProfile", kernels: int = 1, steps: int = 0,
              k_loop: float = 0.0, wave_fill: float = 1.0,
-             write_fraction: float = 0.0, waves: float = 0.0) -> OpCost:
+             write_fraction: float = 0.0, waves: float = 0.0,
+             kv_fraction: float = 0.0) -> OpCost:
     """Price one op of ``kernels`` kernels of ``family``; memory time is ``bytes_`` at HBM peak.
     ``steps``: serialised steps (the family's ``step_us`` each); ``k_loop``: a GEMM's K extent
     (the family's K-loop latency, where it has one); ``wave_fill``: the fraction of SM slots its
     waves of tiles keep busy (the family's partial-wave gain, where it has one);
     ``write_fraction``: the share of ``bytes_`` written (the family's write cost, where it has
-    one); ``waves``: a GEMM's waves of tiles (the family's per-wave overhead, where it has one)."""
+    one); ``waves``: a GEMM's waves of tiles (the family's per-wave overhead, where it has one);
+    ``kv_fraction``: the share of ``bytes_`` that is paged K/V cache (the family's K/V read cost,
+    where it has one)."""
     fit = hw.kernel(family)
     time, fixed, ideal_memory_us, t_c, t_m, t_k = roofline_terms(
         fit, hw, bytes_, ideal_compute_us, kernels, steps, k_loop, max, min, wave_fill,
-        write_fraction, waves)
+        write_fraction, waves, kv_fraction)
     # The K-loop latency is a memory-pipeline stall: reported as memory bound.
     bound: Bound = "launch" if fixed > time - fixed else "compute" if t_c >= max(t_m, t_k) \
         else "memory"
@@ -153,7 +161,7 @@ def roofline(name: str, category: Category, family: str, flops: float, bytes_: f
                   ideal_memory_us=ideal_memory_us,
                   host_floor_us=fit.host_floor_us.value if fit.host_floor_us else 0.0,
                   fixed_us=fixed, steps=steps, k_loop=k_loop, wave_fill=wave_fill,
-                  write_fraction=write_fraction, waves=waves)
+                  write_fraction=write_fraction, waves=waves, kv_fraction=kv_fraction)
 
 
 def eager_time_us(ops: "list[OpCost]") -> float:

@@ -163,6 +163,12 @@ class KernelFit(_Strict):
         None, description="HBM time of a written byte relative to a read byte (read/write bus "
                           "turnarounds, write recovery): memory time = (read + write_cost x "
                           "written bytes) / (peak x memory_efficiency); absent = 1")
+    kv_read_cost: Optional[Quantity] = Field(
+        None, description="HBM time of a paged K/V cache byte relative to another read byte: "
+                          "attention kernels gather the cache page by page (vLLM's 16-token "
+                          "pages, no TMA in FlashAttention-3) while queries and outputs move in "
+                          "bulk: memory time = (other + kv_read_cost x K/V bytes) / (peak x "
+                          "memory_efficiency); absent = 1")
     wave_overhead_us: Optional[Quantity] = Field(
         None, description="µs each wave of GEMM tiles adds to the compute time: the load "
                           "pipeline's fill before the first MMA and the epilogue's drain of "
