@@ -94,7 +94,8 @@ LL_SPAN = 1000.0
 EXTRA_TERMS = {"step_us": 0.0, "k_latency_us": 0.0, "k_split_above": float("inf"),
                "overlap_exponent": 0.0, "unaligned_m_floor_us": 0.0, "partial_wave_gain": 0.0,
                "write_cost": 1.0, "wave_overhead_us": 0.0, "l2_capacity_fraction": 0.0,
-               "l2_hit_exponent": 1.0, "l2_speedup": 1.0, "overlap_wave_exponent": 0.0}
+               "l2_hit_exponent": 1.0, "l2_speedup": 1.0, "overlap_wave_exponent": 0.0,
+               "split_slice_us": 0.0}
 # Fused-MoE families whose serialised steps are unaligned elements (costs/moe.py).
 MOE_STEP_FAMILIES = ("moe_bf16",)
 LAYOUT_ORDER = ("moe", "gemm", "attention_context", "attention_generation", "collective",
@@ -216,7 +217,8 @@ def predict_rows(ops: Ops, params: Params) -> np.ndarray:
                                 p.get("wave_overhead_us", 0.0), ops.warm[sel], ops.ws_l2[sel],
                                 p.get("l2_capacity_fraction", 0.0),
                                 p.get("l2_hit_exponent", 1.0), p.get("l2_speedup", 1.0),
-                                p.get("overlap_wave_exponent", 0.0))
+                                p.get("overlap_wave_exponent", 0.0),
+                                p.get("split_slice_us", 0.0))
         if p.get("ll_latency_us", 0.0) > 0 and p.get("ll_bus_efficiency", 0.0) > 0:
             # Second protocol line (hardware.CollectiveFit): the faster one is used.
             t[sel] = np.minimum(t[sel], kernel_time_us(
@@ -251,7 +253,7 @@ def _free_params(ops: Ops, families: Sequence[str]) -> list[tuple[str, str]]:
         if fam not in COLLECTIVES and ops.steps[sel].max() > 0:
             free.append((fam, "step_us"))
         if fam in K_LOOP_FAMILIES and ops.k_loop[sel].max() > 0:
-            free += [(fam, "k_latency_us"), (fam, "k_split_above")]
+            free += [(fam, "k_latency_us"), (fam, "k_split_above"), (fam, "split_slice_us")]
         if (fam in MOE_K_LOOP_FAMILIES + KEY_CHAIN_FAMILIES + ROW_PASS_FAMILIES
                 and ops.k_loop[sel].max() > 0):
             free.append((fam, "k_latency_us"))
@@ -345,6 +347,11 @@ def fit_families(ops: Ops, base: Params, families: Sequence[str]) -> tuple[Param
             x0.append(np.log(v if v > 0 else 0.2))
             lo.append(np.log(1e-3))
             hi.append(np.log(4.0))
+        elif name == "split_slice_us":
+            # One partial-sum tile read and added per slice: well under a µs.
+            x0.append(np.log(v if v > 0 else 0.1))
+            lo.append(np.log(1e-4))
+            hi.append(np.log(5.0))
         elif name == "l2_capacity_fraction":
             # Some share of the L2 size (its two partitions may hold a line twice).
             x0.append(np.log(v if v > 0 else 0.7))
@@ -507,7 +514,7 @@ def overlay(base: HardwareProfile, params: Params, report: dict, tables: Sequenc
                      "step_us", "k_latency_us", "k_split_above", "overlap_exponent",
                      "unaligned_m_floor_us", "partial_wave_gain", "write_cost", "wave_overhead_us",
                      "l2_capacity_fraction", "l2_hit_exponent", "l2_speedup",
-                     "overlap_wave_exponent",
+                     "overlap_wave_exponent", "split_slice_us",
                      "ll_latency_us",
                      "ll_bus_efficiency"):
             if f"{fam}.{name}" in fitted_by:

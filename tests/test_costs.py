@@ -387,3 +387,15 @@ def test_overlap_improves_with_waves():
     # Large p stays finite (the p-norm is evaluated scaled).
     assert np.isfinite(kernel_time_us(0.0, 1.0, 1.0, 1e4, 1e4, overlap_exponent=2.0,
                                       waves=1e4, overlap_wave_exponent=1.0))
+
+
+def test_split_k_slices_add_reduction_steps():
+    # Past the split point every further K slice adds one serial partial-sum step: the thin
+    # cuBLAS GEMMs of the reference table still grow past k=16384 (m=1, n=32: 5.8 -> 7.1 µs
+    # at k=65536).
+    t = lambda kk: kernel_time_us(0.0, 1.0, 1.0, 0.0, 0.0, k_loop=kk, k_latency_us=1.0,
+                                  k_split_above=2048.0, split_slice_us=0.5)
+    assert t(2048) == pytest.approx(2.0)
+    assert t(8192) == pytest.approx(2.0 + 0.5 * 3)
+    assert HW.kernels.gemm_bf16.split_slice_us is not None
+    assert gemm("x", 1, 32, 65536, HW).time_us > gemm("x", 1, 32, 16384, HW).time_us

@@ -121,7 +121,7 @@ def test_schema_names_the_expected_families_and_ops():
                                            "unaligned_m_floor_us", "partial_wave_gain", "write_cost",
                                            "wave_overhead_us", "chunk_elems", "l2_capacity_fraction",
                                            "l2_hit_exponent", "l2_speedup",
-                                           "overlap_wave_exponent"}
+                                           "overlap_wave_exponent", "split_slice_us"}
     assert set(CollectiveFit.model_fields) == {"latency_us", "bus_efficiency", "host_floor_us",
                                                "latency_per_step_us", "ll_latency_us",
                                                "ll_bus_efficiency"}

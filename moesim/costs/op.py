@@ -69,7 +69,7 @@ def kernel_time_us(t0_us, compute_efficiency, memory_efficiency, ideal_compute_u
                    wave_fill=1.0, partial_wave_gain=0.0, write_fraction=0.0, write_cost=1.0,
                    waves=0.0, wave_overhead_us=0.0, warm_fraction=0.0, working_set_l2=0.0,
                    l2_capacity_fraction=0.0, l2_hit_exponent=1.0, l2_speedup=1.0,
-                   overlap_wave_exponent=0.0):
+                   overlap_wave_exponent=0.0, split_slice_us=0.0):
     """``kernels * t0 + steps * step_us + combine(t_c, t_m, t_k)`` with ``t_c = ideal_compute /
     min(1, eff_c * (1 + partial_wave_gain * (1 - wave_fill))))`` (SMs a partial wave leaves idle leave
     their share of power, hence clock, and of L2/HBM bandwidth to the busy ones: a busy SM runs
@@ -79,8 +79,10 @@ def kernel_time_us(t0_us, compute_efficiency, memory_efficiency, ideal_compute_u
     cost ``write_cost`` reads: bus turnarounds and write recovery; :func:`l2_saving`: the
     ``warm_fraction`` of the bytes the previous kernel left in L2 is read faster while the
     working set fits) and ``t_k = k_latency_us * min(k_loop,
-    k_split_above) / 1024`` (the K loop one CTA walks serially: each K block waits on its loads,
-    so a thin GEMM is latency bound however little it moves). ``combine`` is the roofline's
+    k_split_above) / 1024 + split_slice_us * max(0, k_loop / k_split_above - 1)`` (the K loop
+    one CTA walks serially: each K block waits on its loads, so a thin GEMM is latency bound
+    however little it moves; past the split point the K slices' partial sums are reduced one
+    after another, one step per further slice). ``combine`` is the roofline's
     maximum, or with an ``overlap_exponent`` p the p-norm ``(t_c^p + t_m^p + t_k^p)^(1/p)``: a
     kernel overlaps its compute and memory phases imperfectly, most visibly near the ridge
     point, and p -> inf recovers the maximum. With an ``overlap_wave_exponent`` g, p grows
@@ -98,7 +100,8 @@ def kernel_time_us(t0_us, compute_efficiency, memory_efficiency, ideal_compute_u
     t_m = np.asarray(ideal_memory_us) * (1.0 + (write_cost - 1.0) * np.asarray(
         write_fraction) - l2_saving(warm_fraction, working_set_l2, l2_capacity_fraction,
                                     l2_hit_exponent, l2_speedup, np.minimum)) / memory_efficiency
-    t_k = k_latency_us * np.minimum(k_loop, k_split_above) / 1024.0
+    t_k = k_latency_us * np.minimum(k_loop, k_split_above) / 1024.0 + split_slice_us * \
+        np.maximum(0.0, np.asarray(k_loop) / k_split_above - 1.0)
     if overlap_exponent and overlap_wave_exponent:
         p = overlap_exponent * np.maximum(1.0, np.asarray(waves)) ** overlap_wave_exponent
         body = scaled_p_norm(t_c, t_m, t_k, p, np.maximum)
@@ -154,7 +157,8 @@ def fit_terms(fit) -> dict:
             "l2_capacity_fraction": _opt(fit.l2_capacity_fraction, 0.0),
             "l2_hit_exponent": _opt(fit.l2_hit_exponent, 1.0),
             "l2_speedup": _opt(fit.l2_speedup, 1.0),
-            "overlap_wave_exponent": _opt(fit.overlap_wave_exponent, 0.0)}
+            "overlap_wave_exponent": _opt(fit.overlap_wave_exponent, 0.0),
+            "split_slice_us": _opt(fit.split_slice_us, 0.0)}
 
 
 def roofline_terms(fit, hw: "HardwareProfile", bytes_, ideal_compute_us, kernels, steps, k_loop,
@@ -173,6 +177,8 @@ def roofline_terms(fit, hw: "HardwareProfile", bytes_, ideal_compute_us, kernels
         warm_fraction, working_set_l2, extra["l2_capacity_fraction"], extra["l2_hit_exponent"],
         extra["l2_speedup"], minimum)) / fit.memory_efficiency.value
     t_k = extra["k_latency_us"] * minimum(k_loop, extra["k_split_above"]) / 1024.0
+    if extra["split_slice_us"]:
+        t_k = t_k + extra["split_slice_us"] * maximum(0.0, k_loop / extra["k_split_above"] - 1.0)
     fixed = kernels * fit.t0_us.value  # what a CUDA graph replaces (step.py): t0 only
     p = extra["overlap_exponent"]
     if p and extra["overlap_wave_exponent"]:

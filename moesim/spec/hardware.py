@@ -183,6 +183,10 @@ class KernelFit(_Strict):
                           "overlap_exponent x max(1, waves) ^ this (a CTA with further tiles "
                           "queued loads the next tile during this one's math, so long kernels "
                           "overlap better than one-wave ones); absent = 0")
+    split_slice_us: Optional[Quantity] = Field(
+        None, description="µs per K slice beyond the first once the library splits K (past "
+                          "k_split_above): the slices' partial sums are reduced one after "
+                          "another; absent = 0")
     chunk_elems: Optional[Quantity] = Field(
         None, description="elements of a row one thread block reads per pass (quant_fp8: vLLM's "
                           "per-tensor kernels run one block per row and walk it in passes)")
