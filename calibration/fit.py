@@ -86,13 +86,19 @@ WAVE_OVERHEAD_FAMILIES = ("gemm_bf16",)
 # Prefill attention: its rows range from query/output-dominated traffic (many query heads per KV
 # head) to K/V-dominated (one), so they identify what a paged K/V byte costs against the rest.
 KV_READ_FAMILIES = ("attention_prefill", "attention_prefill_fp8")
+# Families whose tables identify an L2 term: a GEMM's activations, left in L2 by the kernel
+# before, are read faster while the working set fits (cuBLAS tables with small N and a
+# working set on both sides of the L2 size: up to 1.8x faster than HBM streaming allows).
+L2_FAMILIES = ("gemm_bf16",)
 # A collective table whose transfer times span this ratio reaches from the latency-bound to the
 # bandwidth-bound end, so it can identify both protocol lines (LL/LL128 and Simple).
 LL_SPAN = 1000.0
 # Optional KernelFit terms and the value that switches each off.
 EXTRA_TERMS = {"step_us": 0.0, "k_latency_us": 0.0, "k_split_above": float("inf"),
                "overlap_exponent": 0.0, "unaligned_m_floor_us": 0.0, "partial_wave_gain": 0.0,
-               "write_cost": 1.0, "wave_overhead_us": 0.0, "kv_read_cost": 1.0}
+               "write_cost": 1.0, "wave_overhead_us": 0.0, "kv_read_cost": 1.0,
+               "l2_capacity_fraction": 0.0, "l2_hit_exponent": 1.0, "l2_speedup": 1.0,
+               "overlap_wave_exponent": 0.0, "split_slice_us": 0.0}
 # Fused-MoE families whose serialised steps are unaligned elements (costs/moe.py).
 MOE_STEP_FAMILIES = ("moe_bf16",)
 LAYOUT_ORDER = ("moe", "gemm", "attention_context", "attention_generation", "collective",
@@ -117,13 +123,16 @@ class Ops:
     wave_fill: np.ndarray  # fraction of SM slots a GEMM's waves of tiles keep busy
     write_fraction: np.ndarray  # share of an op's bytes written to HBM
     waves: np.ndarray  # a GEMM's waves of tiles
+    warm: np.ndarray  # share of an op's bytes the previous kernel left in L2
+    ws_l2: np.ndarray  # bytes an op touches over the L2 size
     kv_fraction: np.ndarray  # share of an op's bytes that is paged K/V cache
     measured: np.ndarray
     n_rows: int
 
     @classmethod
     def from_lists(cls, ops_list: Sequence[Sequence[OpCost]], measured: Sequence[float]) -> "Ops":
-        row, fam, ker, ic, im, eager, steps, kl, un, wf, wr, wv, kv = ([] for _ in range(13))
+        row, fam, ker, ic, im, eager, steps, kl, un, wf, wr, wv, wm, ws, kv = (
+            [] for _ in range(15))
         for r, ops in enumerate(ops_list):
             for o in ops:
                 row.append(r)
@@ -138,12 +147,14 @@ class Ops:
                 wf.append(o.wave_fill)
                 wr.append(o.write_fraction)
                 wv.append(o.waves)
+                wm.append(o.warm_fraction)
+                ws.append(o.working_set_l2)
                 kv.append(o.kv_fraction)
         return cls(np.array(row), np.array(fam), np.array(ker, float), np.array(ic),
                    np.array(im), np.array(eager, bool), np.array(steps, float),
                    np.array(kl, float), np.array(un, bool), np.array(wf, float),
-                   np.array(wr, float), np.array(wv, float), np.array(kv, float),
-                   np.asarray(measured, float),
+                   np.array(wr, float), np.array(wv, float), np.array(wm, float),
+                   np.array(ws, float), np.array(kv, float), np.asarray(measured, float),
                    len(ops_list))
 
     def subset(self, rows: np.ndarray) -> "Ops":
@@ -153,8 +164,8 @@ class Ops:
         return Ops(remap[self.row[keep]], self.family[keep], self.kernels[keep],
                    self.ideal_c[keep], self.ideal_m[keep], self.eager[keep], self.steps[keep],
                    self.k_loop[keep], self.unaligned[keep], self.wave_fill[keep],
-                   self.write_fraction[keep], self.waves[keep], self.kv_fraction[keep],
-                   self.measured[rows], len(rows))
+                   self.write_fraction[keep], self.waves[keep], self.warm[keep],
+                   self.ws_l2[keep], self.kv_fraction[keep], self.measured[rows], len(rows))
 
 
 Params = dict[str, dict[str, float]]  # family -> {t0_us, compute_efficiency, memory_efficiency}
@@ -208,7 +219,11 @@ def predict_rows(ops: Ops, params: Params) -> np.ndarray:
                                 p.get("overlap_exponent") or None, ops.wave_fill[sel],
                                 p.get("partial_wave_gain", 0.0), ops.write_fraction[sel],
                                 p.get("write_cost", 1.0), ops.waves[sel],
-                                p.get("wave_overhead_us", 0.0), ops.kv_fraction[sel],
+                                p.get("wave_overhead_us", 0.0), ops.warm[sel], ops.ws_l2[sel],
+                                p.get("l2_capacity_fraction", 0.0),
+                                p.get("l2_hit_exponent", 1.0), p.get("l2_speedup", 1.0),
+                                p.get("overlap_wave_exponent", 0.0),
+                                p.get("split_slice_us", 0.0), ops.kv_fraction[sel],
                                 p.get("kv_read_cost", 1.0))
         if p.get("ll_latency_us", 0.0) > 0 and p.get("ll_bus_efficiency", 0.0) > 0:
             # Second protocol line (hardware.CollectiveFit): the faster one is used.
@@ -244,7 +259,7 @@ def _free_params(ops: Ops, families: Sequence[str]) -> list[tuple[str, str]]:
         if fam not in COLLECTIVES and ops.steps[sel].max() > 0:
             free.append((fam, "step_us"))
         if fam in K_LOOP_FAMILIES and ops.k_loop[sel].max() > 0:
-            free += [(fam, "k_latency_us"), (fam, "k_split_above")]
+            free += [(fam, "k_latency_us"), (fam, "k_split_above"), (fam, "split_slice_us")]
         if (fam in MOE_K_LOOP_FAMILIES + KEY_CHAIN_FAMILIES + ROW_PASS_FAMILIES
                 and ops.k_loop[sel].max() > 0):
             free.append((fam, "k_latency_us"))
@@ -258,6 +273,14 @@ def _free_params(ops: Ops, families: Sequence[str]) -> list[tuple[str, str]]:
             free.append((fam, "kv_read_cost"))
         if fam in WAVE_OVERHEAD_FAMILIES and ops.waves[sel].max() > 2 * ops.waves[sel].min() > 0:
             free.append((fam, "wave_overhead_us"))
+        if (fam in L2_FAMILIES and ops.warm[sel].max() > 0.5
+                and ops.ws_l2[sel].min() < 0.5 < 2.0 < ops.ws_l2[sel].max()):
+            # Activation-dominated ops that fit in L2 and ones far beyond it: identifiable.
+            free += [(fam, "l2_capacity_fraction"), (fam, "l2_hit_exponent"),
+                     (fam, "l2_speedup")]
+        if fam in WAVE_OVERHEAD_FAMILIES and fam in OVERLAP_FAMILIES and \
+                ops.waves[sel].max() > 2 * ops.waves[sel].min() > 0:
+            free.append((fam, "overlap_wave_exponent"))
         if fam in WAVE_FAMILIES and ops.wave_fill[sel].min() < 1.0:
             free.append((fam, "partial_wave_gain"))
         if fam in HOST_FLOOR_FAMILIES and 0 < ops.unaligned[sel].sum() < sel.sum():
@@ -328,6 +351,31 @@ def fit_families(ops: Ops, base: Params, families: Sequence[str]) -> tuple[Param
             x0.append(np.log(v if v > 0 else 0.5))
             lo.append(np.log(1e-3))
             hi.append(np.log(20.0))
+        elif name == "overlap_wave_exponent":
+            # 0 = the same overlap at every size; 1 = p proportional to the waves.
+            x0.append(np.log(v if v > 0 else 0.2))
+            lo.append(np.log(1e-3))
+            hi.append(np.log(4.0))
+        elif name == "split_slice_us":
+            # One partial-sum tile read and added per slice: well under a µs.
+            x0.append(np.log(v if v > 0 else 0.1))
+            lo.append(np.log(1e-4))
+            hi.append(np.log(5.0))
+        elif name == "l2_capacity_fraction":
+            # Some share of the L2 size (its two partitions may hold a line twice).
+            x0.append(np.log(v if v > 0 else 0.7))
+            lo.append(np.log(0.05))
+            hi.append(0.0)
+        elif name == "l2_hit_exponent":
+            # 1 = random replacement; tens = LRU's collapse once the working set overflows.
+            x0.append(np.log(v if v != 1.0 else 4.0))
+            lo.append(0.0)
+            hi.append(np.log(64.0))
+        elif name == "l2_speedup":
+            # L2 read bandwidth is a few times HBM's on Hopper.
+            x0.append(np.log(v if v != 1.0 else 2.0))
+            lo.append(0.0)
+            hi.append(np.log(8.0))
         elif name == "write_cost":
             x0.append(np.log(v if v > 0 else 1.0))
             lo.append(np.log(0.5))
@@ -478,7 +526,9 @@ def overlay(base: HardwareProfile, params: Params, report: dict, tables: Sequenc
         fields = {}
         for name in ("t0_us", "compute_efficiency", "memory_efficiency", "host_floor_us",
                      "step_us", "k_latency_us", "k_split_above", "overlap_exponent",
-                     "unaligned_m_floor_us", "partial_wave_gain", "write_cost", "wave_overhead_us", "kv_read_cost",
+                     "unaligned_m_floor_us", "partial_wave_gain", "write_cost", "wave_overhead_us",
+                     "kv_read_cost", "l2_capacity_fraction", "l2_hit_exponent", "l2_speedup",
+                     "overlap_wave_exponent", "split_slice_us",
                      "ll_latency_us",
                      "ll_bus_efficiency"):
             if f"{fam}.{name}" in fitted_by:

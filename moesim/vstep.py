@@ -86,11 +86,12 @@ class VOp:
 
 def v_roofline(family: str, bytes_: Any, ideal_compute_us: Any, hw: Any, kernels: int = 1,
                steps: Any = 0, k_loop: Any = 0.0, wave_fill: Any = 1.0,
-               write_fraction: Any = 0.0, waves: Any = 0.0) -> VOp:
+               write_fraction: Any = 0.0, waves: Any = 0.0, warm_fraction: Any = 0.0,
+               working_set_l2: Any = 0.0) -> VOp:
     """``costs.op.roofline`` over arrays."""
     time, fixed, ideal_memory_us, t_c, t_m, t_k = roofline_terms(
         hw.kernel(family), hw, bytes_, ideal_compute_us, kernels, steps, k_loop, np.maximum,
-        np.minimum, wave_fill, write_fraction, waves)
+        np.minimum, wave_fill, write_fraction, waves, warm_fraction, working_set_l2)
     bound = np.where(fixed > time - fixed, LAUNCH,
                      np.where(t_c >= np.maximum(t_m, t_k), COMPUTE, MEMORY))
     return VOp(time, fixed, kernels, bound, ideal_compute_us, ideal_memory_us,
@@ -121,6 +122,7 @@ def v_gemm_tiling(m: np.ndarray, n: int, k: int, hw: Any, compute_dtype: str,
     gran = hw.kernel(family).m_granularity
     if gran is not None:
         tm = np.minimum(tm, gran.value)
+        tn = int(max(16, min(tn, 2 ** max(0, int(np.ceil(np.log2(max(n, 1))))))))
     tiles = np.ceil(m / tm) * np.ceil(n / tn)
     tile_flops = 2.0 * tm * tn * k
     full_waves = np.maximum(1.0, m * n / (tile_m * hw.compute.gemm_tile_n.value) / sms)
@@ -148,7 +150,9 @@ def v_gemm(m: Any, n: int, k: int, hw: Any, weight_dtype: str = "bf16",
     family = gemm_family(weight_dtype, act_dtype)
     ideal_us, fill, waves = v_gemm_tiling(m, n, k, hw, cd, family)
     return v_roofline(family, bytes_, ideal_us, hw, kernels, k_loop=k, wave_fill=fill,
-                      write_fraction=m * n * ELEMENT_BYTES[out_dtype] / bytes_, waves=waves)
+                      write_fraction=m * n * ELEMENT_BYTES[out_dtype] / bytes_, waves=waves,
+                      warm_fraction=m * k * ELEMENT_BYTES[act_dtype] / bytes_,
+                      working_set_l2=bytes_ / hw.memory.l2_bytes.value)
 
 
 def v_linear(m: Any, n: int, k: int, hw: Any, weight_dtype: str = "bf16",

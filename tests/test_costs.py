@@ -406,3 +406,53 @@ def test_prefill_prices_paged_kv_bytes_at_their_own_cost():
     fit = HW.kernel("attention_prefill")
     assert fit.kv_read_cost is not None and "calibration fit" in fit.kv_read_cost.source
     assert fit.kv_read_cost.value > 1.0
+
+
+def test_bf16_gemm_reads_l2_warm_activations_faster_while_they_fit():
+    # cuBLAS, n = 32: the activations dominate the bytes. The reference table runs 1.3-1.8x
+    # faster than HBM streaming allows while the working set fits in L2 (m=8192, k=2048: 34 MB),
+    # and falls back to the HBM rate beyond it (k=4096: 67 MB).
+    fit = HW.kernels.gemm_bf16
+    assert fit.l2_capacity_fraction is not None and fit.l2_speedup.value > 1.0
+    fits, spills = gemm("x", 8192, 32, 2048, HW), gemm("x", 8192, 32, 4096, HW)
+    assert fits.working_set_l2 < fit.l2_capacity_fraction.value < spills.working_set_l2
+    assert fits.warm_fraction > 0.9
+    per_byte = lambda o: (o.time_us - o.fixed_us) / o.bytes
+    assert per_byte(fits) < 0.8 * per_byte(spills)
+    # The saving itself: hit rate 1 inside the capacity, ~0 far beyond it.
+    from moesim.costs.op import l2_saving
+    assert l2_saving(1.0, 0.1, 0.7, 20.0, 2.0, min) == pytest.approx(0.5)
+    assert l2_saving(1.0, 2.0, 0.7, 20.0, 2.0, min) < 1e-6
+    assert l2_saving(1.0, 0.1, 0.0, 20.0, 2.0, min) == 0.0  # no L2 term: unchanged
+
+
+def test_thin_n_bf16_gemm_pads_n_to_a_thin_tile():
+    from moesim.costs.gemm import gemm_ideal_compute_us
+    # n = 32 runs on a 32-column tile (swapped operands), not the profile's 128-column one.
+    at32 = gemm_ideal_compute_us(4096, 32, 4096, HW, "bf16")
+    at128 = gemm_ideal_compute_us(4096, 128, 4096, HW, "bf16")
+    assert at32 == pytest.approx(at128 / 4)
+
+
+def test_overlap_improves_with_waves():
+    # p = overlap_exponent x waves^g: balanced compute and memory add up at p = 1 for one wave
+    # and approach their maximum with many waves.
+    t = lambda w: kernel_time_us(0.0, 1.0, 1.0, 10.0, 10.0, overlap_exponent=1.0, waves=w,
+                                 overlap_wave_exponent=1.0)
+    assert t(1.0) == pytest.approx(20.0)
+    assert 10.0 < t(64.0) < 10.2
+    # Large p stays finite (the p-norm is evaluated scaled).
+    assert np.isfinite(kernel_time_us(0.0, 1.0, 1.0, 1e4, 1e4, overlap_exponent=2.0,
+                                      waves=1e4, overlap_wave_exponent=1.0))
+
+
+def test_split_k_slices_add_reduction_steps():
+    # Past the split point every further K slice adds one serial partial-sum step: the thin
+    # cuBLAS GEMMs of the reference table still grow past k=16384 (m=1, n=32: 5.8 -> 7.1 µs
+    # at k=65536).
+    t = lambda kk: kernel_time_us(0.0, 1.0, 1.0, 0.0, 0.0, k_loop=kk, k_latency_us=1.0,
+                                  k_split_above=2048.0, split_slice_us=0.5)
+    assert t(2048) == pytest.approx(2.0)
+    assert t(8192) == pytest.approx(2.0 + 0.5 * 3)
+    assert HW.kernels.gemm_bf16.split_slice_us is not None
+    assert gemm("x", 1, 32, 65536, HW).time_us > gemm("x", 1, 32, 16384, HW).time_us

@@ -119,7 +119,10 @@ def test_schema_names_the_expected_families_and_ops():
                                            "host_floor_us", "overlap_exponent", "step_us",
                                            "k_latency_us", "k_split_above", "m_granularity",
                                            "unaligned_m_floor_us", "partial_wave_gain", "write_cost",
-                                           "wave_overhead_us", "chunk_elems", "kv_read_cost"}
+                                           "wave_overhead_us", "chunk_elems", "l2_capacity_fraction",
+                                           "l2_hit_exponent", "l2_speedup",
+                                           "overlap_wave_exponent", "split_slice_us",
+                                           "kv_read_cost"}
     assert set(CollectiveFit.model_fields) == {"latency_us", "bus_efficiency", "host_floor_us",
                                                "latency_per_step_us", "ll_latency_us",
                                                "ll_bus_efficiency"}

@@ -6,7 +6,9 @@ quantisation): the output is cut into ``tile_m x tile_n`` CTA tiles, tiles run i
 B and C once from HBM (C's share as written bytes). The kernel family (bf16 / fp8 / block-scaled
 fp8) sets the efficiencies and, where the profile has them, the GEMM terms of
 :func:`moesim.costs.op.kernel_time_us`: the wave fill (partial-wave gain), the waves (per-wave
-fill/drain time), the write share (HBM write cost); ``m_granularity`` sets how far cuBLAS pads M.
+fill/drain time), the write share (HBM write cost), the activations' share of the bytes and the
+working set over the L2 size (the L2 term: activations the previous kernel just wrote are read
+from L2 while the working set fits); ``m_granularity`` sets how far cuBLAS pads M.
 """
 
 from __future__ import annotations
@@ -62,6 +64,10 @@ def _tiling(m: int, n: int, k: int, hw: HardwareProfile, compute_dtype: str,
         # only to this many rows: measured cuBLAS times show no step at m = 128 -> 129 or
         # 1024 -> 1025, where a fixed 128-row tile would add a whole tile row.
         tm = min(tm, int(gran.value))
+        # Thin N gets a thin tile too (the swapped operand order makes N the tile's row side):
+        # a 128-column tile for n = 32 would overstate the padded FLOPs 4x, and the measured
+        # times at n = 32 and 64 sit far below that.
+        tn = _tile_m(n, tn)
     tiles = math.ceil(m / tm) * math.ceil(n / tn)
     tile_flops = 2.0 * tm * tn * k
     if tiles < sms or family == "gemm_bf16":
@@ -114,9 +120,12 @@ def gemm(name: str, m: int, n: int, k: int, hw: HardwareProfile, weight_dtype: s
               + m * n * ELEMENT_BYTES[out_dtype])
     family = gemm_family(weight_dtype, act_dtype)
     ideal_us, fill, waves = _tiling(m, n, k, hw, cd, family)
+    # The activations X were just written by the kernel before (in a kernel benchmark: read by
+    # the previous iteration), so they may still sit in L2 (hardware.kernels.<family>.l2_*).
     op = roofline(name, category, family, flops, bytes_, ideal_us, hw, kernels, k_loop=k,
                   wave_fill=fill, write_fraction=m * n * ELEMENT_BYTES[out_dtype] / bytes_,
-                  waves=waves)
+                  waves=waves, warm_fraction=m * k * ELEMENT_BYTES[act_dtype] / bytes_,
+                  working_set_l2=bytes_ / hw.memory.l2_bytes.value)
     if family == "gemm_fp8_block" and scales_unaligned(m):
         extra = hw.kernel(family).unaligned_m_floor_us
         op = replace(op, host_floor_us=op.host_floor_us + (extra.value if extra else 0.0),

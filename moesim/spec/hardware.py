@@ -173,6 +173,26 @@ class KernelFit(_Strict):
         None, description="µs each wave of GEMM tiles adds to the compute time: the load "
                           "pipeline's fill before the first MMA and the epilogue's drain of "
                           "the accumulators after the last (amortised over long K loops)")
+    l2_capacity_fraction: Optional[Quantity] = Field(
+        None, description="share of the L2 (memory.l2_bytes) that keeps a GEMM's input, just "
+                          "written by the previous kernel, resident while the GEMM streams its "
+                          "working set through it; absent = no L2 term (all bytes from HBM)")
+    l2_hit_exponent: Optional[Quantity] = Field(
+        None, description="how sharply the warm input's L2 hit rate falls once the working set "
+                          "outgrows the resident capacity: hit = min(1, capacity / working set) "
+                          "^ exponent (1 = random replacement; large = LRU-like); absent = 1")
+    l2_speedup: Optional[Quantity] = Field(
+        None, description="rate of L2-resident reads relative to HBM reads for this family "
+                          "(memory time of a hit byte = 1 / l2_speedup of a miss); absent = 1")
+    overlap_wave_exponent: Optional[Quantity] = Field(
+        None, description="growth of the overlap exponent with a GEMM's waves of tiles: p = "
+                          "overlap_exponent x max(1, waves) ^ this (a CTA with further tiles "
+                          "queued loads the next tile during this one's math, so long kernels "
+                          "overlap better than one-wave ones); absent = 0")
+    split_slice_us: Optional[Quantity] = Field(
+        None, description="µs per K slice beyond the first once the library splits K (past "
+                          "k_split_above): the slices' partial sums are reduced one after "
+                          "another; absent = 0")
     chunk_elems: Optional[Quantity] = Field(
         None, description="elements of a row one thread block reads per pass (quant_fp8: vLLM's "
                           "per-tensor kernels run one block per row and walk it in passes)")
