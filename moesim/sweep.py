@@ -1431,8 +1431,13 @@ def evaluate_group(base: dict[str, Any], base_dir: Optional[Path], task: GroupTa
             outs = [prediction_outputs(predict(with_workload(sc, wl))) for _, wl in pending]
             evaluator = None
         if verify and evaluator is not None:
-            ref = prediction_outputs(predict(with_workload(sc, pending[0][1])))
-            diff = outputs_agree(outs[0], ref)
+            # One point a group is checked against predict; the one with the fewest tokens in
+            # flight is the cheapest to predict (fewest distinct steps to draw and price).
+            j = min(range(len(pending)), key=lambda i: (
+                pending[i][1].batch_size * (pending[i][1].input_len + pending[i][1].output_len),
+                i))
+            ref = prediction_outputs(predict(with_workload(sc, pending[j][1])))
+            diff = outputs_agree(outs[j], ref)
             if diff is not None:
                 res.warnings.append(f"fast path disagrees with predict ({diff}) for "
                                     f"{dict(task.structural)}: group evaluated with predict")
