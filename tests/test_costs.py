@@ -334,23 +334,6 @@ def test_block_fp8_experts_use_vllm_default_tiles():
     assert float(bf16["experts_up"][7][0]) == np.ceil(128 * 24 / sms) * 2048
 
 
-def test_expert_tiles_follow_rows_per_expert_not_tokens():
-    """16-bit expert GEMM tiles are chosen by rows per local expert, read through vLLM's tuned
-    E=128 top-8 table (M tokens = 16 rows per expert): 128 tokens of a top-2-of-8 model bring 32
-    rows to each expert, what 512 tokens bring in the reference model, so 64-row tiles, where
-    keying by tokens would give the 16-row tiles of 128 tokens."""
-    from moesim.costs.moe import block_shape, expert_block_shape, fused_terms_steps, tile_waves
-
-    assert expert_block_shape(256, 8) == block_shape(512) == (64, 64)
-    assert block_shape(128) == (16, 64)
-    assert expert_block_shape(np.array([128.0, 2048.0]), 128)[0].tolist() == [16, 32]
-    sms = int(HW.compute.sm_count.value)
-    loads = np.full((1, 8), 32, dtype=np.int64)
-    up = {t[0]: t for t in fused_terms_steps(loads, 128, 2, 4096, 1792, HW, "bf16", "bf16")}
-    waves = float(tile_waves(loads, 3584, np.array([64]), np.array([64]), sms)[0])
-    assert float(up["experts_up"][7][0]) == waves * 4096
-
-
 def test_w4_weight_only_experts_run_at_the_engines_rate():
     """4-bit weight-only experts (mxfp4 on Hopper) compute at the framework's
     w4a16_moe_efficiency share of the 16-bit kernel's rate; other formats are untouched."""

@@ -43,23 +43,6 @@ def block_shape(num_tokens):
     return bm, bn
 
 
-# The table above is keyed by the tokens M of the config it was read from (E = 128 experts,
-# top-8: M tokens bring M * 8 / 128 = M / 16 rows to each expert). What sets the best tile is the
-# rows each expert's GEMM gets, and that differs between models at equal M (top-1 of 16 experts:
-# M / 16; top-2 of 8: M / 4; EP divides the experts), so the table is applied to the reference
-# config's M at equal rows per local expert. Leave-one-shape-out on moe.csv: median 8.0 -> 7.9 %,
-# p90 24.1 -> 23.6 % against keying by the kernel's own M.
-_REFERENCE_TOKENS_PER_EXPERT_ROW = 128 / 8
-
-
-def expert_block_shape(slots, local_experts: int):
-    """(BLOCK_M, BLOCK_N) of a 16-bit fused-MoE GEMM whose ``local_experts`` experts receive
-    ``slots`` routed rows in all: :func:`block_shape` at the reference config's token count
-    with the same mean rows per expert, ``slots / local_experts * 128 / 8``."""
-    return block_shape(np.asarray(slots, dtype=np.float64) / local_experts
-                       * _REFERENCE_TOKENS_PER_EXPERT_ROW)
-
-
 def router(num_tokens: int, hidden: int, num_experts: int, top_k: int, hw: HardwareProfile,
            scoring: str = "softmax", act_dtype: str = "bf16") -> list[OpCost]:
     """Router GEMM (kept in bf16 by every quantised checkpoint) and the top-k selection kernel.
@@ -170,7 +153,7 @@ def fused_terms_steps(loads: np.ndarray, num_tokens, top_k: int, hidden: int, in
     active = np.count_nonzero(loads, axis=-1).astype(np.float64)
     family = "moe_fp8" if act_dtype in ("fp8", "fp8_block") else "moe_bf16"
     quant = act_dtype in ("fp8", "fp8_block")
-    bm, bn = expert_block_shape(slots, loads.shape[-1])
+    bm, bn = block_shape(tokens)
     if weight_dtype == "fp8_block":
         bm = np.full(tokens.shape, FP8_BLOCK_DEFAULT_BLOCK[0])
         bn = np.full(tokens.shape, FP8_BLOCK_DEFAULT_BLOCK[1])
