@@ -99,6 +99,42 @@ EXTRA_TERMS = {"step_us": 0.0, "k_latency_us": 0.0, "k_split_above": float("inf"
                "write_cost": 1.0, "wave_overhead_us": 0.0, "kv_read_cost": 1.0,
                "l2_capacity_fraction": 0.0, "l2_hit_exponent": 1.0, "l2_speedup": 1.0,
                "overlap_wave_exponent": 0.0, "split_slice_us": 0.0}
+# Start (where the profile leaves a term unset) and bounds of the optional terms the fit frees;
+# the fit runs in log space.
+TERM_BOUNDS = {
+    # A pipeline fill (one HBM latency, ~1 µs) and an epilogue: a few µs at most.
+    "wave_overhead_us": (0.5, 1e-3, 20.0),
+    # 0 = the same overlap at every size; 1 = p proportional to the waves.
+    "overlap_wave_exponent": (0.2, 1e-3, 4.0),
+    # One partial-sum tile read and added per slice: well under a µs.
+    "split_slice_us": (0.1, 1e-4, 5.0),
+    # Some share of the L2 size (its two partitions may hold a line twice).
+    "l2_capacity_fraction": (0.7, 0.05, 1.0),
+    # 1 = random replacement; tens = LRU's collapse once the working set overflows.
+    "l2_hit_exponent": (4.0, 1.0, 64.0),
+    # L2 read bandwidth is a few times HBM's on Hopper.
+    "l2_speedup": (2.0, 1.0, 8.0),
+    "write_cost": (1.0, 0.5, 4.0),
+    # A gathered page costs at least a bulk byte, at most several.
+    "kv_read_cost": (1.5, 0.5, 8.0),
+    # A busy SM can at most reach its unthrottled peak: a few tens of percent.
+    "partial_wave_gain": (0.2, 1e-3, 2.0),
+    # One extra torch op dispatched from the host: a few µs.
+    "unaligned_m_floor_us": (2.0, 1e-3, 100.0),
+    "k_latency_us": (1.0, 1e-3, 20.0),
+    "k_split_above": (2048.0, 128.0, float(1 << 20)),
+}
+
+
+def _unset(name: str, v: float) -> bool:
+    """Whether a profile's value of an optional term is its "off" value (start elsewhere)."""
+    if name in ("l2_hit_exponent", "l2_speedup"):
+        return v == 1.0
+    if name == "k_split_above":
+        return not np.isfinite(v)
+    return not v > 0
+
+
 # Fused-MoE families whose serialised steps are unaligned elements (costs/moe.py).
 MOE_STEP_FAMILIES = ("moe_bf16",)
 LAYOUT_ORDER = ("moe", "gemm", "attention_context", "attention_generation", "collective",
@@ -346,63 +382,11 @@ def fit_families(ops: Ops, base: Params, families: Sequence[str]) -> tuple[Param
             x0.append(np.log(min(max(v, 1.0), 16.0) if v > 0 else 4.0))
             lo.append(0.0)
             hi.append(np.log(16.0))
-        elif name == "wave_overhead_us":
-            # A pipeline fill (one HBM latency, ~1 µs) and an epilogue: a few µs at most.
-            x0.append(np.log(v if v > 0 else 0.5))
-            lo.append(np.log(1e-3))
-            hi.append(np.log(20.0))
-        elif name == "overlap_wave_exponent":
-            # 0 = the same overlap at every size; 1 = p proportional to the waves.
-            x0.append(np.log(v if v > 0 else 0.2))
-            lo.append(np.log(1e-3))
-            hi.append(np.log(4.0))
-        elif name == "split_slice_us":
-            # One partial-sum tile read and added per slice: well under a µs.
-            x0.append(np.log(v if v > 0 else 0.1))
-            lo.append(np.log(1e-4))
-            hi.append(np.log(5.0))
-        elif name == "l2_capacity_fraction":
-            # Some share of the L2 size (its two partitions may hold a line twice).
-            x0.append(np.log(v if v > 0 else 0.7))
-            lo.append(np.log(0.05))
-            hi.append(0.0)
-        elif name == "l2_hit_exponent":
-            # 1 = random replacement; tens = LRU's collapse once the working set overflows.
-            x0.append(np.log(v if v != 1.0 else 4.0))
-            lo.append(0.0)
-            hi.append(np.log(64.0))
-        elif name == "l2_speedup":
-            # L2 read bandwidth is a few times HBM's on Hopper.
-            x0.append(np.log(v if v != 1.0 else 2.0))
-            lo.append(0.0)
-            hi.append(np.log(8.0))
-        elif name == "write_cost":
-            x0.append(np.log(v if v > 0 else 1.0))
-            lo.append(np.log(0.5))
-            hi.append(np.log(4.0))
-        elif name == "kv_read_cost":
-            # A gathered page costs at least a bulk byte, at most several.
-            x0.append(np.log(v if v > 0 else 1.5))
-            lo.append(np.log(0.5))
-            hi.append(np.log(8.0))
-        elif name == "partial_wave_gain":
-            # A busy SM can at most reach its unthrottled peak: a few tens of percent.
-            x0.append(np.log(v if v > 0 else 0.2))
-            lo.append(np.log(1e-3))
-            hi.append(np.log(2.0))
-        elif name == "unaligned_m_floor_us":
-            # One extra torch op dispatched from the host: a few µs.
-            x0.append(np.log(v if v > 0 else 2.0))
-            lo.append(np.log(1e-3))
-            hi.append(np.log(100.0))
-        elif name == "k_latency_us":
-            x0.append(np.log(v if v > 0 else 1.0))
-            lo.append(np.log(1e-3))
-            hi.append(np.log(20.0))
-        elif name == "k_split_above":
-            x0.append(np.log(v if np.isfinite(v) else 2048.0))
-            lo.append(np.log(128.0))
-            hi.append(np.log(1 << 20))
+        elif name in TERM_BOUNDS:
+            default, low, high = TERM_BOUNDS[name]
+            x0.append(np.log(default if _unset(name, v) else v))
+            lo.append(np.log(low))
+            hi.append(np.log(high))
         elif name in ("t0_us", "host_floor_us", "step_us", "ll_latency_us"):
             # GPU-side fixed time per kernel is launch latency plus prologue and tail: a few µs,
             # never tens. Longer floors in a table belong to the host (host_floor_us).
