@@ -538,9 +538,12 @@ def _layer_kind(att: str, mlp: str) -> str:
     return f"{att}_attention+{mlp}"
 
 
-def build_step(sc: Scenario, b: Batch, moe_loads: Optional[np.ndarray] = None) -> Step:
+def build_step(sc: Scenario, b: Batch, moe_loads: Optional[np.ndarray] = None,
+               host_overlap: bool = True) -> Step:
     """Ops of one step. ``moe_loads``: ``[num_moe_layers, num_experts]`` routed token-slots per
-    expert for all tokens meeting in each MoE layer (``None``: balanced routing)."""
+    expert for all tokens meeting in each MoE layer (``None``: balanced routing).
+    ``host_overlap=False`` leaves each eager op's launch stall as if it ran alone (the DES
+    applies ``overlap_host`` to the step it assembles)."""
     m, d, hw = sc.model, sc.deployment, sc.hardware
     counts: dict[tuple[str, str], int] = {}
     for att, mlp in zip(m.layer_attention, m.layer_mlp):
@@ -600,11 +603,40 @@ def build_step(sc: Scenario, b: Batch, moe_loads: Optional[np.ndarray] = None) -
                                sc.gpus_per_node)
         ops.append(_with(send, count=d.pp - 1, layer_kind="pipeline"))
     ops = [with_launch(sc, b, o) for o in ops]
+    if host_overlap:
+        ops = overlap_host(ops)
     step_us = sc.framework.step_overhead_us.value
     if step_us:
         ops.append(OpCost("engine_step", "overhead", step_us, 0.0, 0.0, "launch", 0,
                           layer_kind="engine"))
     return Step(b.phase, b, ops, stats)
+
+
+def overlap_host(ops: list[OpCost]) -> list[OpCost]:
+    """The step's eager launch stalls, with the host running ahead of the GPU.
+
+    ``with_launch`` prices each eager op alone: the GPU idles ``launch_us`` while the host
+    dispatches a kernel (``host_us``) longer than it runs. In a forward pass nothing waits for
+    the host between kernels (no synchronisation), so the host queues the next kernels while a
+    long one runs (an expert GEMM, an attention kernel) and the step lasts
+    ``max(GPU time, host time)``: the stalls add up to ``max(0, H - G)`` over the step
+    (H: host dispatch time of the eager ops, G: GPU time of all ops). Each stall is scaled by
+    the same factor; in a host-bound step (H > G) the stalled ops are launch-bound, otherwise
+    they keep the bound of their GPU time (``with_launch``)."""
+    stall = host = gpu = 0.0
+    for o in ops:
+        if o.host_us > 0.0:
+            stall += o.count * o.launch_us
+            host += o.count * o.host_us
+            gpu += o.count * o.time_us
+        else:
+            gpu += o.count * (o.time_us + o.launch_us)
+    if stall <= 0.0:
+        return ops
+    extra = max(0.0, host - gpu)
+    f = extra / stall
+    return [_with(o, launch_us=o.launch_us * f, bound="launch" if extra > 0.0 else o.bound)
+            if o.host_us > 0.0 and o.launch_us > 0.0 else o for o in ops]
 
 
 def _average_layers(layers: list[list[OpCost]], kind: str) -> list[OpCost]:
@@ -651,8 +683,10 @@ def graphs_cover(sc: Scenario, b: Batch, op: OpCost) -> bool:
 
 
 def with_launch(sc: Scenario, b: Batch, op: OpCost) -> OpCost:
-    """Add launch cost: inside a CUDA graph each kernel costs ``graph_kernel_us``; eager, the GPU
-    idles whenever the host needs longer to launch a kernel than the GPU needs to run it."""
+    """Add launch cost: inside a CUDA graph each kernel costs ``graph_kernel_us``; eager, the
+    op records its host dispatch time (``host_us``) and, as ``launch_us``, how long the GPU
+    would idle if the host dispatched it with nothing queued (``overlap_host`` then prices
+    the step's stalls as a whole)."""
     if op.kernels == 0:
         return op
     ov = sc.hardware.overheads
@@ -669,9 +703,10 @@ def with_launch(sc: Scenario, b: Batch, op: OpCost) -> OpCost:
         bound = op.bound
         if bound == "launch" and t > 2 * graph_fixed:
             bound = "compute" if op.ideal_compute_us >= op.ideal_memory_us else "memory"
-        if launch > t:
-            bound = "launch"
-        return _with(op, time_us=t, fixed_us=graph_fixed, launch_us=launch, bound=bound)
+        # eager: the bound stays that of the GPU time; overlap_host decides whether the
+        # host's dispatch (``host_us``) shows
+        return _with(op, time_us=t, fixed_us=graph_fixed, launch_us=launch, bound=bound,
+                     host_us=host)
     if covered:
         launch = graph_fixed - op.fixed_us
     else:
@@ -679,6 +714,6 @@ def with_launch(sc: Scenario, b: Batch, op: OpCost) -> OpCost:
         # benchmark harness's Python call path (DeepGEMM's JIT dispatch: 85-100 us even for
         # tiny GEMMs); inside an engine's forward pass a kernel costs the host one launch.
         host = op.kernels * ov.kernel_launch_host_us.value
-        launch = max(0.0, host - op.time_us)
+        return _with(op, launch_us=max(0.0, host - op.time_us), host_us=host)
     bound = "launch" if launch > op.time_us else op.bound
     return _with(op, launch_us=launch, bound=bound)

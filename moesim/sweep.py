@@ -73,6 +73,7 @@ import numpy as np
 import yaml
 
 from .errors import InputError
+from .vstep import HOST, STALL, finish
 
 #: Outputs of every row, after the axis columns.
 OUTPUT_COLUMNS: tuple[str, ...] = (
@@ -992,11 +993,12 @@ class StochasticEvaluator(FastEvaluator):
         # outside the MoE layers (see _vectorise); ``_svector`` / ``_stimes`` add the draws'.
         self.draws = draws
         self.S = draws.samples
-        self._moe: dict[tuple[int, bool], np.ndarray] = {}  # (draw, graph) -> [S, 5]
+        self._moe: dict[tuple[int, bool], np.ndarray] = {}  # (draw, graph) -> [S, RAW_WIDTH]
         # (step key, draw) -> [S, 5] vectors and their times
         self._svec: dict[tuple[Any, int], np.ndarray] = {}
         self._stime: dict[tuple[Any, int], np.ndarray] = {}
-        self._moe_t: dict[tuple[int, bool], np.ndarray] = {}  # MoE times [S] by draw, graph
+        # MoE (GPU time without eager stalls, host time) [S] by draw, graph
+        self._moe_t: dict[tuple[int, bool], tuple[np.ndarray, np.ndarray]] = {}
         self._gflag: dict[Any, bool] = {}  # step key -> graph-covered MoE
         self._sfirst_memo: dict[tuple[Any, int], tuple[float, tuple[float, ...]]] = {}
 
@@ -1210,8 +1212,8 @@ class StochasticEvaluator(FastEvaluator):
         """[S, 5] step vectors of step ``b`` (key ``k``) with draw ``node``."""
         v = self._svec.get((k, node.id))
         if v is None:
-            v = self._svec[(k, node.id)] = \
-                np.asarray(self._vectors[k]) + self._moe[(node.id, self._graph(b, k))]
+            v = self._svec[(k, node.id)] = finish(
+                np.asarray(self._vectors[k]) + self._moe[(node.id, self._graph(b, k))])
         return v
 
     def _sfirst(self, k: Any, b: Any, node: _Draw) -> tuple[float, tuple[float, ...]]:
@@ -1233,8 +1235,11 @@ class StochasticEvaluator(FastEvaluator):
             g = self._graph(b, k)
             m = self._moe_t.get((node.id, g))
             if m is None:
-                m = self._moe_t[(node.id, g)] = self._moe[(node.id, g)][:, 0].copy()
-            t = self._stime[(k, node.id)] = self._times[k] + m
+                raw = self._moe[(node.id, g)]
+                m = self._moe_t[(node.id, g)] = (raw[:, 0] - raw[:, STALL], raw[:, HOST].copy())
+            v = self._vectors[k]
+            # vstep.finish's time: max(GPU time, host time) of the parts' sums
+            t = self._stime[(k, node.id)] = np.maximum((v[0] - v[STALL]) + m[0], v[HOST] + m[1])
         return t
 
     def _sfirst_wave(self, plan: Any, seq: dict[Any, Any]) -> tuple[Any, ...]:

@@ -5,14 +5,16 @@ resolved scenario (each workload brings its own decode context, batch and prefil
 ``build_step`` builds an :class:`~moesim.costs.op.OpCost` per op and step, milliseconds a step;
 :class:`StepPricer` computes the same numbers for a whole list of steps with numpy: every op is an
 array over the steps (:class:`VOp`), launched (CUDA graph or eager, :func:`launched`) and summed
-into ``[time, compute, memory, network, launch]`` µs per step, the vector the sweep reports.
+into ``[time, compute, memory, network, launch]`` µs per step, the vector the sweep reports
+(:func:`finish`: the eager launch stalls of ``step.overlap_host`` need the step's sums).
 
 Twins. Each ``v_*`` function mirrors one scalar cost function, formula for formula, in the same
 order of operations (results agree to rounding): ``v_roofline`` = ``costs.op.roofline``,
 ``v_gemm`` / ``v_linear`` = ``costs.gemm.gemm`` / ``linear``, ``v_memory_op`` =
 ``costs.elementwise.memory_op``, ``v_collective`` / ``v_all_reduce`` / ``v_all_to_all`` =
 ``costs.comm``, ``v_attention_decode`` / ``v_mla_decode`` = ``costs.attention.decode`` /
-``mla_decode``, :func:`launched` = ``step.with_launch`` (with ``step.graphs_cover``).
+``mla_decode``, :func:`launched` = ``step.with_launch`` (with ``step.graphs_cover``), :func:`finish` =
+``step.overlap_host``.
 :class:`StepPricer` mirrors ``step.build_step`` (``_attention_ops``, ``_norm_ops``,
 ``_tp_all_reduce``, ``_dense_mlp_ops``, the MoE layers of ``step._moe_priced``, ``_head_ops``,
 the pipeline send and the engine's step overhead); the fused expert kernels come from
@@ -257,9 +259,11 @@ def _full(op: VOp, shape: tuple[int, ...]) -> VOp:
 
 
 def launched(op: VOp, covered: Any, graph_kernel_us: float, launch_host_us: float
-             ) -> tuple[np.ndarray, np.ndarray]:
-    """``step.with_launch`` over arrays: (time with launch cost µs, bound code) of ``op`` in steps
-    where a CUDA graph covers it (``covered``) or not."""
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``step.with_launch`` over arrays: (GPU time µs, the eager stall ``launch_us`` µs, host
+    dispatch µs, bound code) of ``op`` in steps where a CUDA graph covers it (``covered``) or
+    not; the time inside a graph includes the replay's gap, and ``stall`` and ``host`` are 0
+    there."""
     t, fixed, kern, b = op.time, op.fixed, op.kernels, op.bound
     gf = kern * graph_kernel_us
     # Inside a graph: the eager fixed time shrinks to the graph's per-kernel gap ...
@@ -271,17 +275,48 @@ def launched(op: VOp, covered: Any, graph_kernel_us: float, launch_host_us: floa
     launch_g = gf - fixed
     tot_g = np.where(shrink, t_shrunk, t + launch_g)
     b_g = np.where(shrink, b_shrunk, np.where(launch_g > t, LAUNCH, b))
-    # Eager: the fixed time shrinks the same way, and the GPU idles while the host dispatches
-    # a kernel (one launch, or the fitted fixed time where that is longer) longer than it runs.
-    launch_s = np.maximum(0.0, np.maximum(kern * launch_host_us, fixed) - t_shrunk)
-    launch_u = np.maximum(0.0, kern * launch_host_us - t)
-    tot_e = np.where(shrink, t_shrunk + launch_s, t + launch_u)
-    b_e = np.where(shrink, np.where(launch_s > t_shrunk, LAUNCH, b_shrunk),
-                   np.where(launch_u > t, LAUNCH, b))
-    tot, bound = np.where(covered, tot_g, tot_e), np.where(covered, b_g, b_e)
+    # Eager: the fixed time shrinks the same way; the host dispatches a kernel in one launch,
+    # or the fitted fixed time where that is longer, and the GPU would idle for the excess.
+    host_s = np.maximum(kern * launch_host_us, fixed)
+    host_u = kern * launch_host_us
+    gpu_e = np.where(shrink, t_shrunk, t)
+    host_e = np.where(shrink, host_s, host_u)
+    stall_e = np.maximum(0.0, host_e - gpu_e)
+    b_e = np.where(shrink, b_shrunk, b)
+    gpu = np.where(covered, tot_g, gpu_e)
+    stall = np.where(covered, 0.0, stall_e)
+    host = np.where(covered, 0.0, host_e)
+    bound = np.where(covered, b_g, b_e)
     if np.any(np.asarray(kern) == 0):  # no kernel: nothing to launch
-        tot, bound = np.where(kern == 0, t, tot), np.where(kern == 0, b, bound)
-    return tot, bound
+        none = kern == 0
+        gpu, bound = np.where(none, t, gpu), np.where(none, b, bound)
+        stall, host = np.where(none, 0.0, stall), np.where(none, 0.0, host)
+    return gpu, stall, host, bound
+
+
+#: Columns of a raw step vector past the five reported ones: the eager stalls ``S``, the host
+#: time ``H`` (dispatch of the eager kernels plus the engine's step overhead), and the GPU time
+#: of the stalled ops by bound (``STALLED + code``). :func:`finish` turns a raw vector (sums of
+#: raw vectors: a step's parts) into ``[time, compute, memory, network, launch]``.
+STALL, HOST, STALLED = 5, 6, 6
+RAW_WIDTH = 11
+
+
+def finish(raw: np.ndarray) -> np.ndarray:
+    """``[..., 5]`` step vectors of ``[..., RAW_WIDTH]`` raw ones: ``step.overlap_host`` on
+    sums. The step lasts ``max(G, H)`` (G: its time without eager stalls); in a host-bound step
+    the stalled ops and the excess count as launch-bound, otherwise the stalled ops keep their
+    GPU time's bound."""
+    raw = np.asarray(raw, dtype=np.float64)
+    gpu = raw[..., 0] - raw[..., STALL]
+    extra = np.maximum(0.0, raw[..., HOST] - gpu)
+    stalled = raw[..., STALLED + 1:STALLED + 5]
+    out = np.empty(raw.shape[:-1] + (5,))
+    out[..., 0] = gpu + extra
+    host_bound = (extra > 0.0)[..., None]
+    out[..., 1:5] = raw[..., 1:5] + np.where(host_bound, 0.0, stalled)
+    out[..., LAUNCH] += np.where(host_bound[..., 0], stalled.sum(axis=-1) + extra, 0.0)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -289,11 +324,12 @@ def launched(op: VOp, covered: Any, graph_kernel_us: float, launch_host_us: floa
 # ---------------------------------------------------------------------------------------------
 
 class _Acc:
-    """Step vectors ``[5, N]`` being summed, and which steps a graph covers (per op kind)."""
+    """Raw step vectors ``[RAW_WIDTH, N]`` being summed (see :func:`finish`), and which steps a
+    graph covers (per op kind)."""
 
     def __init__(self, n: int, cov_other: np.ndarray, cov_attention: np.ndarray,
                  graph_kernel_us: float, launch_host_us: float) -> None:
-        self.v = np.zeros((5, n))
+        self.v = np.zeros((RAW_WIDTH, n))
         self.cols = np.arange(n)
         self.cov = (cov_other, cov_attention)
         self.gk, self.host = graph_kernel_us, launch_host_us
@@ -308,15 +344,25 @@ class _Acc:
         cols = self.cols
         if rows is not None:
             cov, cols = cov[rows], rows
-        tot, bound = launched(op, cov, self.gk, self.host)
-        tot = np.broadcast_to(count * tot, cols.shape)
-        bound = np.broadcast_to(bound, cols.shape)
+        gpu, stall, host, bound = launched(op, cov, self.gk, self.host)
+        shape = cols.shape
+        gpu = np.broadcast_to(count * gpu, shape)
+        stall = np.broadcast_to(count * stall, shape)
+        host = np.broadcast_to(count * host, shape)
+        bound = np.broadcast_to(bound, shape)
+        # a stalled op's GPU time is kept apart: its bound depends on the whole step (finish)
+        where = np.where(stall > 0.0, STALLED + bound, bound)
         if unique:
-            self.v[0, cols] += tot
-            self.v[bound, cols] += tot
+            v = self.v
+            v[0, cols] += gpu + stall
+            v[where, cols] += gpu
+            v[STALL, cols] += stall
+            v[HOST, cols] += host
         else:
-            np.add.at(self.v[0], cols, tot)
-            np.add.at(self.v, (bound, cols), tot)
+            np.add.at(self.v[0], cols, gpu + stall)
+            np.add.at(self.v, (where, cols), gpu)
+            np.add.at(self.v[STALL], cols, stall)
+            np.add.at(self.v[HOST], cols, host)
 
 
 class _Parts:
@@ -385,7 +431,8 @@ class StepPricer:
         return cov_att | (g & self.piecewise), cov_att
 
     def vectors(self, batches: Sequence[Any], moe: bool = True) -> np.ndarray:
-        """``[N, 5]`` step vectors of ``batches``."""
+        """``[N, 5]`` step vectors of ``batches``; without the MoE layers (``moe=False``) the raw
+        ``[N, RAW_WIDTH]`` ones, to add :meth:`moe_draws` to before :func:`finish`."""
         n = len(batches)
         parts = _Parts(batches)
         T = np.bincount(parts.row, parts.seqs * parts.new, minlength=n)
@@ -404,10 +451,11 @@ class StepPricer:
         if self.d.pp > 1:
             acc.add(v_all_to_all(T * self.m.hidden_size * 2.0 * 2, 2, self.hw,
                                  self.sc.gpus_per_node), self.d.pp - 1)
-        if self.step_us:
+        if self.step_us:  # host time between steps: on both sides of finish's max
             acc.v[0] += self.step_us
             acc.v[LAUNCH] += self.step_us
-        return acc.v.T.copy()
+            acc.v[HOST] += self.step_us
+        return finish(acc.v.T) if moe else acc.v.T.copy()
 
     # -- the layers --------------------------------------------------------------------------
     def _layers(self, acc: _Acc, T: np.ndarray, parts: _Parts) -> None:
@@ -602,8 +650,8 @@ class StepPricer:
 
     def moe_draws(self, tokens: np.ndarray, loads: np.ndarray, covered: np.ndarray
                   ) -> np.ndarray:
-        """The MoE layers' share of ``build_step(sc, b, loads[j, s])``'s step vector, ``[J, S,
-        5]``, for steps ``j`` of ``tokens[j]`` group tokens whose non-attention ops a CUDA
+        """The MoE layers' share of ``build_step(sc, b, loads[j, s])``'s raw step vector, ``[J,
+        S, RAW_WIDTH]`` (see :func:`finish`), for steps ``j`` of ``tokens[j]`` group tokens whose non-attention ops a CUDA
         graph covers or not (``covered[j]``), and routing draws ``loads`` ``[J, S, L, E]``
         (``L`` MoE layers). As ``build_step`` does: per layer kind and op, the op averaged
         over the kind's layers (``step._kind_ops``: time, fixed time, FLOPs and bytes summed
@@ -644,7 +692,7 @@ class StepPricer:
                     acc.add(avg, n)
                 else:
                     acc.add(avg.take(np.flatnonzero(some)), n, np.flatnonzero(some))
-        return acc.v.T.reshape(J, S, 5)
+        return acc.v.T.reshape(J, S, RAW_WIDTH)
 
     def moe_kinds(self) -> list[list[int]]:
         """Per layer kind with MoE layers, their indices among the MoE layers (layer order)."""

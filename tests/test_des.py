@@ -77,6 +77,30 @@ def test_step_equals_build_step_without_overlap(path, batch):
     np.testing.assert_allclose(sim.wait_us, cf.wait_us, rtol=1e-9, atol=1e-6)
 
 
+@pytest.mark.parametrize("profile,seqs", [("b200", 1), ("h100_sxm", 256)])
+def test_eager_steps_hide_launch_stalls_as_build_step_does(profile, seqs):
+    """Without CUDA graphs the host dispatches every kernel: at batch 1 on a B200 the step is
+    host-bound (host time > GPU time), at batch 256 the host runs ahead and hides its stalls.
+    Both ways the simpy step and the closed form equal build_step, whose time is max(G, H)."""
+    d = json.loads(QWEN.read_text())
+    d["hardware"] = profile
+    d["deployment"] = dict(d.get("deployment", {}), cuda_graphs=False)
+    sc = parse_scenario(d, base_dir=QWEN.parent)
+    b = Batch("decode", seqs, 1, 600.0)
+    alone = build_step(sc, b, host_overlap=False)
+    step = build_step(sc, b)
+    host = sum(o.count * o.host_us for o in alone.ops)
+    gpu = sum(o.count * (o.time_us if o.host_us else o.total_us) for o in alone.ops
+              if o.category != "overhead")
+    engine = sum(o.total_us for o in alone.ops if o.category == "overhead")
+    assert _close(step.time_us, max(gpu, host) + engine)
+    assert step.time_us < alone.time_us  # some stall is always hidden by a longer kernel
+    assert (host > gpu) == (seqs == 1)
+    plan = PlanBuilder(sc).plan(b)
+    assert _close(closed_form(plan).time_us, step.time_us)
+    assert _close(simulate_step([plan]).time_us, step.time_us)
+
+
 def test_straggler_rank_sets_the_pace():
     """Skewed routing over EP ranks: the step still equals build_step (the slowest rank), and
     the other ranks' waiting at the combine barrier is their shortfall."""

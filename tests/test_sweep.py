@@ -574,12 +574,49 @@ def test_launch_twin_matches_with_launch():
     ops = [gemm("g", m, 4096, 4096, hw) for m in (1, 7, 64, 300, 5000)] + \
         [memory_op("e", x, hw, k) for x in (10.0, 1e5, 1e8) for k in (1, 3)]
     for b, cov in [(Batch("decode", 8, 1, 100.0), True), (Batch("prefill", 2, 9000, 0.0), False)]:
-        tot, bound = launched(VOp.stack(ops), cov, ov.graph_kernel_us.value,
-                              ov.kernel_launch_host_us.value)
-        for o, t, bd in zip(ops, tot, bound):
+        gpu, stall, host, bound = launched(VOp.stack(ops), cov, ov.graph_kernel_us.value,
+                                           ov.kernel_launch_host_us.value)
+        for o, t, st, h, bd in zip(ops, gpu, stall, host, bound):
             ref = with_launch(sc, b, o)
-            _close(float(t), ref.total_us, (o.name, cov))
+            _close(float(t), ref.time_us + (0.0 if ref.host_us else ref.launch_us), (o.name, cov))
+            _close(float(st), ref.launch_us if ref.host_us else 0.0, (o.name, cov))
+            _close(float(h), ref.host_us, (o.name, cov))
             assert int(bd) == BOUND_CODE[ref.bound]
+        assert cov or (stall > 0).any()  # the eager case has stalls to hide
+
+
+@pytest.mark.parametrize("gpu_us", [0.0, 50.0, 5000.0])
+def test_finish_twin_matches_overlap_host(gpu_us):
+    """vstep.finish on summed raw vectors = step.overlap_host on the ops: host-bound (H > G),
+    GPU-bound, and the boundary between."""
+    from moesim.costs.elementwise import memory_op
+    from moesim.costs.gemm import gemm
+    from moesim.step import Batch, overlap_host, with_launch
+    from moesim.sweep import _bound_vector
+    from moesim.vstep import RAW_WIDTH, VOp, _Acc, finish
+
+    sc = parse_scenario(_base(), base_dir=ROOT / "examples")
+    ov, hw = sc.hardware.overheads, sc.hardware
+    b = Batch("prefill", 2, 9000, 0.0)
+    ops = [gemm("g", m, 4096, 4096, hw) for m in (1, 7, 64)] + \
+        [memory_op("e", x, hw, k) for x in (10.0, 1e5) for k in (1, 3)]
+    if gpu_us:  # one long kernel the host can run ahead of
+        ops.append(memory_op("big", gpu_us * hw.memory.hbm_peak_gb_per_s.value * 1e3, hw))
+    launched_ops = [with_launch(sc, b, o) for o in ops]
+    ref = _bound_vector(overlap_host(launched_ops))
+    acc = _Acc(1, np.array([False]), np.array([False]), ov.graph_kernel_us.value,
+               ov.kernel_launch_host_us.value)
+    for o in ops:
+        acc.add(VOp.stack([o]), 1.0)
+    got = finish(acc.v.T)[0]
+    assert acc.v.shape == (RAW_WIDTH, 1)
+    for x, y in zip(got, ref):
+        _close(float(x), y, gpu_us)
+    serial = sum(o.total_us for o in launched_ops)
+    host = sum(o.host_us for o in launched_ops)
+    gpu = sum(o.time_us for o in launched_ops)
+    _close(float(got[0]), max(gpu, host), gpu_us)  # the host runs ahead: max, not the sum
+    assert got[0] < serial or host <= gpu
 
 
 @pytest.mark.parametrize("model,deployment", [
@@ -608,7 +645,7 @@ def test_moe_layers_with_drawn_loads_average_as_per_layer_ops(model, deployment)
         loads = sample_loads(sc.routing, b.tokens * sc.deployment.attention_dp,
                              m.moe.num_experts, m.moe.top_k, m.num_moe_layers, rng)
         loads[1] = loads[0]  # two layers alike, the rest drawn
-        step = build_step(sc, b, loads)
+        step = build_step(sc, b, loads, host_overlap=False)
         layers = moe_layers(sc, b, loads)
         kinds: dict = {}
         j = 0

@@ -48,6 +48,7 @@ class OpCost:
     steps: int = 0  # serialised latency steps: collective rounds, same-address atomics
     k_loop: float = 0.0  # K elements one CTA of a GEMM walks before any split-K
     unaligned_m: bool = False  # per-row scales not TMA aligned: the extra host floor applies
+    host_us: float = 0.0  # host time dispatching the kernels eagerly (0: replayed in a graph)
     wave_fill: float = 1.0  # fraction of the SM slots a GEMM's waves of tiles keep busy
     write_fraction: float = 0.0  # share of ``bytes`` written to HBM (the rest is read)
     waves: float = 0.0  # waves of GEMM tiles: each pays a pipeline fill and an epilogue

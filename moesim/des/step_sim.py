@@ -27,7 +27,7 @@ Two evaluators share one :class:`StepPlan`:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -208,6 +208,14 @@ class _MoeRow:
     dropped: float             # shares of the token-slots
     rerouted: float
     names: tuple[str, ...]
+    stall_us: float = 0.0         # eager launch stalls of the layer's ops (step.with_launch)
+    host_us: float = 0.0          # host dispatch of its eager kernels
+    expert_stall_us: float = 0.0  # the experts' share of ``stall_us``
+
+
+def _stall_host(o: OpCost) -> tuple[float, float]:
+    """(eager launch stall, host dispatch) µs of one launched op (``step.with_launch``)."""
+    return (o.launch_us, o.host_us) if o.host_us > 0.0 else (0.0, 0.0)
 
 
 class PlanBuilder:
@@ -255,10 +263,13 @@ class PlanBuilder:
         ops: list[OpSpec] = []
         names: list[str] = []
         launched_experts = 0.0
-        comp = comm = 0.0
+        comp = comm = stall = host = expert_stall = 0.0
         for o in raw_ops:
             lo = self._with_launch(sc, b, o)
+            st, h = _stall_host(lo)
+            stall, host = stall + st, host + h
             if _is_expert(o):
+                expert_stall += st
                 launched_experts += lo.total_us
                 names.append(o.name)
                 if not ops or not ops[-1].expert:
@@ -275,7 +286,8 @@ class PlanBuilder:
         # ``raw_ops`` holds the slowest rank's experts; launch / CUDA-graph replay changes their
         # time by the same amount on every rank running the same kernels.
         expert_us = rank_us + (launched_experts - float(rank_us.max()))
-        out = _MoeRow(ops, expert_us, comp, comm, drop, rer, tuple(names))
+        out = _MoeRow(ops, expert_us, comp, comm, drop, rer, tuple(names), stall, host,
+                      expert_stall)
         self._rows[key] = out
         return out
 
@@ -285,7 +297,9 @@ class PlanBuilder:
         if hit is not None:
             return hit
         sc, topo = self.sc, self.topo
-        step = build_step(sc, b)  # balanced routing; each MoE layer's ops come from its row
+        # balanced routing; each MoE layer's ops come from its row; the eager stalls as if each
+        # op ran alone (plan applies step.overlap_host to the whole step)
+        step = build_step(sc, b, host_overlap=False)
         moe_names: set[str] = set()
         if self.num_moe_layers:
             mo = sc.model.moe
@@ -312,9 +326,41 @@ class PlanBuilder:
                     continue
                 ops.append(_spec(sc, topo, o))
         sums = _stage_sums(topo, templates, self.layers, head_pre, head_post, pp_send)
+        sums["stall_host"] = _plan_stall_host(templates, self.layers, head_pre, head_post,
+                                              pp_send, topo.pp)
         hit = (templates, head_pre, head_post, pp_send, engine_us, sums)
         self._base[b] = hit
         return hit
+
+    def _scaled_spec(self, o: OpSpec, f: float) -> OpSpec:
+        """``o`` with its eager launch stall scaled by ``f`` (``step.overlap_host``)."""
+        op = o.op
+        if op is None or op.host_us <= 0.0 or op.launch_us <= 0.0:
+            return o
+        return _spec(self.sc, self.topo, replace(op, launch_us=op.launch_us * f))
+
+    def _scaled_base(self, b: Batch, templates: dict[str, list[OpSpec]],
+                     head_pre: list[OpSpec], head_post: list[OpSpec],
+                     pp_send: Optional[OpSpec], f: float) -> tuple:
+        sc_spec = self._scaled_spec
+        templates = {k: [sc_spec(o, f) for o in ops] for k, ops in templates.items()}
+        head_pre = [sc_spec(o, f) for o in head_pre]
+        head_post = [sc_spec(o, f) for o in head_post]
+        if pp_send is not None and pp_send.op is not None and pp_send.op.host_us > 0.0:
+            pp_send = _comm_spec(self.sc, self.topo,
+                                 replace(pp_send.op, launch_us=pp_send.op.launch_us * f))
+        sums = _stage_sums(self.topo, templates, self.layers, head_pre, head_post, pp_send)
+        return templates, head_pre, head_post, pp_send, sums
+
+    def _scaled_row(self, r: _MoeRow, f: float) -> _MoeRow:
+        if r.stall_us <= 0.0:
+            return r
+        ops = [self._scaled_spec(o, f) for o in r.ops]
+        comp = sum(o.dur_us for o in ops if o.stream == COMPUTE and not o.expert)
+        comm = sum(o.dur_us for o in ops if o.stream != COMPUTE)
+        return replace(r, ops=ops, comp_us=comp, comm_us=comm,
+                       expert_us=r.expert_us - (1.0 - f) * r.expert_stall_us,
+                       stall_us=r.stall_us * f, expert_stall_us=r.expert_stall_us * f)
 
     def plan(self, b: Batch, loads: Optional[np.ndarray] = None) -> StepPlan:
         """The plan of batch ``b`` (one attention-DP group's work) with MoE ``loads``
@@ -326,6 +372,7 @@ class PlanBuilder:
         L = self.num_moe_layers
         dropped = rerouted = routed = 0.0
         moe_ops: list[list[OpSpec]] = []
+        rows: list[_MoeRow] = []
         names: tuple[str, ...] = ()
         if mo is None or L == 0:
             expert_us = np.zeros((0, topo.ep))
@@ -349,6 +396,25 @@ class PlanBuilder:
             rerouted = slots * sum(r.rerouted for r in rows)
             routed = float(slots * L)
             names = rows[0].names
+        # step.overlap_host: the host runs ahead of the GPU, the step's eager stalls shrink to
+        # max(0, host - GPU time) of the whole step (the serial sum, as build_step counts it)
+        stall, host = sums["stall_host"]
+        stall += sum(r.stall_us for r in rows)
+        if stall > 0.0:
+            host += sum(r.host_us for r in rows)
+            gpu = sums["serial"] + float(moe_comp.sum() + moe_comm.sum()) - stall
+            if len(expert_us):
+                gpu += float(expert_us.max(axis=1).sum())
+            f = max(0.0, host - gpu) / stall
+            if f < 1.0:
+                templates, head_pre, head_post, pp_send, sums = self._scaled_base(
+                    b, templates, head_pre, head_post, pp_send, f)
+                rows = [self._scaled_row(r, f) for r in rows]
+                if rows:
+                    moe_ops = [r.ops for r in rows]
+                    expert_us = np.stack([r.expert_us for r in rows])
+                    moe_comp = np.array([r.comp_us for r in rows])
+                    moe_comm = np.array([r.comm_us for r in rows])
         pp = topo.pp
         comp = sums["comp"] + np.bincount(self.moe_stage, moe_comp, minlength=pp)[:pp]
         comm = sums["comm"] + np.bincount(self.moe_stage, moe_comm, minlength=pp)[:pp]
@@ -362,6 +428,31 @@ class PlanBuilder:
 # ---------------------------------------------------------------------------------------------
 # closed form (no overlap)
 # ---------------------------------------------------------------------------------------------
+
+def _plan_stall_host(templates: dict[str, list[OpSpec]], layers: list[tuple[str, int, int]],
+                     head_pre: list[OpSpec], head_post: list[OpSpec],
+                     pp_send: Optional[OpSpec], pp: int) -> tuple[float, float]:
+    """(eager launch stalls, host dispatch) µs of a step's load-independent ops."""
+    def sums(ops: list[OpSpec]) -> tuple[float, float]:
+        st = h = 0.0
+        for o in ops:
+            if o.op is not None:
+                a, c = _stall_host(o.op)
+                st, h = st + a, h + c
+        return st, h
+
+    per_kind = {k: sums(ops) for k, ops in templates.items()}
+    stall = host = 0.0
+    for kind, _, _ in layers:
+        a, c = per_kind.get(kind, (0.0, 0.0))
+        stall, host = stall + a, host + c
+    for a, c in (sums(head_pre), sums(head_post)):
+        stall, host = stall + a, host + c
+    if pp_send is not None and pp_send.op is not None:
+        a, c = _stall_host(pp_send.op)
+        stall, host = stall + a * (pp - 1), host + c * (pp - 1)
+    return stall, host
+
 
 def _stage_sums(topo: Topology, templates: dict[str, list[OpSpec]],
                 layers: list[tuple[str, int, int]], head_pre: list[OpSpec],
