@@ -417,7 +417,11 @@ def sample_rows(n: int, limit: int, seed: int = 0) -> np.ndarray:
 
 def load_ops(table: Path, hardware: Optional[str], time_unit: Optional[str] = None
              ) -> tuple[str, list[dict], Ops]:
-    layout, rows, ops_list, measured = table_ops(str(table), hardware, time_unit)
+    """A table's rows and ops, built on the uncalibrated base profile: the ops' structure
+    (tiles, waves, L2 working sets) must not depend on the overlay being fitted, else a refit
+    moves with the previous fit and leave-one-shape-out sees the held-out shape through it."""
+    layout, rows, ops_list, measured = table_ops(str(table), hardware, time_unit,
+                                                 calibrated=False)
     return layout, rows, Ops.from_lists(ops_list, measured)
 
 

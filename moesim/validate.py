@@ -256,15 +256,17 @@ def _gemm_dtypes(label: str) -> tuple[str, str]:
 class _Hardware:
     """Profiles by id, loaded once; ``forced`` (--hardware) overrides the table's system."""
 
-    def __init__(self, forced: Optional[str]) -> None:
+    def __init__(self, forced: Optional[str], calibrated: bool = True) -> None:
         self.forced = forced
+        self.calibrated = calibrated  # False: the base profiles, without calibrated overlays
         self.cache: dict[str, Any] = {}
         self.memo: dict[tuple, float] = {}  # per-run memo of predictions by shape
         self.for_fit = False  # table_ops: ops of uncalibrated families are kept (ideal times)
         if forced is not None:
             from .spec.hardware import load_profile
 
-            self.cache[forced] = load_profile(forced, field="hardware")  # bad id: InputError
+            self.cache[forced] = load_profile(forced, calibrated=calibrated,
+                                              field="hardware")  # bad id: InputError
 
     def id_of(self, row: dict[str, str]) -> str:
         if self.forced is not None:
@@ -280,7 +282,8 @@ class _Hardware:
         ref = self.id_of(row)
         if ref not in self.cache:
             try:
-                self.cache[ref] = load_profile(ref, field="hardware")
+                self.cache[ref] = load_profile(ref, calibrated=self.calibrated,
+                                               field="hardware")
             except InputError as exc:
                 self.cache[ref] = exc
         hw = self.cache[ref]
@@ -1018,19 +1021,22 @@ def _time_scale(layout: str, rows: list[dict[str, str]], hws: _Hardware,
     return scale
 
 
-def table_ops(table_path: str, hardware: Optional[str] = None, time_unit: Optional[str] = None
+def table_ops(table_path: str, hardware: Optional[str] = None, time_unit: Optional[str] = None,
+              calibrated: bool = True
               ) -> tuple[str, list[dict[str, str]], list[list], list[float]]:
     """For calibration: (layout, rows, the op list predicting each row, measured µs) of every
     predictable kernel-table row; moe rows use their median routing draw. Same predictors as
     :func:`run`, so a fit on these ops is a fit of the predictions ``validate`` reports.
-    ``time_unit``: as in :func:`run` (the measured values are returned in µs)."""
+    ``time_unit``: as in :func:`run` (the measured values are returned in µs). ``calibrated``:
+    build the ops on the profiles with their calibrated overlays (False: on the base profiles,
+    so that a fit does not depend on the overlay it replaces)."""
     columns, rows = _read_table(table_path)
     layout = detect_layout(columns, rows)
     predictor = KERNEL_PREDICTORS.get(layout)
     if predictor is None:
         raise InputError("table", f"{layout} tables have no per-kernel ops to fit",
                          "give a kernel table (gemm, moe, collective, attention, ...)")
-    hws = _Hardware(hardware)
+    hws = _Hardware(hardware, calibrated)
     hws.for_fit = True
     scale = _time_scale(layout, rows, hws, time_unit)
     kept, ops_list, measured = [], [], []

@@ -61,3 +61,55 @@ def test_attention_decode_wave_and_key_chain_terms_are_recovered():
     for name in ("step_us", "k_latency_us", "memory_efficiency"):
         assert fitted["attention_decode"][name] == pytest.approx(
             truth["attention_decode"][name], rel=0.05), name
+
+
+def test_fit_ops_do_not_depend_on_the_overlay_being_refitted(tmp_path, monkeypatch):
+    """``calibration fit`` builds its ops on the base profile: an overlay next to it (the
+    previous fit) changes neither the ops nor, for moe rows, which routing draw is the median
+    one. Before, a refit moved with the overlay it replaced (3rd-4th digit)."""
+    import shutil
+    from pathlib import Path
+
+    import yaml
+
+    from calibration.fit import load_ops
+    from moesim.validate import table_ops
+
+    root = Path(__file__).resolve().parents[1] / "hardware_profiles"
+    plain, overlaid = tmp_path / "plain", tmp_path / "overlaid"
+    for d in (plain, overlaid):
+        d.mkdir()
+        shutil.copy(root / "h100_sxm.yaml", d / "h100_sxm.yaml")
+    src = {"source": "test", "kind": "calibrated"}
+    (overlaid / "h100_sxm.calibrated.yaml").write_text(yaml.safe_dump({"kernels": {
+        "moe_bf16": {"t0_us": dict(src, value=40.0), "memory_efficiency": dict(src, value=0.2),
+                     "compute_efficiency": dict(src, value=0.1)}}}))
+    table = tmp_path / "moe.csv"
+    head = ("system,gpu,framework,framework_version,kernel,dtype,num_tokens,hidden_size,"
+            "inter_size,num_experts,topk,moe_tp,moe_ep,distribution,latency_us\n")
+    rows = [f"h100_sxm,H100,VLLM,0.24.0,vllm_moe_triton,bfloat16,{t},2048,768,64,6,1,1,{d},50.0\n"
+            for t in (1, 16, 256, 4096) for d in ("balanced", "power_law_1.2")]
+    table.write_text(head + "".join(rows))
+
+    def fields(ops_list):
+        return [[(o.name, o.bytes, o.flops, o.steps, o.k_loop, o.time_us) for o in ops]
+                for ops in ops_list]
+
+    ref = fields(table_ops(str(table), str(plain / "h100_sxm.yaml"))[2])
+    seen = fields(table_ops(str(table), str(overlaid / "h100_sxm.yaml"))[2])
+    assert seen != ref  # the overlay is there and validate uses it
+    got = load_ops(table, str(overlaid / "h100_sxm.yaml"))
+    again = load_ops(table, str(plain / "h100_sxm.yaml"))
+    assert got[0] == "moe" and len(got[1]) == len(rows)
+    for name in ("row", "ideal_c", "ideal_m", "steps", "k_loop", "measured"):
+        np.testing.assert_array_equal(getattr(got[2], name), getattr(again[2], name), name)
+    # which draw is a moe row's median one depends on the prices: load_ops must ask for the base
+    import calibration.fit as fit_mod
+
+    asked = []
+    monkeypatch.setattr(fit_mod, "table_ops",
+                        lambda *a, **k: asked.append(k) or table_ops(*a, **k))
+    load_ops(table, str(overlaid / "h100_sxm.yaml"))
+    assert asked == [{"calibrated": False}]
+    assert fields(table_ops(str(table), str(overlaid / "h100_sxm.yaml"), calibrated=False)[2]) \
+        == ref
