@@ -13,8 +13,8 @@ order of operations (results agree to rounding): ``v_roofline`` = ``costs.op.roo
 ``v_gemm`` / ``v_linear`` = ``costs.gemm.gemm`` / ``linear``, ``v_memory_op`` =
 ``costs.elementwise.memory_op``, ``v_collective`` / ``v_all_reduce`` / ``v_all_to_all`` =
 ``costs.comm``, ``v_attention_decode`` / ``v_mla_decode`` = ``costs.attention.decode`` /
-``mla_decode``, :func:`launched` = ``step.with_launch`` (with ``step.graphs_cover``), :func:`finish` =
-``step.overlap_host``.
+``mla_decode``, :func:`launched` = ``step.with_launch`` (with ``step.graphs_cover``),
+:func:`finish` = ``step.overlap_host``.
 :class:`StepPricer` mirrors ``step.build_step`` (``_attention_ops``, ``_norm_ops``,
 ``_tp_all_reduce``, ``_dense_mlp_ops``, the MoE layers of ``step._moe_priced``, ``_head_ops``,
 the pipeline send and the engine's step overhead); the fused expert kernels come from
@@ -651,8 +651,9 @@ class StepPricer:
     def moe_draws(self, tokens: np.ndarray, loads: np.ndarray, covered: np.ndarray
                   ) -> np.ndarray:
         """The MoE layers' share of ``build_step(sc, b, loads[j, s])``'s raw step vector, ``[J,
-        S, RAW_WIDTH]`` (see :func:`finish`), for steps ``j`` of ``tokens[j]`` group tokens whose non-attention ops a CUDA
-        graph covers or not (``covered[j]``), and routing draws ``loads`` ``[J, S, L, E]``
+        S, RAW_WIDTH]`` (see :func:`finish`), for steps ``j`` of ``tokens[j]`` group tokens
+        whose non-attention ops a CUDA graph covers or not (``covered[j]``), and routing draws
+        ``loads`` ``[J, S, L, E]``
         (``L`` MoE layers). As ``build_step`` does: per layer kind and op, the op averaged
         over the kind's layers (``step._kind_ops``: time, fixed time, FLOPs and bytes summed
         over the layers running it over their count; the bound with the most time; the rest of

@@ -11,7 +11,8 @@ head, pipeline sends, engine overhead) are those of :func:`moesim.step.build_ste
 each MoE layer's ops (router, dispatch, experts, shared experts, combine / all-reduce) come from
 :func:`moesim.step.moe_layer_ops` — the function ``build_step`` itself calls per layer — for
 that layer's routing sample, with the launch cost of ``moesim.step.with_launch``; its per-EP-rank
-expert times give every rank its own expert work. Without overlap the simulated step equals
+expert times give every rank its own expert work. The eager launch stalls of the assembled step
+shrink as ``moesim.step.overlap_host`` shrinks them (the host runs ahead of the GPU). Without overlap the simulated step equals
 ``build_step(sc, batch, loads).time_us`` for any loads (tests/test_des.py).
 
 Two evaluators share one :class:`StepPlan`:
@@ -339,7 +340,7 @@ class PlanBuilder:
             return o
         return _spec(self.sc, self.topo, replace(op, launch_us=op.launch_us * f))
 
-    def _scaled_base(self, b: Batch, templates: dict[str, list[OpSpec]],
+    def _scaled_base(self, templates: dict[str, list[OpSpec]],
                      head_pre: list[OpSpec], head_post: list[OpSpec],
                      pp_send: Optional[OpSpec], f: float) -> tuple:
         sc_spec = self._scaled_spec
@@ -408,7 +409,7 @@ class PlanBuilder:
             f = max(0.0, host - gpu) / stall
             if f < 1.0:
                 templates, head_pre, head_post, pp_send, sums = self._scaled_base(
-                    b, templates, head_pre, head_post, pp_send, f)
+                    templates, head_pre, head_post, pp_send, f)
                 rows = [self._scaled_row(r, f) for r in rows]
                 if rows:
                     moe_ops = [r.ops for r in rows]
