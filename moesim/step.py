@@ -424,7 +424,7 @@ def _moe_priced(sc: Scenario, b: Batch, loads: np.ndarray) -> _MoePriced:
         if d.strategy == "fused":
             rank_us += moe.fused_expert_us(per_rank, tokens_in, mo.top_k, H, inter_r, hw,
                                            d.experts_dtype, d.activation_dtype, m.gated_mlp,
-                                           w4)
+                                           w4, per_rank.shape[-1] * d.ep)
         else:
             rank_us += [[sum(o.total_us for o in moe.expert_ops(
                 per_rank[l, r], int(tokens_in[l, r]), mo.top_k, H, inter_r, hw, d.experts_dtype,
@@ -472,7 +472,7 @@ def _moe_priced(sc: Scenario, b: Batch, loads: np.ndarray) -> _MoePriced:
             for k in moe.fused_expert_kernels(per_rank[layer, slowest],
                                               tokens_in[layer, slowest], mo.top_k, H, inter_r,
                                               hw, d.experts_dtype, d.activation_dtype,
-                                              m.gated_mlp, w4):
+                                              m.gated_mlp, w4, per_rank.shape[-1] * d.ep):
                 template = OpCost(k["name"] + suffix, "moe", 0.0, 0.0, 0.0, "memory",
                                   family=k["family"], host_floor_us=k["host_floor_us"])
                 zero = np.zeros(L)

@@ -387,10 +387,11 @@ NON_GATED_SHAPES = {(2688, 1856, 128, 6)}
 
 
 def _expert_ops(loads: np.ndarray, T: int, k: int, H: int, inter: int, hw, wd: str,
-                ad: str, gated: bool = True) -> list:
+                ad: str, gated: bool = True, num_experts=None) -> list:
     from .costs.moe import expert_ops
 
-    return expert_ops(loads, T, k, H, inter, hw, wd, ad, gated, "fused")
+    return expert_ops(loads, T, k, H, inter, hw, wd, ad, gated, "fused",
+                      num_experts=num_experts)
 
 
 def _predict_moe(row: dict[str, str], hws: _Hardware) -> list[list]:
@@ -407,10 +408,12 @@ def _predict_moe(row: dict[str, str], hws: _Hardware) -> list[list]:
     for d in draws:
         # Rows repeat shapes (the same draw under several dtypes, equal draws after sorting):
         # memoise; expert_ops does not depend on the order of the experts.
-        key = ("moe", hws.id_of(row), np.sort(d).tobytes(), T, k, H, inter_full // tp, wd, ad)
+        key = ("moe", hws.id_of(row), np.sort(d).tobytes(), T, k, H, inter_full // tp, wd, ad,
+               _int(row, "num_experts"))
         if key not in hws.memo:
             gated = (H, inter_full, _int(row, "num_experts"), k) not in NON_GATED_SHAPES
-            hws.memo[key] = _expert_ops(d, T, k, H, inter_full // tp, hw, wd, ad, gated)
+            hws.memo[key] = _expert_ops(d, T, k, H, inter_full // tp, hw, wd, ad, gated,
+                                        _int(row, "num_experts"))
         preds.append(hws.memo[key])
     return preds
 

@@ -739,7 +739,8 @@ class StepPricer:
             rows, tok = rows[first], tok[first]
         kernels = moe.fused_expert_kernels(rows, tok, mo.top_k, H, inter_r, hw,
                                            d.experts_dtype, ad, m.gated_mlp,
-                                           sc.framework.w4a16_moe_efficiency.value)
+                                           sc.framework.w4a16_moe_efficiency.value,
+                                           slots * ep)
         rank_us = 0.0
         for k in kernels:
             rank_us = rank_us + k["time_us"]

@@ -439,3 +439,40 @@ def test_split_k_slices_add_reduction_steps():
     assert t(8192) == pytest.approx(2.0 + 0.5 * 3)
     assert HW.kernels.gemm_bf16.split_slice_us is not None
     assert gemm("x", 1, 32, 65536, HW).time_us > gemm("x", 1, 32, 16384, HW).time_us
+
+
+def test_ep_programs_on_other_ranks_experts_cost_waves():
+    """Under EP the GEMM grid also covers the padded M-blocks of experts held elsewhere (their
+    programs store a zero tile): waves priced as steps of the first kernel at
+    ``moe_aux.step_us``; none without EP, more when more other experts receive tokens, and the
+    scalar ops and the vectorised pricer agree."""
+    from moesim.costs.moe import fused_terms_steps
+
+    local = np.array([[1]])  # EP 256 of 256 experts: one local expert with one token
+    steps = {}
+    for tokens in (16, 32):
+        no_ep = fused_terms_steps(local, tokens, 8, 6144, 2048, HW, "bf16", "bf16")
+        ep = fused_terms_steps(local, tokens, 8, 6144, 2048, HW, "bf16", "bf16",
+                               num_experts=256)
+        assert float(no_ep[0][5][0]) == 0.0 and ep[0][0] == "moe_align"
+        steps[tokens] = float(ep[0][5][0])
+    assert 0 < steps[16] < steps[32]  # 127 -> 255 other experts busy, one block each
+    assert HW.kernels.moe_aux.step_us is not None and HW.kernels.moe_aux.step_us.value > 0
+    ops = expert_ops(local[0], 32, 8, 6144, 2048, HW, "bf16", "bf16", num_experts=256)
+    vec = fused_expert_us(local, 32, 8, 6144, 2048, HW, "bf16", "bf16", num_experts=256)
+    assert sum(o.time_us for o in ops) == pytest.approx(float(vec[0]), rel=1e-9)
+    assert ops[0].steps == steps[32]
+
+
+def test_non_gated_relu2_activation_moves_two_passes():
+    """vLLM's squared ReLU without gate runs as two torch passes over the cache (relu in place,
+    then square): twice the bytes of one read-and-write pass."""
+    from moesim.costs.moe import fused_terms_steps
+
+    loads = np.full((1, 16), 8)
+    act = {g: next(t for t in fused_terms_steps(loads, 64, 2, 1024, 512, HW, "bf16", "bf16",
+                                                gated=g) if t[0] == "activation")
+           for g in (True, False)}
+    slots = 64 * 2
+    assert float(act[False][3][0]) == pytest.approx(slots * 512 * 2.0 * 4)
+    assert float(act[True][3][0]) == pytest.approx(slots * (2 * 512 + 512) * 2.0)

@@ -118,6 +118,29 @@ def default_block_shape(num_tokens, local_experts: int):
             np.where(small, DEFAULT_SMALL_BLOCK[1], DEFAULT_LARGE_BLOCK[1]))
 
 
+def _skipped_block_waves(tokens, top_k: int, local_slots, local_experts: int,
+                         num_experts: int, block_m, block_n, ns, sms: int):
+    """Waves of the expert GEMMs' programs on other EP ranks' experts, summed over both GEMMs.
+    ``moe_align_block_size`` runs over the global expert ids (notes §2.1 step 3), so every
+    expert that received tokens anywhere owns padded M-blocks in ``sorted_token_ids``, and the
+    GEMM grid (``cdiv(EM, BLOCK_M) x cdiv(N, BLOCK_N)`` programs) covers them; a program whose
+    block's expert is not local (id -1 after the EP map) stores a zero tile and returns. It
+    moves little data but holds an SM slot for its prologue and its store: a fixed time per
+    wave. (The grid's programs past ``num_tokens_post_padded`` return before any load; they
+    are taken as free: moe.csv's 6144/2048/256/8 rows at EP 64 take 64-66 µs at 1 and 2
+    tokens, although GEMM2's grid grows from 8 to 248 M-blocks between the two.) The other
+    ranks' loads are not known here, so their ``tokens * top_k - local_slots`` slots are
+    spread evenly over the other experts (the balanced case)."""
+    other = np.maximum(np.asarray(tokens, dtype=np.float64) * top_k - local_slots, 0.0)
+    bm, bn = np.asarray(block_m), np.asarray(block_n)
+    busy = np.minimum(float(num_experts - local_experts), other)
+    blocks = busy * np.ceil(other / np.maximum(busy, 1.0) / bm)
+    waves = 0.0
+    for n in ns:
+        waves = waves + np.ceil(blocks * np.ceil(n / bn) / sms)
+    return waves
+
+
 def fused_terms(loads: np.ndarray, num_tokens, top_k: int, hidden: int, inter: int,
                 hw: HardwareProfile, weight_dtype: str, act_dtype: str, gated: bool = True,
                 w4_efficiency: float = 1.0
@@ -131,13 +154,16 @@ def fused_terms(loads: np.ndarray, num_tokens, top_k: int, hidden: int, inter: i
 
 def fused_terms_steps(loads: np.ndarray, num_tokens, top_k: int, hidden: int, inter: int,
                       hw: HardwareProfile, weight_dtype: str, act_dtype: str, gated: bool = True,
-                      w4_efficiency: float = 1.0) -> list[tuple]:
+                      w4_efficiency: float = 1.0, num_experts=None) -> list[tuple]:
     """:func:`fused_terms` with three more values per kernel: its serialised steps (priced at
     the family's ``step_us``; tile waves of 16-bit GEMMs with unaligned rows), its kernel count
     per row (0 where a row does not run it) and its K loop (elements of K one SM walks
     serially, priced at the family's ``k_latency_us`` per 1024: non-zero for the GEMMs).
     ``w4_efficiency``: the serving engine's 4-bit weight-only expert GEMMs' share of the 16-bit
-    kernel's tensor-core rate (``framework.w4a16_moe_efficiency``)."""
+    kernel's tensor-core rate (``framework.w4a16_moe_efficiency``). ``num_experts``: the
+    model's experts on all EP ranks (None: only the local ones, i.e. no EP); it sizes the
+    GEMMs' grids, whose programs on other ranks' experts cost time (the first kernel's
+    steps)."""
     loads = np.asarray(loads, dtype=np.int64)
     tokens = np.broadcast_to(np.asarray(num_tokens, dtype=np.float64), loads.shape[:-1])
     cd = gemm_compute_dtype(weight_dtype, act_dtype)
@@ -163,12 +189,20 @@ def fused_terms_steps(loads: np.ndarray, num_tokens, top_k: int, hidden: int, in
     m_blocks = np.sum(blocks, axis=-1)
     zero = np.zeros_like(slots)
     one = np.ones_like(slots)
-    terms = [("moe_align", "moe_aux", zero, slots * 4.0 * 3 + loads.shape[-1] * 8.0, zero, zero, one,
-              zero)]
+    sms = int(hw.compute.sm_count.value)
+    zero_waves = zero
+    if num_experts is not None and num_experts > loads.shape[-1]:
+        # The GEMMs' programs on other ranks' experts (see _skipped_block_waves); they run
+        # inside the two GEMM launches but cost a fixed time per wave, not bandwidth or FLOPs,
+        # so they are carried as serialised steps of the pipeline's small-kernel family
+        # (moe_aux.step_us, fitted: ~0.13 µs a wave).
+        zero_waves = _skipped_block_waves(tokens, top_k, slots, loads.shape[-1], num_experts,
+                                          bm, bn, (up_n, hidden), sms)
+    terms = [("moe_align", "moe_aux", zero, slots * 4.0 * 3 + loads.shape[-1] * 8.0, zero,
+              zero_waves, one, zero)]
     if quant:
         terms.append(("quant_in", "moe_aux", zero, tokens * hidden * (2.0 + ab), zero, zero, one,
                       zero))
-    sms = int(hw.compute.sm_count.value)
     for name, n, k in (("experts_up", up_n, hidden), ("experts_down", hidden, inter)):
         flops = 2.0 * slots * n * k  # useful work; padding shows up in the time only
         bytes_ = active * n * k * wb + padded * k * ab + slots * n * 2.0
@@ -191,8 +225,20 @@ def fused_terms_steps(loads: np.ndarray, num_tokens, top_k: int, hidden: int, in
             ideal_c = ideal_c / w4_efficiency
         terms.append((name, family, flops, bytes_, ideal_c, steps, one, k_loop))
         if name == "experts_up":
-            terms.append(("activation", "moe_aux", zero, all_slots * (up_n + inter) * 2.0, zero,
-                          zero, one, zero))
+            if gated:
+                terms.append(("activation", "moe_aux", zero, all_slots * (up_n + inter) * 2.0,
+                              zero, zero, one, zero))
+            else:
+                # vLLM's non-gated squared ReLU (relu2_no_mul, fused_moe/utils.py
+                # apply_moe_activation) is no fused kernel but two torch ops over the cache: an
+                # in-place relu (reads and writes I per slot), then a square into the next
+                # cache (reads and writes I again): twice the traffic of one pass. Its fixed
+                # time is counted once: the two launch back to back inside the graph, and
+                # moe.csv's few-token Nemotron rows show no second fixed time (pricing two
+                # drives the fitted moe_aux t0 to 0; leave-one-shape-out 7.0 / 22.9 % vs
+                # 6.6 / 22.4 % with one; one pass of traffic: 7.7 / 22.5 %).
+                terms.append(("activation", "moe_aux", zero, all_slots * inter * 2.0 * 4, zero,
+                              zero, one, zero))
             if quant:
                 terms.append(("quant_mid", "moe_aux", zero, all_slots * inter * (2.0 + ab), zero,
                               zero, one, zero))
@@ -203,13 +249,14 @@ def fused_terms_steps(loads: np.ndarray, num_tokens, top_k: int, hidden: int, in
 
 def fused_expert_us(loads: np.ndarray, num_tokens, top_k: int, hidden: int, inter: int,
                     hw: HardwareProfile, weight_dtype: str, act_dtype: str,
-                    gated: bool = True, w4_efficiency: float = 1.0) -> np.ndarray:
+                    gated: bool = True, w4_efficiency: float = 1.0,
+                    num_experts=None) -> np.ndarray:
     """GPU time of the fused expert pipeline for each row of ``loads`` ``[R, E_local]`` — the
     same kernels :func:`expert_ops` returns, priced at once for every rank."""
     total = 0.0
     for _, family, _, bytes_, ideal_c, steps, kernels, k_loop in fused_terms_steps(
             loads, num_tokens, top_k, hidden, inter, hw, weight_dtype, act_dtype, gated,
-            w4_efficiency):
+            w4_efficiency, num_experts):
         fit = hw.kernel(family)
         eff_c = fit.compute_efficiency.value if fit.compute_efficiency is not None else 1.0
         total = total + kernel_time_us(fit.t0_us.value, eff_c, fit.memory_efficiency.value,
@@ -226,7 +273,8 @@ BOUND_COMPUTE, BOUND_MEMORY, BOUND_LAUNCH = 1, 2, 4
 
 def fused_expert_kernels(loads: np.ndarray, num_tokens, top_k: int, hidden: int, inter: int,
                          hw: HardwareProfile, weight_dtype: str, act_dtype: str,
-                         gated: bool = True, w4_efficiency: float = 1.0) -> list[dict]:
+                         gated: bool = True, w4_efficiency: float = 1.0,
+                         num_experts=None) -> list[dict]:
     """The kernels :func:`expert_ops` returns (fused strategy) for every row of ``loads``
     ``[R, E_local]`` at once, without building an :class:`OpCost` per row: per kernel a dict of
     OpCost fields, those that differ between rows as arrays ``[R]`` (``time_us``, ``flops``,
@@ -238,7 +286,7 @@ def fused_expert_kernels(loads: np.ndarray, num_tokens, top_k: int, hidden: int,
     are priced (``step.build_step`` with routing draws, the sweep's vectorised pricer)."""
     out = []
     for term in fused_terms_steps(loads, num_tokens, top_k, hidden, inter, hw, weight_dtype,
-                                  act_dtype, gated, w4_efficiency):
+                                  act_dtype, gated, w4_efficiency, num_experts):
         name, family, flops, bytes_, ideal_c, steps, kernels, k_loop = term
         kernels = np.asarray(kernels)
         fit = hw.kernel(family)
@@ -270,7 +318,8 @@ def fused_expert_kernels(loads: np.ndarray, num_tokens, top_k: int, hidden: int,
 
 def expert_ops(loads: np.ndarray, num_tokens: int, top_k: int, hidden: int, inter: int,
                hw: HardwareProfile, weight_dtype: str, act_dtype: str, gated: bool = True,
-               strategy: str = "fused", w4_efficiency: float = 1.0) -> list[OpCost]:
+               strategy: str = "fused", w4_efficiency: float = 1.0,
+               num_experts=None) -> list[OpCost]:
     """Expert FFN ops on one rank.
 
     ``loads``: tokens routed to each expert held by this rank (int array, one per local expert);
@@ -318,5 +367,5 @@ def expert_ops(loads: np.ndarray, num_tokens: int, top_k: int, hidden: int, inte
                      steps=float(st), k_loop=float(kl))
             for name, family, fl, by, ic, st, kr, kl in fused_terms_steps(
                 loads, num_tokens, top_k, hidden, inter, hw, weight_dtype, act_dtype, gated,
-                w4_efficiency)
+                w4_efficiency, num_experts)
             if kr > 0]
