@@ -401,6 +401,9 @@ def _moe_priced(sc: Scenario, b: Batch, loads: np.ndarray) -> _MoePriced:
     t_global = t_group * dp
     inter_r = mo.expert_intermediate_size // d.moe_tp
     w4 = sc.framework.w4a16_moe_efficiency.value
+    # the expert GEMMs' grid over all EP ranks' experts (costs.moe._skipped_block_waves), where
+    # the engine's kernel has one (None: the local experts only)
+    spans = bool(sc.framework.moe_grid_spans_all_experts.value) and d.ep > 1
     loads = np.asarray(loads, dtype=np.int64)
     L = loads.shape[0]
 
@@ -424,7 +427,7 @@ def _moe_priced(sc: Scenario, b: Batch, loads: np.ndarray) -> _MoePriced:
         if d.strategy == "fused":
             rank_us += moe.fused_expert_us(per_rank, tokens_in, mo.top_k, H, inter_r, hw,
                                            d.experts_dtype, d.activation_dtype, m.gated_mlp,
-                                           w4, per_rank.shape[-1] * d.ep)
+                                           w4, per_rank.shape[-1] * d.ep if spans else None)
         else:
             rank_us += [[sum(o.total_us for o in moe.expert_ops(
                 per_rank[l, r], int(tokens_in[l, r]), mo.top_k, H, inter_r, hw, d.experts_dtype,
@@ -472,7 +475,8 @@ def _moe_priced(sc: Scenario, b: Batch, loads: np.ndarray) -> _MoePriced:
             for k in moe.fused_expert_kernels(per_rank[layer, slowest],
                                               tokens_in[layer, slowest], mo.top_k, H, inter_r,
                                               hw, d.experts_dtype, d.activation_dtype,
-                                              m.gated_mlp, w4, per_rank.shape[-1] * d.ep):
+                                              m.gated_mlp, w4,
+                                              per_rank.shape[-1] * d.ep if spans else None):
                 template = OpCost(k["name"] + suffix, "moe", 0.0, 0.0, 0.0, "memory",
                                   family=k["family"], host_floor_us=k["host_floor_us"])
                 zero = np.zeros(L)

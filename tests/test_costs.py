@@ -476,3 +476,29 @@ def test_non_gated_relu2_activation_moves_two_passes():
     slots = 64 * 2
     assert float(act[False][3][0]) == pytest.approx(slots * 512 * 2.0 * 4)
     assert float(act[True][3][0]) == pytest.approx(slots * (2 * 512 + 512) * 2.0)
+
+
+@pytest.mark.parametrize("framework,spans", [("vllm", True), ("sglang", True), ("trtllm", False)])
+def test_engines_whose_moe_grid_spans_other_ranks_experts(framework, spans):
+    """The remote-expert programs belong to vLLM's / SGLang's Triton kernel: an engine whose
+    framework says its grid spans every expert pays them under EP, TensorRT-LLM's local-only
+    grouped GEMM does not; the step model and the sweep's vectorised pricer agree."""
+    from moesim import parse_scenario
+    from moesim.step import Batch, build_step
+    from moesim.vstep import StepPricer
+
+    sc = parse_scenario({"model": "qwen3-30b-a3b",
+                         "hardware": {"profile": "h100_sxm", "num_gpus": 4},
+                         "deployment": {"tp": 4, "ep": 4, "framework": framework},
+                         "workload": {"batch_size": 8, "input_len": 100, "output_len": 10}})
+    assert bool(sc.framework.moe_grid_spans_all_experts.value) is spans
+    b = Batch("decode", 8, 1, 500.0)
+    align = [o for o in build_step(sc, b).ops if o.name == "moe_align"]
+    assert len(align) == 1 and (align[0].steps > 0) is spans
+    flip = sc.framework.model_copy(update={"moe_grid_spans_all_experts":
+                                           sc.framework.moe_grid_spans_all_experts.model_copy(
+                                               update={"value": float(not spans)})})
+    other = sc.model_copy(update={"framework": flip})
+    t, t_other = build_step(sc, b).time_us, build_step(other, b).time_us
+    assert (t > t_other) is spans and t != t_other
+    assert float(StepPricer(sc).vectors([b])[0][0]) == pytest.approx(t, rel=1e-9)

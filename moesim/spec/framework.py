@@ -43,6 +43,11 @@ class FrameworkProfile(BaseModel):
         ..., description="share of the 16-bit fused-MoE kernel's tensor-core rate that the "
                          "engine's 4-bit weight-only expert GEMMs reach (mxfp4 / int4 experts "
                          "with 16-bit activations, weights dequantised in the kernel's main loop)")
+    moe_grid_spans_all_experts: Quantity = Field(
+        ..., description="1 = under expert parallelism the fused-MoE GEMM grid also covers the "
+                         "padded blocks of experts held on other ranks, whose programs store a "
+                         "zero tile (vLLM / SGLang Triton fused_moe with an expert map); 0 = "
+                         "the expert GEMMs see the local experts' tokens only")
     step_overhead_us: Quantity = Field(
         ..., description="host time per engine step not hidden behind the GPU (scheduling, "
                          "input preparation, sampling bookkeeping)")
