@@ -94,7 +94,9 @@ average 1.6-1.9 with the benchmark itself; ``--workers 2 --repeat 3 --json``, be
 Another best-of-2 run of the full grid gave 10.99 s (10,059 evaluations/s): the whole-process
 target of 10,000 evaluations/s is met, with a margin of 1-2 %. After the eager steps' host
 overlap (``vstep.finish``, raw step vectors of 11 columns; session 5, same command, load 1.4):
-full grid 10.63 s, 10,404 evaluations/s; balanced 3.63 s (15,228); zipf 7.93 s (6,973). The full grid's wall time is the
+full grid 10.63 s, 10,404 evaluations/s; balanced 3.63 s (15,228); zipf 7.93 s (6,973). With the
+EP remote-block term of the fused MoE as well (session 5's last commit): full grid 10.26 s,
+10,776 evaluations/s; balanced 3.45 s (16,043); zipf 7.74 s (7,141). The full grid's wall time is the
 slower worker's ~10 CPU s plus ~1 s in the parent (0.48 s of it interpreter start and imports).
 """
 
