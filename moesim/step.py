@@ -637,10 +637,16 @@ def overlap_host(ops: list[OpCost]) -> list[OpCost]:
             gpu += o.count * (o.time_us + o.launch_us)
     if stall <= 0.0:
         return ops
-    extra = max(0.0, host - gpu)
-    f = extra / stall
-    return [_with(o, launch_us=o.launch_us * f, bound="launch" if extra > 0.0 else o.bound)
+    f = stall_scale(stall, host, gpu)
+    return [_with(o, launch_us=o.launch_us * f, bound="launch" if f > 0.0 else o.bound)
             if o.host_us > 0.0 and o.launch_us > 0.0 else o for o in ops]
+
+
+def stall_scale(stall_us: float, host_us: float, gpu_us: float) -> float:
+    """The factor on a step's eager launch stalls (sum ``stall_us`` > 0) when the host runs
+    ahead: the step lasts ``max(gpu_us, host_us)``, so the stalls shrink to
+    ``max(0, host_us - gpu_us)`` (``gpu_us``: the step's GPU time without them)."""
+    return max(0.0, host_us - gpu_us) / stall_us
 
 
 def _average_layers(layers: list[list[OpCost]], kind: str) -> list[OpCost]:

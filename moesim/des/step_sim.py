@@ -234,6 +234,8 @@ class PlanBuilder:
         self._with_launch: Callable = step_mod.with_launch
         self._base: dict[Batch, tuple] = {}
         self._rows: dict[tuple, _MoeRow] = {}
+        self._hidden: dict[Batch, tuple] = {}  # batch -> base parts with no stall left
+        self._stall_scale: Callable = step_mod.stall_scale
         pp, L = self.topo.pp, m.num_layers
         layers, moe_idx = [], 0
         for i, (att, mlp) in enumerate(zip(m.layer_attention, m.layer_mlp)):
@@ -406,10 +408,15 @@ class PlanBuilder:
             gpu = sums["serial"] + float(moe_comp.sum() + moe_comm.sum()) - stall
             if len(expert_us):
                 gpu += float(expert_us.max(axis=1).sum())
-            f = max(0.0, host - gpu) / stall
+            f = self._stall_scale(stall, host, gpu)
             if f < 1.0:
-                templates, head_pre, head_post, pp_send, sums = self._scaled_base(
-                    templates, head_pre, head_post, pp_send, f)
+                # a GPU-bound step (f = 0) hides every stall whatever its loads: kept per batch
+                scaled = self._hidden.get(b) if f == 0.0 else None
+                if scaled is None:
+                    scaled = self._scaled_base(templates, head_pre, head_post, pp_send, f)
+                    if f == 0.0:
+                        self._hidden[b] = scaled
+                templates, head_pre, head_post, pp_send, sums = scaled
                 rows = [self._scaled_row(r, f) for r in rows]
                 if rows:
                     moe_ops = [r.ops for r in rows]
