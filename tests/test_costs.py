@@ -353,6 +353,38 @@ def test_w4_weight_only_experts_run_at_the_engines_rate():
     assert 0 < load_framework("vllm").w4a16_moe_efficiency.value <= 1
 
 
+def test_w4_weight_only_experts_use_marlin_tiles():
+    """4-bit weight-only experts run a Marlin-style kernel: its M block is the first of 8, 16,
+    32, 48, 64 that the mean rows per expert fill less than 0.9 times (else 64), its N tile 128
+    columns for blocks of <= 16 rows and 256 above; the GEMMs' tile waves use those, while
+    16-bit experts keep the Triton kernel's table (16 x 64 tiles at 64 tokens)."""
+    from moesim.costs.moe import block_shape, fused_terms_steps, tile_waves, w4_block_shape
+
+    sms = int(HW.compute.sm_count.value)
+    # mean rows per expert (tokens x top-4 / 128): 2, 8, 32, 128, 1024
+    assert [tuple(int(v) for v in w4_block_shape(t, 4, 128))
+            for t in (64, 256, 1024, 4096, 32768)] == [
+        (8, 128), (16, 128), (48, 256), (64, 256), (64, 256)]
+    assert tuple(int(v) for v in w4_block_shape(230, 4, 128)) == (8, 128)  # 7.2 < 0.9 x 8
+
+    def up_k_loop(loads, tokens, wd):
+        t = {x[0]: x for x in fused_terms_steps(loads, tokens, 4, 2880, 1440, HW, wd, "bf16")}
+        return float(t["experts_up"][7][0])
+
+    for tokens in (64, 4096):
+        loads = np.full((1, 128), tokens * 4 // 128, dtype=np.int64)
+        bm, bn = (np.array([v]) for v in w4_block_shape(tokens, 4, 128))
+        waves = float(tile_waves(loads, 2880, bm, bn, sms)[0])
+        assert up_k_loop(loads, tokens, "mxfp4") == up_k_loop(loads, tokens, "int4") \
+            == waves * 2880
+        bm16, bn16 = (np.array([v]) for v in block_shape(tokens))
+        assert up_k_loop(loads, tokens, "bf16") == float(
+            tile_waves(loads, 2880, bm16, bn16, sms)[0]) * 2880
+    # at decode the wide tiles walk K in far fewer waves than the 16-bit kernel's
+    decode = np.full((1, 128), 2, dtype=np.int64)
+    assert up_k_loop(decode, 64, "bf16") > 1.8 * up_k_loop(decode, 64, "mxfp4")
+
+
 def test_prefill_uses_fa3_sm90_tiles_per_head_dim_and_kv_dtype():
     from moesim.costs.attention import fa3_prefill_tile, prefill
 

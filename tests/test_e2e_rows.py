@@ -3,7 +3,7 @@
 small-batch decode, a long prompt whose prefill interrupts the decodes, fp8 MoE with expert
 parallelism at moderate batch, a large batch where prefill work rides in most decode steps, and
 eager mixed steps (short prompts at batch 64).
-Tolerances sit a little above today's errors (TPOT 1-18 %, TTFT 3-28 %): a model change that
+Tolerances sit a little above today's errors (TPOT 1-14 %, TTFT 2-26 %): a model change that
 breaks one of these regimes fails here."""
 
 from __future__ import annotations
@@ -20,11 +20,12 @@ from .conftest import SHARED
 TABLE = SHARED / "reference" / "measurements" / "e2e_serving.csv"
 
 #: (backend, model, tp, ep, isl, osl, batch) of the pinned rows, with the relative tolerance on
-#: TPOT and on TTFT (None: not pinned). The long-prompt vLLM row's TTFT is a known miss (the
-#: model gives 0.6x; see the accuracy section of the README), so only its TPOT is pinned.
+#: TPOT and on TTFT (None: not pinned). The long-prompt vLLM row's TTFT was 0.6x while
+#: gpt-oss's 4-bit experts were priced on the Triton kernel's tiles with a fit pulled by the
+#: batch-512 rows; with Marlin's tiles and the Cauchy-loss fit it is 0.95x.
 PINNED = [
     (("vllm", "openai/gpt-oss-120b", 2, 1, 1024, 1024, 4), 0.15, 0.30),
-    (("vllm", "openai/gpt-oss-120b", 4, 1, 8192, 1024, 16), 0.15, None),
+    (("vllm", "openai/gpt-oss-120b", 4, 1, 8192, 1024, 16), 0.15, 0.20),
     (("vllm", "openai/gpt-oss-120b", 8, 1, 1024, 8192, 32), 0.15, 0.30),
     (("trtllm", "Qwen/Qwen3-235B-A22B-FP8", 8, 8, 512, 128, 32), 0.15, 0.30),
     (("trtllm", "Qwen/Qwen3-235B-A22B-FP8", 4, 4, 512, 512, 8), 0.15, 0.30),

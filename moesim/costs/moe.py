@@ -98,6 +98,29 @@ W4_WEIGHT_ONLY = ("mxfp4", "int4", "nvfp4")
 # 16-bit): BLOCK_M x BLOCK_N = 16 x 32 while the tokens M <= local experts E, else 64 x 64.
 DEFAULT_SMALL_BLOCK = (16, 32)
 DEFAULT_LARGE_BLOCK = (64, 64)
+# Engines do not run 4-bit weight-only experts through the fused-MoE Triton kernel whose tiles
+# :func:`block_shape` describes, but through Marlin-style mixed-input kernels (vLLM's
+# moe_wna16_marlin; on Hopper also OAI's triton_kernels matmul_ogs for mxfp4), which tile N far
+# wider: Marlin's thread configs are thread_n 128 for a block of <= 16 rows ("small batch") and
+# 256 above (csrc/moe/marlin_moe_wna16/ops.cu, small_/large_batch_thread_configs). The 16-bit
+# table's 16 x 64 tiles would make a decode step's few-token experts walk K in twice the waves
+# the kernel does (e2e_serving.csv, gpt-oss-120b on vLLM, N tiles alone, overheads refitted
+# with the soft_l1 loss of the time: TPOT median 7.0 -> 3.5 %, the fit's loss 9.38 -> 9.29).
+W4_BLOCK_N_SMALL, W4_BLOCK_N_LARGE = 128, 256
+# Marlin's M block is chosen from the mean rows per expert, not from a tuned table: the first of
+# 8, 16, 32, 48, 64 that the mean fills less than 0.9 times, else 64 (vLLM fused_marlin_moe,
+# "M block size selection logic"); so a prefill pads each expert to at most 64 rows, not 128.
+W4_BLOCK_M_CHOICES = (8, 16, 32, 48, 64)
+
+
+def w4_block_shape(num_tokens, top_k: int, local_experts: int):
+    """(BLOCK_M, BLOCK_N) of the Marlin-style 4-bit weight-only expert kernel for
+    ``num_tokens`` tokens (element-wise on arrays): see :data:`W4_BLOCK_M_CHOICES`."""
+    mean = np.asarray(num_tokens, dtype=np.float64) * top_k / local_experts
+    bm = np.full(mean.shape, W4_BLOCK_M_CHOICES[-1])
+    for choice in reversed(W4_BLOCK_M_CHOICES):
+        bm = np.where(mean / choice < 0.9, choice, bm)
+    return bm, np.where(bm <= 16, W4_BLOCK_N_SMALL, W4_BLOCK_N_LARGE)
 
 
 # Block-fp8 experts (128 x 128 weight scales): vLLM's default config (get_default_config,
@@ -183,6 +206,8 @@ def fused_terms_steps(loads: np.ndarray, num_tokens, top_k: int, hidden: int, in
     if weight_dtype == "fp8_block":
         bm = np.full(tokens.shape, FP8_BLOCK_DEFAULT_BLOCK[0])
         bn = np.full(tokens.shape, FP8_BLOCK_DEFAULT_BLOCK[1])
+    if weight_dtype in W4_WEIGHT_ONLY and cd in ("bf16", "fp16"):
+        bm, bn = w4_block_shape(tokens, top_k, loads.shape[-1])
     # each expert's M-blocks, once for the padding and both GEMMs (integer division is slow)
     blocks = -(-loads // np.asarray(bm)[..., None])
     padded = np.sum(blocks * np.asarray(bm)[..., None], axis=-1)
