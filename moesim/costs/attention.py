@@ -270,6 +270,3 @@ def linear_attention(num_seqs: int, q_len: int, heads_v: int, key_dim: int, valu
     family = "attention_prefill" if q_len > 1 else "attention_decode"
     return roofline("linear_attention", "attention", family, flops, io,
                     flops / hw.peak_flops_per_us("bf16"), hw, kernels=2)
-
-
-

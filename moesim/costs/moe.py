@@ -202,12 +202,15 @@ def fused_terms_steps(loads: np.ndarray, num_tokens, top_k: int, hidden: int, in
     active = np.count_nonzero(loads, axis=-1).astype(np.float64)
     family = "moe_fp8" if act_dtype in ("fp8", "fp8_block") else "moe_bf16"
     quant = act_dtype in ("fp8", "fp8_block")
-    bm, bn = block_shape(tokens)
+    # 4-bit weights dequantised to a 16-bit MMA (Hopper): Marlin's kernel, tiles and rate
+    w4a16 = weight_dtype in W4_WEIGHT_ONLY and cd in ("bf16", "fp16")
     if weight_dtype == "fp8_block":
         bm = np.full(tokens.shape, FP8_BLOCK_DEFAULT_BLOCK[0])
         bn = np.full(tokens.shape, FP8_BLOCK_DEFAULT_BLOCK[1])
-    if weight_dtype in W4_WEIGHT_ONLY and cd in ("bf16", "fp16"):
+    elif w4a16:
         bm, bn = w4_block_shape(tokens, top_k, loads.shape[-1])
+    else:
+        bm, bn = block_shape(tokens)
     # each expert's M-blocks, once for the padding and both GEMMs (integer division is slow)
     blocks = -(-loads // np.asarray(bm)[..., None])
     padded = np.sum(blocks * np.asarray(bm)[..., None], axis=-1)
@@ -245,7 +248,7 @@ def fused_terms_steps(loads: np.ndarray, num_tokens, top_k: int, hidden: int, in
         # latency term as the dense GEMMs, costs/op.py).
         k_loop = tile_waves(loads, n, bm, bn, sms, m_blocks) * k
         ideal_c = grouped_gemm_ideal_us(loads, n, k, bm, bn, hw, cd, m_blocks)
-        if weight_dtype in W4_WEIGHT_ONLY and cd in ("bf16", "fp16"):
+        if w4a16:
             # the 4-bit weights are dequantised in the main loop, off the tensor cores
             ideal_c = ideal_c / w4_efficiency
         terms.append((name, family, flops, bytes_, ideal_c, steps, one, k_loop))
