@@ -96,7 +96,9 @@ target of 10,000 evaluations/s is met, with a margin of 1-2 %. After the eager s
 overlap (``vstep.finish``, raw step vectors of 11 columns; session 5, same command, load 1.4):
 full grid 10.63 s, 10,404 evaluations/s; balanced 3.63 s (15,228); zipf 7.93 s (6,973). With the
 EP remote-block term of the fused MoE as well (session 5's last commit): full grid 10.26 s,
-10,776 evaluations/s; balanced 3.45 s (16,043); zipf 7.74 s (7,141). The full grid's wall time is the
+10,776 evaluations/s; balanced 3.45 s (16,043); zipf 7.74 s (7,141). With vLLM's write-back
+copies of the MoE output (session 7, load 1.5): full grid 10.17 s, 10,870 evaluations/s; balanced
+3.39 s (16,323); zipf 7.60 s (7,280). The full grid's wall time is the
 slower worker's ~10 CPU s plus ~1 s in the parent (0.48 s of it interpreter start and imports).
 """
 

@@ -404,6 +404,7 @@ def _moe_priced(sc: Scenario, b: Batch, loads: np.ndarray) -> _MoePriced:
     # the expert GEMMs' grid over all EP ranks' experts (costs.moe._skipped_block_waves), where
     # the engine's kernel has one (None: the local experts only)
     spans = bool(sc.framework.moe_grid_spans_all_experts.value) and d.ep > 1
+    copies = int(sc.framework.moe_output_copies.value)
     loads = np.asarray(loads, dtype=np.int64)
     L = loads.shape[0]
 
@@ -427,7 +428,8 @@ def _moe_priced(sc: Scenario, b: Batch, loads: np.ndarray) -> _MoePriced:
         if d.strategy == "fused":
             rank_us += moe.fused_expert_us(per_rank, tokens_in, mo.top_k, H, inter_r, hw,
                                            d.experts_dtype, d.activation_dtype, m.gated_mlp,
-                                           w4, per_rank.shape[-1] * d.ep if spans else None)
+                                           w4, per_rank.shape[-1] * d.ep if spans else None,
+                                           copies)
         else:
             rank_us += [[sum(o.total_us for o in moe.expert_ops(
                 per_rank[l, r], int(tokens_in[l, r]), mo.top_k, H, inter_r, hw, d.experts_dtype,
@@ -476,7 +478,8 @@ def _moe_priced(sc: Scenario, b: Batch, loads: np.ndarray) -> _MoePriced:
                                               tokens_in[layer, slowest], mo.top_k, H, inter_r,
                                               hw, d.experts_dtype, d.activation_dtype,
                                               m.gated_mlp, w4,
-                                              per_rank.shape[-1] * d.ep if spans else None):
+                                              per_rank.shape[-1] * d.ep if spans else None,
+                                              copies):
                 template = OpCost(k["name"] + suffix, "moe", 0.0, 0.0, 0.0, "memory",
                                   family=k["family"], host_floor_us=k["host_floor_us"])
                 zero = np.zeros(L)

@@ -387,11 +387,24 @@ NON_GATED_SHAPES = {(2688, 1856, 128, 6)}
 
 
 def _expert_ops(loads: np.ndarray, T: int, k: int, H: int, inter: int, hw, wd: str,
-                ad: str, gated: bool = True, num_experts=None) -> list:
+                ad: str, gated: bool = True, num_experts=None, output_copies: int = 0) -> list:
     from .costs.moe import expert_ops
 
     return expert_ops(loads, T, k, H, inter, hw, wd, ad, gated, "fused",
-                      num_experts=num_experts)
+                      num_experts=num_experts, output_copies=output_copies)
+
+
+@lru_cache(maxsize=None)
+def _output_copies(framework: str) -> int:
+    """Write-back copies of the fused MoE's output by the engine a moe row names in its
+    ``framework`` column (``moesim/frameworks/<id>.yaml``); other values (this repo's own
+    ``torch`` benchmarks, which write in place) and a blank make none."""
+    from .spec.framework import FRAMEWORKS_DIR, load_framework
+
+    name = framework.strip().lower()
+    if not name or not (FRAMEWORKS_DIR / f"{name}.yaml").exists():
+        return 0
+    return int(load_framework(name).moe_output_copies.value)
 
 
 def _predict_moe(row: dict[str, str], hws: _Hardware) -> list[list]:
@@ -403,17 +416,18 @@ def _predict_moe(row: dict[str, str], hws: _Hardware) -> list[list]:
     if tp < 1 or inter_full % tp:
         raise _Unpredictable(f"moe_tp={tp} does not divide inter_size={inter_full}")
     wd, ad = _gemm_dtypes(row.get("dtype", ""))
+    copies = _output_copies(row.get("framework") or "")
     _, draws = _moe_routing(row)
     preds = []
     for d in draws:
         # Rows repeat shapes (the same draw under several dtypes, equal draws after sorting):
         # memoise; expert_ops does not depend on the order of the experts.
         key = ("moe", hws.id_of(row), np.sort(d).tobytes(), T, k, H, inter_full // tp, wd, ad,
-               _int(row, "num_experts"))
+               _int(row, "num_experts"), copies)
         if key not in hws.memo:
             gated = (H, inter_full, _int(row, "num_experts"), k) not in NON_GATED_SHAPES
             hws.memo[key] = _expert_ops(d, T, k, H, inter_full // tp, hw, wd, ad, gated,
-                                        _int(row, "num_experts"))
+                                        _int(row, "num_experts"), copies)
         preds.append(hws.memo[key])
     return preds
 

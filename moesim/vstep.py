@@ -409,6 +409,7 @@ class StepPricer:
         self.graph_max = fw.cuda_graph_max_batch.value
         self.piecewise = bool(fw.piecewise_cuda_graphs.value)
         self.grid_spans = bool(fw.moe_grid_spans_all_experts.value)  # costs.moe, EP grids
+        self.output_copies = int(fw.moe_output_copies.value)  # costs.moe, write-back
         ov = hw.overheads
         self.gk, self.host = ov.graph_kernel_us.value, ov.kernel_launch_host_us.value
         self.step_us = fw.step_overhead_us.value
@@ -741,7 +742,8 @@ class StepPricer:
         kernels = moe.fused_expert_kernels(rows, tok, mo.top_k, H, inter_r, hw,
                                            d.experts_dtype, ad, m.gated_mlp,
                                            sc.framework.w4a16_moe_efficiency.value,
-                                           slots * ep if self.grid_spans and ep > 1 else None)
+                                           slots * ep if self.grid_spans and ep > 1 else None,
+                                           self.output_copies)
         rank_us = 0.0
         for k in kernels:
             rank_us = rank_us + k["time_us"]

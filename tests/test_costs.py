@@ -510,6 +510,51 @@ def test_non_gated_relu2_activation_moves_two_passes():
     assert float(act[True][3][0]) == pytest.approx(slots * (2 * 512 + 512) * 2.0)
 
 
+@pytest.mark.parametrize("framework,copies", [("vllm", 2), ("sglang", 0), ("trtllm", 0)])
+def test_engines_that_copy_the_moe_output_back(framework, copies):
+    """vLLM's modular fused MoE copies the combined output from its workspace into the caller's
+    buffer (framework.moe_output_copies): a per-token cost in every MoE layer of its steps,
+    which the step model and the sweep's vectorised pricer both carry; engines whose top-k sum
+    writes the output in place have none."""
+    from moesim import parse_scenario
+    from moesim.step import Batch, build_step
+    from moesim.vstep import StepPricer
+
+    sc = parse_scenario({"model": "qwen3-30b-a3b",
+                         "hardware": {"profile": "h100_sxm", "num_gpus": 2},
+                         "deployment": {"tp": 2, "framework": framework},
+                         "workload": {"batch_size": 8, "input_len": 100, "output_len": 10}})
+    assert int(sc.framework.moe_output_copies.value) == copies
+    b = Batch("prefill", 1, 2048, 0.0)
+    step = build_step(sc, b)
+    copy_ops = [o for o in step.ops if o.name == "output_copy"]
+    assert len(copy_ops) == (1 if copies else 0)
+    if copies:
+        assert copy_ops[0].kernels == copies
+        assert copy_ops[0].bytes == pytest.approx(copies * 2048 * sc.model.hidden_size * 4.0)
+    flip = sc.framework.model_copy(update={"moe_output_copies":
+                                           sc.framework.moe_output_copies.model_copy(
+                                               update={"value": float(2 - copies)})})
+    other = sc.model_copy(update={"framework": flip})
+    assert (step.time_us > build_step(other, b).time_us) is bool(copies)
+    assert float(StepPricer(sc).vectors([b])[0][0]) == pytest.approx(step.time_us, rel=1e-9)
+
+
+def test_output_copies_must_be_a_whole_number():
+    """A framework file's copy count is a count: 1.5 or -1 is refused with the field named,
+    not rounded."""
+    import yaml
+    from pydantic import ValidationError
+
+    from moesim.spec.framework import FRAMEWORKS_DIR, FrameworkProfile
+
+    raw = yaml.safe_load((FRAMEWORKS_DIR / "vllm.yaml").read_text())
+    for bad in (1.5, -1):
+        raw["moe_output_copies"]["value"] = bad
+        with pytest.raises(ValidationError, match="whole number of copies"):
+            FrameworkProfile.model_validate(raw)
+
+
 @pytest.mark.parametrize("framework,spans", [("vllm", True), ("sglang", True), ("trtllm", False)])
 def test_engines_whose_moe_grid_spans_other_ranks_experts(framework, spans):
     """The remote-expert programs belong to vLLM's / SGLang's Triton kernel: an engine whose

@@ -7,6 +7,7 @@ import csv
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from moesim.errors import InputError
@@ -241,6 +242,35 @@ def test_moe_ep_measures_the_most_loaded_group(tmp_path):
     p = [float(r["predicted_us"]) for r in run(str(t)).rows]
     # Fewer experts per GPU: less weight to stream and fewer token-slots, so less time.
     assert p[0] > p[1] > p[2] > 0
+
+
+def test_moe_rows_price_the_named_engines_output_copies(tmp_path):
+    """A moe row's framework column picks the engine's write-back copies of the combined output
+    (moesim/frameworks): a vLLM row pays two [tokens, hidden] copies more than the same row
+    from this repo's own torch benchmarks (which write in place) or from SGLang."""
+    from moesim.costs.moe import expert_ops
+    from moesim.costs.op import eager_time_us
+    from moesim.spec.hardware import load_profile
+
+    header = ["system", "framework", "kernel", "dtype", "num_tokens", "hidden_size",
+              "inter_size", "num_experts", "topk", "moe_tp", "moe_ep", "distribution",
+              "latency_us"]
+    t = write(tmp_path / "moe.csv", header,
+              [["h100_sxm", fw, "k", "bfloat16", 4096, 5120, 8192, 16, 1, 8, 1, "balanced", 100]
+               for fw in ("VLLM", "torch", "SGLANG")])
+    vllm, torch_, sglang = (float(r["predicted_us"]) for r in run(str(t)).rows)
+    assert torch_ == sglang
+    hw = load_profile("h100_sxm")
+    loads = np.full(16, 256)
+    ops = {c: expert_ops(loads, 4096, 1, 5120, 1024, hw, "bf16", "bf16", output_copies=c)
+           for c in (0, 2)}
+    copy = next(o for o in ops[2] if o.name == "output_copy")
+    assert copy.kernels == 2 and copy.bytes == pytest.approx(2 * 4096 * 5120 * 4.0)
+    assert not any(o.name == "output_copy" for o in ops[0])
+    # predicted_us is written to 0.01 µs
+    assert vllm - torch_ == pytest.approx(eager_time_us(ops[2]) - eager_time_us(ops[0]),
+                                          abs=0.011)
+    assert vllm > torch_
 
 
 @needs_reference

@@ -1,7 +1,8 @@
 """MoE layer ops on one GPU: router, top-k, token alignment, expert GEMMs, activation, combine.
 
 The fused path follows vLLM's Triton fused-MoE pipeline (research notes §2.1): ``topk_softmax``,
-``moe_align_block_size``, GEMM1 (gate+up), ``silu_and_mul``, GEMM2 (down), ``moe_sum``. Expert
+``moe_align_block_size``, GEMM1 (gate+up), ``silu_and_mul``, GEMM2 (down), ``moe_sum``, and the
+engine's copies of the combined output into the caller's buffer, where it makes them. Expert
 GEMMs are priced at tile level (notes §2.2, §6.2 "tile/wave model"): each expert's token count is
 padded to a multiple of BLOCK_M, the padded M-blocks times the N-blocks are the tiles, tiles run
 in waves over the SMs, and only experts that received tokens stream their weights from HBM.
@@ -177,7 +178,8 @@ def fused_terms(loads: np.ndarray, num_tokens, top_k: int, hidden: int, inter: i
 
 def fused_terms_steps(loads: np.ndarray, num_tokens, top_k: int, hidden: int, inter: int,
                       hw: HardwareProfile, weight_dtype: str, act_dtype: str, gated: bool = True,
-                      w4_efficiency: float = 1.0, num_experts=None) -> list[tuple]:
+                      w4_efficiency: float = 1.0, num_experts=None,
+                      output_copies: int = 0) -> list[tuple]:
     """:func:`fused_terms` with three more values per kernel: its serialised steps (priced at
     the family's ``step_us``; tile waves of 16-bit GEMMs with unaligned rows), its kernel count
     per row (0 where a row does not run it) and its K loop (elements of K one SM walks
@@ -186,7 +188,8 @@ def fused_terms_steps(loads: np.ndarray, num_tokens, top_k: int, hidden: int, in
     kernel's tensor-core rate (``framework.w4a16_moe_efficiency``). ``num_experts``: the
     model's experts on all EP ranks (None: only the local ones, i.e. no EP); it sizes the
     GEMMs' grids, whose programs on other ranks' experts cost time (the first kernel's
-    steps)."""
+    steps). ``output_copies``: copies of the combined ``[tokens, hidden]`` output the engine
+    makes after the top-k sum (``framework.moe_output_copies``)."""
     loads = np.asarray(loads, dtype=np.int64)
     tokens = np.broadcast_to(np.asarray(num_tokens, dtype=np.float64), loads.shape[:-1])
     cd = gemm_compute_dtype(weight_dtype, act_dtype)
@@ -272,19 +275,25 @@ def fused_terms_steps(loads: np.ndarray, num_tokens, top_k: int, hidden: int, in
                               zero, one, zero))
     terms.append(("moe_sum", "moe_aux", zero,
                   tokens * top_k * hidden * 2.0 + tokens * hidden * 2.0, zero, zero, one, zero))
+    if output_copies:
+        # The engine's write-back of the combined output from its workspace into the caller's
+        # buffer: one element-wise copy kernel each (reads and writes [tokens, hidden], 16-bit).
+        # Per token, not per slot, so it weighs most on top-1 models.
+        terms.append(("output_copy", "moe_aux", zero, output_copies * tokens * hidden * 4.0,
+                      zero, zero, one * output_copies, zero))
     return terms
 
 
 def fused_expert_us(loads: np.ndarray, num_tokens, top_k: int, hidden: int, inter: int,
                     hw: HardwareProfile, weight_dtype: str, act_dtype: str,
                     gated: bool = True, w4_efficiency: float = 1.0,
-                    num_experts=None) -> np.ndarray:
+                    num_experts=None, output_copies: int = 0) -> np.ndarray:
     """GPU time of the fused expert pipeline for each row of ``loads`` ``[R, E_local]`` — the
     same kernels :func:`expert_ops` returns, priced at once for every rank."""
     total = 0.0
     for _, family, _, bytes_, ideal_c, steps, kernels, k_loop in fused_terms_steps(
             loads, num_tokens, top_k, hidden, inter, hw, weight_dtype, act_dtype, gated,
-            w4_efficiency, num_experts):
+            w4_efficiency, num_experts, output_copies):
         fit = hw.kernel(family)
         eff_c = fit.compute_efficiency.value if fit.compute_efficiency is not None else 1.0
         total = total + kernel_time_us(fit.t0_us.value, eff_c, fit.memory_efficiency.value,
@@ -302,7 +311,7 @@ BOUND_COMPUTE, BOUND_MEMORY, BOUND_LAUNCH = 1, 2, 4
 def fused_expert_kernels(loads: np.ndarray, num_tokens, top_k: int, hidden: int, inter: int,
                          hw: HardwareProfile, weight_dtype: str, act_dtype: str,
                          gated: bool = True, w4_efficiency: float = 1.0,
-                         num_experts=None) -> list[dict]:
+                         num_experts=None, output_copies: int = 0) -> list[dict]:
     """The kernels :func:`expert_ops` returns (fused strategy) for every row of ``loads``
     ``[R, E_local]`` at once, without building an :class:`OpCost` per row: per kernel a dict of
     OpCost fields, those that differ between rows as arrays ``[R]`` (``time_us``, ``flops``,
@@ -314,7 +323,7 @@ def fused_expert_kernels(loads: np.ndarray, num_tokens, top_k: int, hidden: int,
     are priced (``step.build_step`` with routing draws, the sweep's vectorised pricer)."""
     out = []
     for term in fused_terms_steps(loads, num_tokens, top_k, hidden, inter, hw, weight_dtype,
-                                  act_dtype, gated, w4_efficiency, num_experts):
+                                  act_dtype, gated, w4_efficiency, num_experts, output_copies):
         name, family, flops, bytes_, ideal_c, steps, kernels, k_loop = term
         kernels = np.asarray(kernels)
         fit = hw.kernel(family)
@@ -347,7 +356,7 @@ def fused_expert_kernels(loads: np.ndarray, num_tokens, top_k: int, hidden: int,
 def expert_ops(loads: np.ndarray, num_tokens: int, top_k: int, hidden: int, inter: int,
                hw: HardwareProfile, weight_dtype: str, act_dtype: str, gated: bool = True,
                strategy: str = "fused", w4_efficiency: float = 1.0,
-               num_experts=None) -> list[OpCost]:
+               num_experts=None, output_copies: int = 0) -> list[OpCost]:
     """Expert FFN ops on one rank.
 
     ``loads``: tokens routed to each expert held by this rank (int array, one per local expert);
@@ -395,5 +404,5 @@ def expert_ops(loads: np.ndarray, num_tokens: int, top_k: int, hidden: int, inte
                      steps=float(st), k_loop=float(kl))
             for name, family, fl, by, ic, st, kr, kl in fused_terms_steps(
                 loads, num_tokens, top_k, hidden, inter, hw, weight_dtype, act_dtype, gated,
-                w4_efficiency, num_experts)
+                w4_efficiency, num_experts, output_copies)
             if kr > 0]

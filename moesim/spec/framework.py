@@ -10,7 +10,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from ..errors import InputError, from_pydantic
 from .hardware import Quantity
@@ -48,6 +48,10 @@ class FrameworkProfile(BaseModel):
                          "padded blocks of experts held on other ranks, whose programs store a "
                          "zero tile (vLLM / SGLang Triton fused_moe with an expert map); 0 = "
                          "the expert GEMMs see the local experts' tokens only")
+    moe_output_copies: Quantity = Field(
+        ..., description="element-wise copies of the fused MoE's combined [tokens, hidden] "
+                         "output the engine makes after the top-k sum (from its workspace into "
+                         "the caller's buffer); 0 = the sum writes the output in place")
     step_overhead_us: Quantity = Field(
         ..., description="host time per engine step not hidden behind the GPU (scheduling, "
                          "input preparation, sampling bookkeeping)")
@@ -55,6 +59,13 @@ class FrameworkProfile(BaseModel):
         ..., description="time to first token outside the GPU steps: API server, tokenisation, "
                          "admission into the running batch, streaming the first token back")
     provenance: dict = Field(default_factory=dict)
+
+    @field_validator("moe_output_copies")
+    @classmethod
+    def _whole_copies(cls, q: Quantity) -> Quantity:
+        if q.value < 0 or q.value != int(q.value):
+            raise ValueError(f"must be a whole number of copies >= 0, got {q.value}")
+        return q
 
 
 @lru_cache(maxsize=None)
