@@ -720,13 +720,11 @@ def with_launch(sc: Scenario, b: Batch, op: OpCost) -> OpCost:
         # host's dispatch (``host_us``) shows
         return _with(op, time_us=t, fixed_us=graph_fixed, launch_us=launch, bound=bound,
                      host_us=host)
-    if covered:
-        launch = graph_fixed - op.fixed_us
-    else:
+    if not covered:
         # The host floors fitted from kernel tables (``op.host_floor_us``) belong to the
         # benchmark harness's Python call path (DeepGEMM's JIT dispatch: 85-100 us even for
         # tiny GEMMs); inside an engine's forward pass a kernel costs the host one launch.
         host = op.kernels * ov.kernel_launch_host_us.value
         return _with(op, launch_us=max(0.0, host - op.time_us), host_us=host)
-    bound = "launch" if launch > op.time_us else op.bound
-    return _with(op, launch_us=launch, bound=bound)
+    launch = graph_fixed - op.fixed_us
+    return _with(op, launch_us=launch, bound="launch" if launch > op.time_us else op.bound)
